@@ -1,0 +1,1 @@
+"""Paged-KV kernels (installed as lmcache_pd.kernels): tensors, no sockets."""

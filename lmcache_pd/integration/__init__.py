@@ -1,0 +1,1 @@
+"""Engine integrations. Only subpackages here import an engine."""

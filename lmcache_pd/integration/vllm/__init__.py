@@ -1,0 +1,1 @@
+"""vLLM integration: the LMCachePDConnector (the only place that imports vLLM)."""

@@ -1,0 +1,1 @@
+"""CPU and disk tiers that keep KV chunks for reuse across requests."""
