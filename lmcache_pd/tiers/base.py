@@ -1,0 +1,49 @@
+"""The Store interface every tier implements (CPU, disk) and that the receiver consults.
+
+A store maps a 16-byte chunk key (see ``lmcache_pd.chunks``) to the bytes of one chunk in
+the chunk format (see ``lmcache_pd.layout``). Stores are thread-safe.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Store(abc.ABC):
+    """A key -> chunk-bytes store with bounded size."""
+
+    @abc.abstractmethod
+    def put(self, key: bytes, data: Buffer) -> bool:
+        """Store a copy of ``data`` under ``key``. Returns False if it was not stored
+        (too large, tier disabled, queue full). Never blocks on I/O for long."""
+
+    @abc.abstractmethod
+    def get(self, key: bytes) -> bytes | memoryview | None:
+        """The chunk's bytes, or None on a miss (a corrupt entry is a miss)."""
+
+    @abc.abstractmethod
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is held (cheap; no I/O beyond an index lookup)."""
+
+    def contains(self, keys: Sequence[bytes]) -> int:
+        """Length of the longest prefix of ``keys`` held in this store."""
+        n = 0
+        for key in keys:
+            if key not in self:
+                break
+            n += 1
+        return n
+
+    @abc.abstractmethod
+    def evict(self, key: bytes) -> bool:
+        """Drop ``key``; returns whether it was held."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int | float]:
+        """Counters: hits, misses, bytes, evictions, ..."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (threads, registrations, files)."""
