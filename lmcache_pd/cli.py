@@ -12,7 +12,6 @@ import importlib
 import runpy
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -56,7 +55,7 @@ def demo(ctx: typer.Context) -> None:
 @check_app.callback(invoke_without_command=True)
 def check(
     ctx: typer.Context,
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write results as JSON"),
+    json_path: Path | None = typer.Option(None, "--json", help="write results as JSON"),
 ) -> None:
     """Transport self-test: 64 MiB over NIXL between two agents, vs memcpy; idle CPU."""
     if ctx.invoked_subcommand is None:
@@ -71,7 +70,9 @@ def check_kernels(ctx: typer.Context) -> None:
 
 
 @app.command("bench", context_settings=PASSTHROUGH)
-def bench(ctx: typer.Context, name: str = typer.Argument(..., help="transfer|kernels|tiers|proxy|e2e")) -> None:
+def bench(
+    ctx: typer.Context, name: str = typer.Argument(..., help="transfer|kernels|tiers|proxy|e2e")
+) -> None:
     """Run benchmarks/NAME.py with the remaining arguments (--quick --json F --png P)."""
     script = BENCH_DIR / f"{name}.py"
     if not script.exists():

@@ -141,4 +141,6 @@ def preset(name: str) -> KVLayout:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown layout preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise ValueError(
+            f"unknown layout preset {name!r}; choose one of {sorted(PRESETS)}"
+        ) from None

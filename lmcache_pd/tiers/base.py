@@ -7,7 +7,8 @@ the chunk format (see ``lmcache_pd.layout``). Stores are thread-safe.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 Buffer = bytes | bytearray | memoryview
 
@@ -47,3 +48,34 @@ class Store(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (threads, registrations, files)."""
+
+    # --- zero-copy and copy-into access (additive; defaults built on ``get``) ---
+
+    def get_into(self, key: bytes, out: Buffer) -> int | None:
+        """Copy the chunk into ``out`` (writable, large enough); its length, or None."""
+        data = self.get(key)
+        if data is None:
+            return None
+        n = len(data)
+        memoryview(out).cast("B")[:n] = memoryview(data).cast("B")
+        return n
+
+    def acquire(self, key: bytes) -> memoryview | None:
+        """A read-only view of the chunk that stays valid (pinned against eviction and
+        reuse) until :meth:`release` is called with the same key; None on a miss."""
+        data = self.get(key)
+        return None if data is None else memoryview(data).toreadonly()
+
+    def release(self, key: bytes) -> None:  # noqa: B027 - optional hook
+        """Undo one :meth:`acquire` of ``key``."""
+
+    @contextlib.contextmanager
+    def pinned(self, key: bytes) -> Iterator[memoryview | None]:
+        """``with store.pinned(key) as view:`` -- :meth:`acquire` then :meth:`release`."""
+        view = self.acquire(key)
+        try:
+            yield view
+        finally:
+            if view is not None:
+                view.release()
+                self.release(key)

@@ -1,0 +1,279 @@
+"""ZMQ control plane: signed multipart framing and the sockets that carry it.
+
+Wire form of one message (a ZMQ multipart message)::
+
+    [header, payload_0, ..., payload_n, mac]
+
+``header`` is the msgpack-encoded :mod:`lmcache_pd.protocol` message, payload frames are
+opaque bytes (NIXL metadata) sent zero-copy, and ``mac`` is HMAC-SHA256 over every frame
+(length-prefixed) with the shared secret. Receivers check the frame count and sizes first
+(oversize -> ``Error`` reply), then the MAC (bad or missing -> dropped, counted, logged),
+then decode strictly (malformed -> ``Error`` reply). Nothing is ever unpickled.
+
+Sockets:
+- :class:`RouterServer` (asyncio ROUTER, the receiver; replies by peer identity),
+- :class:`DealerClient` (blocking DEALER with deadlines, the sender),
+- :class:`PushClient` / :class:`PullServer` (prefiller -> proxy notifications).
+Every wait is bounded: ``zmq.Poller`` / ``asyncio`` timeouts, never a spin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import struct
+import time
+from collections.abc import Sequence
+
+import zmq
+import zmq.asyncio
+
+from lmcache_pd.metrics import Counters, RateLimitedLog
+from lmcache_pd.protocol import Error, ErrorCode, Message, Msg, ProtocolError, decode, encode
+
+log = logging.getLogger(__name__)
+
+MAC_BYTES = 32
+MAX_PAYLOAD_FRAMES = 4
+
+
+class AuthError(Exception):
+    """A frame with a missing or wrong signature."""
+
+
+class ControlTimeout(TimeoutError):
+    """A control-plane wait passed its deadline."""
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    return f"tcp://{host}:{port}"
+
+
+class Codec:
+    """Packs messages into signed frames and unpacks them, with size limits."""
+
+    def __init__(self, secret: bytes, max_bytes: int = 4 * 1024 * 1024) -> None:
+        if len(secret) < 16:
+            raise ValueError("control-plane secret must be at least 16 bytes")
+        self._secret = secret
+        self.max_bytes = max_bytes
+
+    def _mac(self, frames: Sequence[bytes | memoryview]) -> bytes:
+        h = hmac.new(self._secret, digestmod=hashlib.sha256)
+        for frame in frames:
+            h.update(struct.pack("<Q", len(frame)))
+            h.update(frame)
+        return h.digest()
+
+    def pack(self, msg: Msg, payload: Sequence[bytes] = ()) -> list[bytes]:
+        frames = [encode(msg), *payload]
+        return [*frames, self._mac(frames)]
+
+    def check_size(self, frames: Sequence[bytes | memoryview]) -> None:
+        """Raise ``ProtocolError(OVERSIZE)`` for too many or too large frames."""
+        if not 2 <= len(frames) <= MAX_PAYLOAD_FRAMES + 2:
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"expected 2..{MAX_PAYLOAD_FRAMES + 2} frames (header, payload, mac), "
+                f"got {len(frames)}",
+            )
+        total = sum(len(f) for f in frames)
+        if total > self.max_bytes:
+            raise ProtocolError(
+                ErrorCode.OVERSIZE, f"message of {total} bytes exceeds limit {self.max_bytes}"
+            )
+
+    def unpack(self, frames: Sequence[bytes | memoryview]) -> tuple[Message, list[bytes]]:
+        """Check size, signature, then decode. Raises ProtocolError or AuthError."""
+        self.check_size(frames)
+        *body, mac = frames
+        if len(mac) != MAC_BYTES or not hmac.compare_digest(self._mac(body), bytes(mac)):
+            raise AuthError("missing or wrong HMAC signature")
+        msg = decode(body[0])
+        return msg, [bytes(f) for f in body[1:]]
+
+
+class _Inbound:
+    """Shared accounting for frames that fail checks."""
+
+    def __init__(self, codec: Codec, counters: Counters) -> None:
+        self.codec = codec
+        self.counters = counters
+        self._auth_log = RateLimitedLog(log)
+        self._bad_log = RateLimitedLog(log)
+
+    def classify(self, frames: list[bytes]) -> tuple[Message, list[bytes]] | Error | None:
+        """A decoded message, an Error to reply with, or None to drop silently."""
+        try:
+            return self.codec.unpack(frames)
+        except AuthError:
+            self.counters.inc("auth_failures")
+            self._auth_log.warning(
+                "dropped a control frame with a missing or wrong signature: check that "
+                "both sides use the same pd_auth_secret / pd_auth_secret_file"
+            )
+            return None
+        except ProtocolError as exc:
+            name = "oversize_frames" if exc.code is ErrorCode.OVERSIZE else "malformed_frames"
+            self.counters.inc(name)
+            self._bad_log.warning("rejected a control message: %s", exc)
+            return Error(code=exc.code, message=exc.message)
+
+
+class RouterServer:
+    """asyncio ROUTER socket: receives signed messages, replies by identity."""
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        codec: Codec,
+        host: str,
+        port: int,
+        counters: Counters,
+    ) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, codec.max_bytes + 4096)
+        if port == 0:
+            self.port = self.sock.bind_to_random_port(f"tcp://{host}")
+        else:
+            self.sock.bind(tcp_endpoint(host, port))
+            self.port = port
+        self.endpoint = tcp_endpoint(host, self.port)
+        self.codec = codec
+        self._inbound = _Inbound(codec, counters)
+
+    async def recv(self) -> tuple[bytes, Message, list[bytes]]:
+        """Next valid message as ``(identity, message, payload)``; bad frames are
+        answered with ``Error`` or dropped, never raised."""
+        while True:
+            identity, *frames = await self.sock.recv_multipart(copy=True)
+            result = self._inbound.classify(frames)
+            if result is None:
+                continue
+            if isinstance(result, Error):
+                await self.send(identity, result)
+                continue
+            return identity, result[0], result[1]
+
+    async def send(self, identity: bytes, msg: Msg, payload: Sequence[bytes] = ()) -> None:
+        await self.sock.send_multipart([identity, *self.codec.pack(msg, payload)], copy=False)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class DealerClient:
+    """Blocking DEALER connection to one receiver. Not thread-safe: one request at a time
+    (callers hold a lock). Every request has a deadline."""
+
+    def __init__(self, ctx: zmq.Context, codec: Codec, endpoint: str, counters: Counters) -> None:
+        self.ctx = ctx
+        self.codec = codec
+        self.endpoint = endpoint
+        self.counters = counters
+        self._inbound = _Inbound(codec, counters)
+        self._open()
+
+    def _open(self) -> None:
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.codec.max_bytes + 4096)
+        self.sock.connect(self.endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+
+    def send(self, msg: Msg, payload: Sequence[bytes] = ()) -> None:
+        self.sock.send_multipart(self.codec.pack(msg, payload), copy=False)
+
+    def recv(self, timeout_s: float, req_id: str | None = None) -> tuple[Message, list[bytes]]:
+        """Next valid reply (for ``req_id`` if given) within ``timeout_s``; replies to
+        other requests (late answers after a timeout) are discarded."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.poller.poll(max(1, int(left * 1000))):
+                raise ControlTimeout(
+                    f"no reply from {self.endpoint} within {timeout_s:.1f}s "
+                    f"(receiver down, unreachable or overloaded?)"
+                )
+            frames = self.sock.recv_multipart(copy=True)
+            result = self._inbound.classify(frames)
+            if result is None:
+                continue
+            if isinstance(result, Error):
+                return result, []
+            msg, payload = result
+            if req_id is not None and getattr(msg, "req_id", req_id) != req_id:
+                continue
+            return msg, payload
+
+    def request(
+        self, msg: Msg, payload: Sequence[bytes] = (), timeout_s: float = 10.0
+    ) -> tuple[Message, list[bytes]]:
+        self.send(msg, payload)
+        return self.recv(timeout_s, getattr(msg, "req_id", None))
+
+    def reset(self) -> None:
+        """Drop queued frames and reconnect (after a timeout)."""
+        self.sock.close(linger=0)
+        self._open()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class PushClient:
+    """Fire-and-forget signed notifications (prefiller -> proxy), bounded send time."""
+
+    def __init__(self, ctx: zmq.Context, codec: Codec, endpoint: str) -> None:
+        self.codec = codec
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDTIMEO, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, 10000)
+        self.sock.connect(endpoint)
+
+    def send(self, msg: Msg) -> bool:
+        try:
+            self.sock.send_multipart(self.codec.pack(msg))
+            return True
+        except zmq.Again:
+            log.warning("notification %s dropped: peer not reachable", type(msg).__name__)
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class PullServer:
+    """asyncio PULL socket receiving signed notifications (the proxy's side)."""
+
+    def __init__(
+        self, ctx: zmq.asyncio.Context, codec: Codec, host: str, port: int, counters: Counters
+    ) -> None:
+        self.sock = ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, codec.max_bytes + 4096)
+        if port == 0:
+            self.port = self.sock.bind_to_random_port(f"tcp://{host}")
+        else:
+            self.sock.bind(tcp_endpoint(host, port))
+            self.port = port
+        self.endpoint = tcp_endpoint(host, self.port)
+        self._inbound = _Inbound(codec, counters)
+
+    async def recv(self, timeout_s: float | None = None) -> Message:
+        """Next valid message; bad frames are counted and skipped."""
+        while True:
+            frames = await asyncio.wait_for(self.sock.recv_multipart(), timeout_s)
+            result = self._inbound.classify(frames)
+            if result is None or isinstance(result, Error):
+                continue
+            return result[0]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
