@@ -77,5 +77,4 @@ class Store(abc.ABC):
             yield view
         finally:
             if view is not None:
-                view.release()
                 self.release(key)

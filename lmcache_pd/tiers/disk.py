@@ -1,0 +1,594 @@
+"""The disk tier: one checksummed file per chunk, written behind, LRU by size.
+
+File format (little endian), ``<hex of key>.kv`` directly in the tier's directory::
+
+    offset  size  field
+    0       4     magic b"LPDK"
+    4       2     format version (1)
+    6       2     header size (80)
+    8       1     key length (1..32)
+    9       3     reserved (0)
+    12      32    key, zero padded
+    44      16    layout fingerprint (KVLayout.fingerprint())
+    60      8     payload length in bytes
+    68      8     xxh3-64 of the payload
+    76      4     reserved (0)
+    80      ...   payload (the chunk's bytes)
+
+Writes go through a bounded queue to one writer thread (write-behind): a full queue drops
+the write and counts it, the engine never blocks. A file is written under a temporary
+name and renamed into place, so readers see either no file or a whole one; the checksum
+catches anything a crash or a bad disk leaves behind. A corrupt, truncated or foreign
+(other layout fingerprint) file is a miss: it is deleted, counted and logged. The index
+is rebuilt from the directory on start (headers checked, LRU order from mtimes, which
+hits refresh). File names come from the key's hex digits only and are opened with
+``O_NOFOLLOW``, so no key reaches outside the directory. When the directory is missing
+and cannot be created, or a write fails (disk full, read-only, permissions), the tier
+disables itself with one error line and every call becomes a miss; the CPU tier keeps
+serving. ``fsync`` is off by default (the checksum makes a torn file a miss, not a bad
+load); turn it on for durability across power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import xxhash
+
+from lmcache_pd.tiers.base import Buffer, Store
+from lmcache_pd.tiers.cpu import as_byte_view
+from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"LPDK"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sHHB3x32s16sQQ4x")
+HEADER_SIZE = HEADER.size  # 80
+MAX_KEY_BYTES = 32
+SUFFIX = ".kv"
+TMP_PREFIX = ".tmp-"
+BLOCK = 1 << 20  # read/write + hash granularity: keeps the hashed block in cache
+_OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+Done = Callable[[], None]
+
+
+def encode_header(key: bytes, fingerprint: bytes, length: int, checksum: int) -> bytes:
+    return HEADER.pack(
+        MAGIC, FORMAT_VERSION, HEADER_SIZE, len(key), key, fingerprint, length, checksum
+    )
+
+
+def _check_key(key: object) -> bytes:
+    if not isinstance(key, (bytes, bytearray)):
+        raise TypeError(f"chunk keys are bytes, got {type(key).__name__}")
+    if not 1 <= len(key) <= MAX_KEY_BYTES:
+        raise ValueError(f"chunk key must be 1..{MAX_KEY_BYTES} bytes, got {len(key)}")
+    return bytes(key)
+
+
+def key_from_name(name: str) -> bytes | None:
+    """The key a file name ``<hex>.kv`` stands for, or None if it is not one of ours."""
+    if not name.endswith(SUFFIX):
+        return None
+    stem = name[: -len(SUFFIX)]
+    if not 2 <= len(stem) <= 2 * MAX_KEY_BYTES or len(stem) % 2:
+        return None
+    try:
+        key = bytes.fromhex(stem)
+    except ValueError:
+        return None
+    return key if key.hex() == stem else None
+
+
+class DiskStore(Store):
+    """Checksummed one-file-per-chunk store under ``path``, at most ``capacity_bytes``
+    (headers included), for chunks of the layout with ``fingerprint``."""
+
+    tier = "disk"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        capacity_bytes: int,
+        fingerprint: bytes,
+        *,
+        queue_size: int = 64,
+        fsync: bool = False,
+        verify_on_start: bool = True,
+        metrics: TierMetrics | None = None,
+    ) -> None:
+        if len(fingerprint) != 16:
+            raise ValueError(f"layout fingerprint must be 16 bytes, got {len(fingerprint)}")
+        self.fingerprint = bytes(fingerprint)
+        self.capacity_bytes = int(capacity_bytes)
+        self.fsync = fsync
+        self.root = Path(os.path.abspath(os.fspath(path)))
+        self._lock = threading.Lock()
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size
+        self._pending: set[bytes] = set()
+        self._used = 0
+        self._disabled: str | None = None
+        self._tmp_ids = itertools.count()
+        self._counts: dict[str, int] = dict.fromkeys(
+            (
+                "hits",
+                "misses",
+                "bytes_written",
+                "bytes_read",
+                "evictions",
+                "dropped_writes",
+                "queue_full_drops",
+                "rejected_too_large",
+                "duplicate_puts",
+                "corrupt_files",
+                "foreign_files",
+                "write_errors",
+                "files_loaded",
+            ),
+            0,
+        )
+        self._metrics = metrics if metrics is not None else tier_metrics()
+        self._m = {
+            name: getattr(self._metrics, name).labels(tier=self.tier)
+            for name in (
+                "hits",
+                "misses",
+                "bytes_written",
+                "bytes_read",
+                "evictions",
+                "dropped_writes",
+                "corrupt_files",
+                "used_bytes",
+                "entries",
+                "capacity_bytes",
+            )
+        }
+        self._m["capacity_bytes"].set(self.capacity_bytes)
+        self._queue: queue.Queue[tuple[bytes, memoryview, Done | None] | None] = queue.Queue(
+            maxsize=max(1, queue_size)
+        )
+        self._open(verify_on_start)
+        self._thread = threading.Thread(target=self._writer, name="lmcache-pd-disk", daemon=True)
+        self._thread.start()
+
+    # --- start-up: directory, probe, index rebuild ---
+
+    def _open(self, verify: bool) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.root = self.root.resolve()
+            probe = self.root / f"{TMP_PREFIX}probe-{os.getpid()}"
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _OPEN_FLAGS, 0o644)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            self._disable(f"cannot use the directory: {exc}")
+            return
+        t0 = time.perf_counter()
+        found: list[tuple[int, bytes, int]] = []
+        with os.scandir(self.root) as it:
+            for entry in it:
+                if entry.name.startswith(TMP_PREFIX):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)  # left by a crash mid-write
+                    continue
+                key = key_from_name(entry.name)
+                if key is None or not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if verify:
+                    problem = self._check_file(entry.path, key, st.st_size)
+                    if problem is not None:
+                        self._corrupt(key, Path(entry.path), problem)
+                        continue
+                found.append((st.st_mtime_ns, key, st.st_size))
+        found.sort()
+        victims: list[bytes] = []
+        with self._lock:
+            for _, key, size in found:
+                self._index[key] = size
+                self._used += size
+            self._counts["files_loaded"] = len(found)
+            victims = self._make_room_locked(0)
+            self._update_gauges_locked()
+        self._unlink_all(victims)
+        if found:
+            log.info(
+                "disk tier %s: index rebuilt with %d chunk files (%.3f GB) in %.2f s",
+                self.root,
+                len(found),
+                self._used / 1e9,
+                time.perf_counter() - t0,
+            )
+
+    def _check_file(self, path: str, key: bytes, size: int) -> str | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+        except OSError as exc:
+            return f"cannot open: {exc.strerror}"
+        try:
+            head = os.pread(fd, HEADER_SIZE, 0)
+        finally:
+            os.close(fd)
+        parsed = self._parse_header(head, key, size)
+        return parsed if isinstance(parsed, str) else None
+
+    def _parse_header(self, head: bytes, key: bytes, size: int) -> tuple[int, int] | str:
+        if len(head) < HEADER_SIZE:
+            return f"truncated header ({len(head)} of {HEADER_SIZE} bytes)"
+        magic, version, hsize, klen, kfield, fp, length, checksum = HEADER.unpack(head)
+        if magic != MAGIC:
+            return "not a chunk file (bad magic)"
+        if version != FORMAT_VERSION or hsize != HEADER_SIZE:
+            return f"format version {version} (header {hsize}), expected {FORMAT_VERSION}"
+        if klen != len(key) or kfield[:klen] != key:
+            return "key in header does not match the file name"
+        if fp != self.fingerprint:
+            return (
+                f"written for another layout (fingerprint {fp.hex()}, "
+                f"ours {self.fingerprint.hex()})"
+            )
+        if size != HEADER_SIZE + length:
+            return f"truncated or padded: {size} bytes on disk, header says {HEADER_SIZE + length}"
+        return length, checksum
+
+    # --- paths ---
+
+    def path_for(self, key: bytes | str) -> Path:
+        """The file of ``key`` (bytes, or its hex string). Raises ValueError for anything
+        that is not a key; the result is always directly inside the tier's directory."""
+        if isinstance(key, str):
+            try:
+                raw = bytes.fromhex(key)
+            except ValueError:
+                raise ValueError(f"not a chunk key (hex expected): {key!r}") from None
+            key = raw
+        name = _check_key(key).hex() + SUFFIX
+        path = self.root / name
+        if os.path.dirname(os.path.normpath(path)) != str(self.root):
+            raise ValueError(f"chunk path escapes the disk tier directory: {path}")
+        return path
+
+    # --- write-behind ---
+
+    def put(self, key: bytes, data: Buffer, on_written: Done | None = None) -> bool:
+        """Queue a write of ``data`` under ``key``; False if dropped. Without
+        ``on_written`` the bytes are copied. With it, ``data`` is borrowed: it must stay
+        valid and unchanged until ``on_written()`` is called (exactly once, also when the
+        write is dropped or fails)."""
+        key = _check_key(key)
+        view = as_byte_view(data)
+        reason = ""
+        with self._lock:
+            if self._disabled is not None:
+                reason = "disabled"
+            elif key in self._index or key in self._pending:
+                self._counts["duplicate_puts"] += 1
+                reason = "duplicate"
+            elif HEADER_SIZE + view.nbytes > self.capacity_bytes:
+                reason = "rejected_too_large"
+            elif self._queue.full():
+                reason = "queue_full_drops"
+            else:
+                self._pending.add(key)
+        if reason:
+            if on_written is not None:
+                on_written()
+            if reason == "duplicate":
+                return True
+            self._drop(reason)
+            return False
+        if on_written is None:
+            view = memoryview(view.tobytes())
+        try:
+            self._queue.put_nowait((key, view, on_written))
+        except queue.Full:
+            with self._lock:
+                self._pending.discard(key)
+            if on_written is not None:
+                on_written()
+            self._drop("queue_full_drops")
+            return False
+        return True
+
+    def _drop(self, reason: str) -> None:
+        with self._lock:
+            self._counts["dropped_writes"] += 1
+            if reason in self._counts:
+                self._counts[reason] += 1
+        self._m["dropped_writes"].inc()
+
+    def _writer(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            key, view, done = item
+            try:
+                if self._disabled is None:
+                    self._write(key, view)
+            except OSError as exc:
+                with self._lock:
+                    self._counts["write_errors"] += 1
+                self._disable(f"writing {key.hex()}{SUFFIX} failed: {exc}")
+            except Exception:
+                log.exception("disk tier: unexpected error writing %s", key.hex())
+            finally:
+                with self._lock:
+                    self._pending.discard(key)
+                if done is not None:
+                    try:
+                        done()
+                    except Exception:
+                        log.exception("disk tier: on_written callback failed")
+                self._queue.task_done()
+
+    def _write(self, key: bytes, view: memoryview) -> None:
+        length = view.nbytes
+        size = HEADER_SIZE + length
+        with self._lock:
+            victims = self._make_room_locked(size)
+        self._unlink_all(victims)
+        final = self.path_for(key)
+        tmp = self.root / f"{TMP_PREFIX}{key.hex()}-{os.getpid()}-{next(self._tmp_ids)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o644)
+        try:
+            try:
+                hasher = xxhash.xxh3_64()
+                pos = 0
+                while pos < length:
+                    block = view[pos : pos + BLOCK]
+                    hasher.update(block)
+                    _pwrite_all(fd, block, HEADER_SIZE + pos)
+                    pos += block.nbytes
+                header = encode_header(key, self.fingerprint, length, hasher.intdigest())
+                _pwrite_all(fd, memoryview(header), 0)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with self._lock:
+            old = self._index.pop(key, None)
+            if old is not None:
+                self._used -= old
+            self._index[key] = size
+            self._used += size
+            self._counts["bytes_written"] += length
+            self._update_gauges_locked()
+        self._m["bytes_written"].inc(length)
+
+    def _make_room_locked(self, size: int) -> list[bytes]:
+        victims: list[bytes] = []
+        while self._index and self._used + size > self.capacity_bytes:
+            key, old = self._index.popitem(last=False)
+            self._used -= old
+            victims.append(key)
+        if victims:
+            self._counts["evictions"] += len(victims)
+            self._m["evictions"].inc(len(victims))
+            self._update_gauges_locked()
+        return victims
+
+    def _unlink_all(self, keys: list[bytes]) -> None:
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                try:
+                    os.unlink(self.path_for(key))
+                except OSError as exc:
+                    log.warning("disk tier: cannot delete %s: %s", key.hex(), exc)
+
+    def _update_gauges_locked(self) -> None:
+        self._m["used_bytes"].set(self._used)
+        self._m["entries"].set(len(self._index))
+
+    def _disable(self, why: str) -> None:
+        with self._lock:
+            if self._disabled is not None:
+                return
+            self._disabled = why
+            self._index.clear()
+            self._used = 0
+            self._update_gauges_locked()
+        hint = ""
+        if "No space" in why or "quota" in why.lower() or "too large" in why.lower():
+            hint = " (the disk is full: free space or lower max_local_disk_size)"
+        log.error(
+            "disk tier at %s disabled: %s%s. lmcache-pd keeps serving from the CPU tier "
+            "without disk; fix the directory (or unset local_disk) and restart to re-enable "
+            "it.",
+            self.root,
+            why,
+            hint,
+        )
+
+    @property
+    def disabled(self) -> str | None:
+        """Why the tier disabled itself, or None while it works."""
+        return self._disabled
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write is done; False on timeout."""
+        q = self._queue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with q.all_tasks_done:
+            while q.unfinished_tasks:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                q.all_tasks_done.wait(remaining)
+        return True
+
+    # --- reads ---
+
+    def __contains__(self, key: object) -> bool:
+        return self._disabled is None and key in self._index
+
+    def contains(self, keys: Sequence[bytes]) -> int:
+        if self._disabled is not None:
+            return 0
+        index = self._index
+        n = 0
+        for key in keys:
+            if key not in index:
+                break
+            n += 1
+        return n
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, key: bytes) -> memoryview | None:
+        """The chunk (a fresh writable buffer), checksum verified; None on a miss."""
+        return self._read(key, None)
+
+    def get_into(self, key: bytes, out: Buffer) -> int | None:
+        view = self._read(key, as_byte_view(out))
+        return None if view is None else view.nbytes
+
+    def _miss(self) -> None:
+        with self._lock:
+            self._counts["misses"] += 1
+        self._m["misses"].inc()
+
+    def _read(self, key: bytes, out: memoryview | None) -> memoryview | None:
+        if self._disabled is not None or key not in self._index:
+            self._miss()
+            return None
+        path = self.path_for(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+        except FileNotFoundError:
+            with self._lock:
+                size = self._index.pop(key, None)
+                if size is not None:
+                    self._used -= size
+            self._miss()
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self._corrupt(key, path, "is a symlink")
+            else:
+                log.warning("disk tier: cannot open %s: %s (a miss)", path, exc)
+                self._miss()
+            return None
+        try:
+            parsed = self._parse_header(os.pread(fd, HEADER_SIZE, 0), key, os.fstat(fd).st_size)
+            if isinstance(parsed, str):
+                self._corrupt(key, path, parsed)
+                return None
+            length, checksum = parsed
+            if out is None:
+                dst = memoryview(bytearray(length))
+            elif out.nbytes < length:
+                raise ValueError(f"buffer of {out.nbytes} bytes is too small for {length}")
+            else:
+                dst = out[:length]
+            hasher = xxhash.xxh3_64()
+            pos = 0
+            while pos < length:
+                block = dst[pos : pos + BLOCK]
+                got = os.preadv(fd, [block], HEADER_SIZE + pos)
+                if got <= 0:
+                    self._corrupt(key, path, "truncated while reading")
+                    return None
+                hasher.update(block[:got])
+                pos += got
+        finally:
+            os.close(fd)
+        if hasher.intdigest() != checksum:
+            self._corrupt(key, path, "checksum mismatch (xxh3-64)")
+            return None
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+            self._counts["hits"] += 1
+            self._counts["bytes_read"] += length
+        self._m["hits"].inc()
+        self._m["bytes_read"].inc(length)
+        with contextlib.suppress(OSError):
+            os.utime(path)  # keeps the LRU order across restarts
+        return dst
+
+    def _corrupt(self, key: bytes, path: Path, why: str) -> None:
+        foreign = why.startswith("written for another layout")
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is not None:
+                self._used -= size
+            self._counts["corrupt_files"] += 1
+            self._counts["misses"] += 1
+            if foreign:
+                self._counts["foreign_files"] += 1
+            self._update_gauges_locked()
+        self._m["corrupt_files"].inc()
+        self._m["misses"].inc()
+        log.warning(
+            "disk tier: %s %s; deleted it and counted a miss (the chunk is recomputed or resent)",
+            path,
+            why,
+        )
+
+    def keys_lru(self) -> list[bytes]:
+        """Held keys, least recently used first."""
+        with self._lock:
+            return list(self._index)
+
+    # --- eviction, stats, close ---
+
+    def evict(self, key: bytes) -> bool:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is None:
+                return False
+            self._used -= size
+            self._update_gauges_locked()
+        self._unlink_all([key])
+        return True
+
+    def stats(self) -> dict[str, int | float]:
+        with self._lock:
+            out: dict[str, int | float] = dict(self._counts)
+            out.update(
+                entries=len(self._index),
+                used_bytes=self._used,
+                capacity_bytes=self.capacity_bytes,
+                queued=self._queue.qsize(),
+                disabled=int(self._disabled is not None),
+            )
+        return out
+
+    def close(self) -> None:
+        """Finish queued writes and stop the writer thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data.nbytes:
+        n = os.pwrite(fd, data, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        data = data[n:]
+        offset += n

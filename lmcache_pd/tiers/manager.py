@@ -1,0 +1,307 @@
+"""The tiered store (CPU over disk), its factory from config, prompt lookup and the
+LMCache-style log lines.
+
+:class:`TieredStore` is the one :class:`~lmcache_pd.tiers.base.Store` the receiver and the
+vLLM connector hold. A put lands in the CPU tier and is written behind to disk (the disk
+writer reads the CPU slot in place, pinned, so no extra copy); a get is served from CPU,
+else from disk, and a disk hit is promoted (copied up) into the CPU tier. A lookup of a
+prompt returns the longest prefix of its chunk keys held in any tier.
+:func:`build_tiers` builds it from a :class:`~lmcache_pd.config.Config` and a
+:class:`~lmcache_pd.layout.KVLayout`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from lmcache_pd.chunks import ChunkHasher, chunk_spans
+from lmcache_pd.tiers.base import Buffer, Store
+from lmcache_pd.tiers.cpu import CPUStore
+from lmcache_pd.tiers.disk import DiskStore
+from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
+
+if TYPE_CHECKING:
+    from lmcache_pd.config import Config
+    from lmcache_pd.layout import KVLayout
+
+log = logging.getLogger("lmcache_pd")
+
+
+def log_store(
+    stored_tokens: int,
+    total_tokens: int,
+    nbytes: int,
+    seconds: float,
+    logger: logging.Logger | None = None,
+) -> str:
+    """Log (INFO) and return LMCache's store line:
+    ``Stored 31 out of total 31 tokens. size: 0.0038 gb, cost 1.9182 ms, throughput: 1.98 GB/s``.
+    """
+    gbps = nbytes / seconds / 1e9 if seconds > 0 else float("inf")
+    msg = (
+        f"Stored {stored_tokens} out of total {total_tokens} tokens. "
+        f"size: {nbytes / 1e9:.4f} gb, cost {seconds * 1e3:.4f} ms, "
+        f"throughput: {gbps:.2f} GB/s"
+    )
+    (logger or log).info(msg)
+    return msg
+
+
+def log_lookup(
+    total_tokens: int,
+    hit_tokens: int,
+    num_computed_tokens: int = 0,
+    logger: logging.Logger | None = None,
+) -> str:
+    """Log (INFO) and return LMCache's lookup line:
+    ``Total tokens 32, hit tokens: 24, need to load: 8`` (hits beyond what the engine
+    already computed, ``num_computed_tokens``)."""
+    need = max(hit_tokens - num_computed_tokens, 0)
+    msg = f"Total tokens {total_tokens}, hit tokens: {hit_tokens}, need to load: {need}"
+    (logger or log).info(msg)
+    return msg
+
+
+class LookupResult(msgspec.Struct, frozen=True):
+    """A prompt's lookup: its chunk keys, how many lead chunks are held, as tokens."""
+
+    keys: list[bytes]
+    hit_chunks: int
+    hit_tokens: int
+    total_tokens: int
+
+    @property
+    def hit_keys(self) -> list[bytes]:
+        return self.keys[: self.hit_chunks]
+
+
+class TieredStore(Store):
+    """CPU tier over disk tier, either of which may be absent; promotes disk hits."""
+
+    def __init__(
+        self,
+        cpu: CPUStore | None,
+        disk: DiskStore | None,
+        *,
+        promote: bool = True,
+        metrics: TierMetrics | None = None,
+    ) -> None:
+        if cpu is None and disk is None:
+            raise ValueError("a TieredStore needs a CPU tier, a disk tier or both")
+        self.cpu = cpu
+        self.disk = disk
+        self.promote = promote
+        self._lock = threading.Lock()
+        self._fallback: collections.Counter[bytes] = collections.Counter()
+        self._promotions = 0
+        self._metrics = metrics if metrics is not None else tier_metrics()
+        self._m_promotions = self._metrics.promotions.labels(tier="disk")
+
+    # --- writes ---
+
+    def put(self, key: bytes, data: Buffer) -> bool:
+        """Copy into the CPU tier and queue a write-behind to disk. True when held by
+        (or queued for) at least one tier."""
+        cpu, disk = self.cpu, self.disk
+        stored = cpu.put(key, data) if cpu is not None else False
+        if disk is None or disk.disabled is not None or key in disk:
+            return stored
+        view = cpu.acquire(key, record=False) if stored and cpu is not None else None
+        if view is not None:
+            assert cpu is not None
+            queued = disk.put(key, view, on_written=lambda: cpu.release(key))
+        else:
+            queued = disk.put(key, data)
+        return stored or queued
+
+    # --- reads ---
+
+    def __contains__(self, key: object) -> bool:
+        return (self.cpu is not None and key in self.cpu) or (
+            self.disk is not None and key in self.disk
+        )
+
+    def contains(self, keys: Sequence[bytes]) -> int:
+        """Longest prefix of ``keys`` held in any tier (index lookups only, no I/O)."""
+        cpu, disk = self.cpu, self.disk
+        if disk is None or disk.disabled is not None:
+            return cpu.contains(keys) if cpu is not None else 0
+        if cpu is None:
+            return disk.contains(keys)
+        n = 0
+        for key in keys:
+            if key not in cpu and key not in disk:
+                break
+            n += 1
+        return n
+
+    def lookup(
+        self,
+        tokens: Sequence[int],
+        hasher: ChunkHasher,
+        *,
+        include_partial: bool = False,
+        num_computed_tokens: int = 0,
+        log_line: bool = True,
+    ) -> LookupResult:
+        """Hash ``tokens`` into chunk keys and find the longest held prefix; logs
+        ``Total tokens N, hit tokens: H, need to load: L`` unless ``log_line`` is False."""
+        keys = hasher.keys(tokens, include_partial=include_partial)
+        hit = self.contains(keys)
+        spans = chunk_spans(len(tokens), hasher.chunk_size, include_partial)
+        hit_tokens = spans[hit - 1][1] if hit else 0
+        if log_line:
+            log_lookup(len(tokens), hit_tokens, num_computed_tokens)
+        return LookupResult(keys, hit, hit_tokens, len(tokens))
+
+    def _promote(self, key: bytes, data: Buffer) -> None:
+        if self.cpu is not None and self.promote and self.cpu.put(key, data):
+            with self._lock:
+                self._promotions += 1
+            self._m_promotions.inc()
+
+    def get(self, key: bytes) -> bytes | memoryview | None:
+        if self.cpu is not None:
+            data = self.cpu.get(key)
+            if data is not None:
+                return data
+        if self.disk is None:
+            return None
+        view = self.disk.get(key)
+        if view is not None:
+            self._promote(key, view)
+        return view
+
+    def get_into(self, key: bytes, out: Buffer) -> int | None:
+        if self.cpu is not None:
+            n = self.cpu.get_into(key, out)
+            if n is not None:
+                return n
+        if self.disk is None:
+            return None
+        n = self.disk.get_into(key, out)
+        if n is not None:
+            self._promote(key, memoryview(out).cast("B")[:n])
+        return n
+
+    def acquire(self, key: bytes) -> memoryview | None:
+        """Pin and view the chunk; a disk hit is promoted first and the CPU slot pinned
+        (when the CPU tier has no room, a private copy is returned)."""
+        cpu = self.cpu
+        if cpu is not None:
+            view = cpu.acquire(key)
+            if view is not None:
+                return view
+        if self.disk is None:
+            return None
+        data = self.disk.get(key)
+        if data is None:
+            return None
+        if cpu is not None and self.promote:
+            self._promote(key, data)
+            view = cpu.acquire(key, record=False)
+            if view is not None:
+                return view
+        with self._lock:
+            self._fallback[key] += 1
+        return data.toreadonly()
+
+    def release(self, key: bytes) -> None:
+        with self._lock:
+            if self._fallback[key] > 0:
+                self._fallback[key] -= 1
+                if not self._fallback[key]:
+                    del self._fallback[key]
+                return
+            self._fallback.pop(key, None)
+        if self.cpu is None:
+            raise KeyError(f"release of a chunk that is not acquired: {key.hex()}")
+        self.cpu.release(key)
+
+    # --- the rest of Store ---
+
+    def evict(self, key: bytes) -> bool:
+        held = False
+        if self.cpu is not None:
+            held = self.cpu.evict(key) or held
+        if self.disk is not None:
+            held = self.disk.evict(key) or held
+        return held
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for queued disk writes; False on timeout."""
+        return self.disk.flush(timeout) if self.disk is not None else True
+
+    def slab_regions(self) -> list[tuple[int, int]]:
+        """The CPU tier's slabs ``(address, nbytes)`` for transport registration."""
+        return self.cpu.slab_regions() if self.cpu is not None else []
+
+    def tier_stats(self) -> dict[str, dict[str, int | float]]:
+        out: dict[str, dict[str, int | float]] = {}
+        if self.cpu is not None:
+            out["cpu"] = self.cpu.stats()
+        if self.disk is not None:
+            out["disk"] = self.disk.stats()
+        return out
+
+    def stats(self) -> dict[str, int | float]:
+        """Every tier's counters as ``"<tier>.<name>"``, plus ``promotions``."""
+        out: dict[str, int | float] = {"promotions": self._promotions}
+        for tier, counts in self.tier_stats().items():
+            out.update({f"{tier}.{name}": value for name, value in counts.items()})
+        return out
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+        if self.cpu is not None:
+            self.cpu.close()
+
+
+def build_tiers(
+    cfg: Config,
+    layout: KVLayout,
+    *,
+    registry: CollectorRegistry | None = None,
+    backend: str = "auto",
+    pin_memory: bool | None = None,
+) -> TieredStore | None:
+    """The tiers ``cfg`` asks for (``local_cpu`` / ``max_local_cpu_size``,
+    ``local_disk`` / ``max_local_disk_size``), slots sized to ``layout``'s chunks of
+    ``cfg.chunk_size`` tokens; None when neither tier is configured. Sizes are decimal GB.
+    A disk directory that cannot be used disables the disk tier (logged), it does not
+    raise."""
+    metrics = tier_metrics(registry)
+    slot_bytes = layout.bytes_per_chunk(cfg.chunk_size)
+    cpu: CPUStore | None = None
+    if cfg.local_cpu and cfg.max_local_cpu_size > 0:
+        capacity = int(cfg.max_local_cpu_size * 1e9)
+        if capacity < slot_bytes:
+            raise ValueError(
+                f"max_local_cpu_size={cfg.max_local_cpu_size} GB holds no chunk of "
+                f"{slot_bytes / 1e9:.4f} GB (chunk_size={cfg.chunk_size} tokens x "
+                f"{layout.bytes_per_token} bytes/token); raise it or set local_cpu: false"
+            )
+        cpu = CPUStore(
+            capacity, slot_bytes, backend=backend, pin_memory=pin_memory, metrics=metrics
+        )
+    disk: DiskStore | None = None
+    path = cfg.local_disk_path()
+    if path is not None and cfg.max_local_disk_size > 0:
+        disk = DiskStore(
+            path,
+            int(cfg.max_local_disk_size * 1e9),
+            layout.fingerprint(),
+            queue_size=cfg.disk_write_queue_size,
+            metrics=metrics,
+        )
+    if cpu is None and disk is None:
+        return None
+    return TieredStore(cpu, disk, metrics=metrics)
