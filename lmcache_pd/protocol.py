@@ -26,6 +26,8 @@ import enum
 
 import msgspec
 
+from lmcache_pd.layout import KVLayout
+
 PROTOCOL_VERSION = 1
 
 
@@ -61,6 +63,21 @@ class Compat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     chunk_size: int
     tp_size: int = 1
     hash_algorithm: str = "xxh3_128"
+
+    @classmethod
+    def of(cls, layout: KVLayout, chunk_size: int, hash_algorithm: str, tp_size: int = 1) -> Compat:
+        """The compat record of a layout + chunking as configured."""
+        return cls(
+            model=layout.model,
+            num_layers=layout.num_layers,
+            num_kv_heads=layout.num_kv_heads,
+            head_size=layout.head_size,
+            dtype=layout.dtype,
+            attention=layout.attention.value,
+            chunk_size=chunk_size,
+            tp_size=tp_size,
+            hash_algorithm=str(getattr(hash_algorithm, "value", hash_algorithm)),
+        )
 
     def diff(self, other: Compat) -> list[str]:
         """Names of fields that differ, with both values."""

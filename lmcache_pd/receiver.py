@@ -1,0 +1,573 @@
+"""Consumer side of the handoff: lease slots, accept writes, verify, hand chunks on.
+
+The receiver owns a registered receive buffer of ``pd_buffer_size`` bytes split into
+chunk slots, a ROUTER socket on ``pd_bind_host:pd_peer_init_port`` and one background
+thread running an asyncio loop. Per Offer it answers ``Accept`` (chunks it already holds,
+in the buffer or in a tier ``store``, are listed in ``have`` and not resent; the rest get
+slots under a **lease**), ``Busy`` (no room now) or ``Error``. On ``Done`` plus the NIXL
+notification of the same lease, it verifies each chunk's xxh3-64 checksum, makes good
+chunks *ready* and rejects bad ones; a lease that sees no ``Done`` within its TTL
+expires and its slots are freed: a dead sender never leaks slots.
+
+Ready chunks stay in the buffer (LRU; unpinned ones are evicted for new leases) and are
+copied into the ``store`` when one is configured. Engine-facing calls (``lookup``,
+``wait_for``, ``acquire``/``release``, ``read``) are thread-safe.
+
+While no lease is outstanding the loop sleeps on the socket: zero CPU when idle. With a
+lease outstanding it polls NIXL notifications with backoff (target-side progress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+import zmq
+import zmq.asyncio
+
+from lmcache_pd.buffer import SlotBuffer, slots_for
+from lmcache_pd.config import Config
+from lmcache_pd.control import Codec, RouterServer
+from lmcache_pd.layout import KVLayout
+from lmcache_pd.metrics import Counters
+from lmcache_pd.protocol import (
+    Accept,
+    Busy,
+    Cancel,
+    Committed,
+    Compat,
+    Done,
+    Error,
+    ErrorCode,
+    Hello,
+    HelloAck,
+    Message,
+    Offer,
+)
+from lmcache_pd.tiers.base import Store
+from lmcache_pd.transports.base import Transport
+
+log = logging.getLogger(__name__)
+
+NOTIF_PREFIX = b"lmcpd:"
+_POLL_MIN_S = 50e-6
+_POLL_FAST_MAX_S = 1e-3
+_POLL_SLOW_MAX_S = 10e-3
+_FAST_WINDOW_S = 0.5
+
+
+def lease_notif(lease: int) -> bytes:
+    return NOTIF_PREFIX + str(lease).encode()
+
+
+class LeaseState(enum.Enum):
+    WAITING = "waiting"  # granted, nothing heard yet
+    DONE_SEEN = "done_seen"  # Done received, waiting for the data notification
+
+
+@dataclass
+class _Lease:
+    lease: int
+    req_id: str
+    identity: bytes
+    keys: list[bytes]
+    nbytes: list[int]
+    have: list[int]
+    want: list[int]
+    slots: list[int]
+    granted_at: float
+    deadline: float
+    notified: bool = False
+    done: Done | None = None
+    state: LeaseState = LeaseState.WAITING
+
+
+@dataclass
+class _Ready:
+    slot: int
+    nbytes: int
+    pins: int = 0
+
+
+@dataclass
+class _PeerInfo:
+    agent: str
+    hello: Hello
+    leases: set[int] = field(default_factory=set)
+
+
+class Receiver:
+    """Decoder-side handoff endpoint. ``start()`` it; ``close()`` it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        layout: KVLayout,
+        transport: Transport,
+        *,
+        port: int | None = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        store: Store | None = None,
+        secret: bytes | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self.transport = transport
+        self.store = store
+        self.compat = Compat.of(layout, cfg.chunk_size, cfg.hash_algorithm, tp_size)
+        self.port = cfg.port_for_rank("pd_peer_init_port", tp_rank) if port is None else port
+        self.codec = Codec(secret or cfg.auth_secret(), cfg.pd_max_frame_bytes)
+        self.counters = Counters("receiver")
+        slot_bytes = layout.bytes_per_chunk(cfg.chunk_size)
+        self.buffer = SlotBuffer(
+            slot_bytes,
+            slots_for(cfg.pd_buffer_size, slot_bytes),
+            transport,
+            cfg.pd_buffer_device,
+        )
+        self._lock = threading.Condition()
+        self._ready: OrderedDict[bytes, _Ready] = OrderedDict()
+        self._leases: dict[int, _Lease] = {}
+        self._peers: dict[bytes, _PeerInfo] = {}
+        self._next_lease = 1
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._wake: asyncio.Event | None = None
+        self.endpoint = ""
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout_s: float = 10.0) -> Receiver:
+        """Bind and start serving in a background thread; returns once bound."""
+        self._thread = threading.Thread(target=self._run, name="lmcache-pd-receiver", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout_s):
+            raise TimeoutError(f"receiver did not start within {timeout_s}s")
+        if self._start_error is not None:
+            raise self._start_error
+        log.info(
+            "receiver listening on %s: %d slots x %d bytes (%s)",
+            self.endpoint,
+            self.buffer.num_slots,
+            self.buffer.slot_bytes,
+            self.buffer.kind.value,
+        )
+        return self
+
+    def close(self) -> None:
+        """Stop the loop, close the socket, free leases and the buffer registration."""
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop_event.set)
+            self._thread.join(5.0)
+        with self._lock:
+            self._leases.clear()
+            self._ready.clear()
+            self._lock.notify_all()
+        self.buffer.close()
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+        finally:
+            self._loop.close()
+
+    async def _main(self) -> None:
+        ctx = zmq.asyncio.Context()
+        self._wake = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        try:
+            self.server = RouterServer(
+                ctx, self.codec, self.cfg.pd_bind_host, self.port, self.counters
+            )
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            ctx.term()
+            return
+        self.endpoint = self.server.endpoint
+        self.port = self.server.port
+        self._started.set()
+        tasks = [
+            asyncio.ensure_future(self._serve()),
+            asyncio.ensure_future(self._progress()),
+        ]
+        await self._stop_event.wait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.server.close()
+        ctx.term()
+
+    # ------------------------------------------------------------------ serving
+    async def _serve(self) -> None:
+        while True:
+            identity, msg, payload = await self.server.recv()
+            try:
+                reply, out = self._handle(identity, msg, payload)
+            except Exception as exc:  # never let one message kill the receiver
+                log.exception("receiver failed handling %s", type(msg).__name__)
+                reply, out = Error(code=ErrorCode.INTERNAL, message=str(exc)), []
+            if reply is not None:
+                await self.server.send(identity, reply, out)
+            self._wake.set()  # type: ignore[union-attr]
+
+    def _handle(
+        self, identity: bytes, msg: Message, payload: list[bytes]
+    ) -> tuple[Message | None, list[bytes]]:
+        if isinstance(msg, Hello):
+            return self._on_hello(identity, msg, payload)
+        if isinstance(msg, Offer):
+            return self._on_offer(identity, msg), []
+        if isinstance(msg, Done):
+            return self._on_done(identity, msg), []
+        if isinstance(msg, Cancel):
+            with self._lock:
+                lease = self._leases.get(msg.lease)
+                if lease is not None and lease.identity == identity:
+                    self._drop_lease(lease, f"cancelled by sender: {msg.reason}")
+            return None, []
+        req_id = getattr(msg, "req_id", None)
+        return Error(
+            req_id=req_id,
+            code=ErrorCode.BAD_REQUEST,
+            message=f"{type(msg).__name__} is not a request a receiver accepts",
+        ), []
+
+    def _on_hello(
+        self, identity: bytes, msg: Hello, payload: list[bytes]
+    ) -> tuple[Message, list[bytes]]:
+        problems = self.compat.diff(msg.compat)
+        if problems:
+            self.counters.inc("incompatible")
+            text = "incompatible KV layout: " + "; ".join(problems)
+            log.error("refused sender %s: %s", msg.agent, text)
+            return Error(code=ErrorCode.INCOMPATIBLE, message=text), []
+        if len(payload) != 1:
+            return Error(code=ErrorCode.MALFORMED, message="Hello needs one metadata frame"), []
+        try:
+            agent = self.transport.add_peer(payload[0])
+        except Exception as exc:
+            return Error(code=ErrorCode.TRANSFER, message=f"bad transport metadata: {exc}"), []
+        with self._lock:
+            self._peers[identity] = _PeerInfo(agent=agent, hello=msg)
+        ack = HelloAck(
+            agent=self.transport.name,
+            num_slots=self.buffer.num_slots,
+            slot_bytes=self.buffer.slot_bytes,
+            slot_descs=self.buffer.descs,
+            mem_kind=self.buffer.kind.value,
+        )
+        return ack, [self.transport.metadata()]
+
+    def _held(self, key: bytes) -> bool:
+        return key in self._ready or (self.store is not None and key in self.store)
+
+    def _on_offer(self, identity: bytes, msg: Offer) -> Message:
+        bad = self._check_offer(identity, msg)
+        if bad is not None:
+            return bad
+        self.counters.inc("requests")
+        with self._lock:
+            have = [i for i, k in enumerate(msg.keys) if self._held(k)]
+            want = [i for i, k in enumerate(msg.keys) if not self._held(k)]
+            for i in have:
+                if msg.keys[i] in self._ready:
+                    self._ready.move_to_end(msg.keys[i])
+            slots = self._take_slots(len(want))
+            if slots is None:
+                self.counters.inc("busy")
+                return Busy(req_id=msg.req_id, retry_after_s=self.cfg.pd_busy_retry_after_s)
+            now = time.monotonic()
+            lease = _Lease(
+                lease=self._next_lease,
+                req_id=msg.req_id,
+                identity=identity,
+                keys=list(msg.keys),
+                nbytes=list(msg.nbytes),
+                have=have,
+                want=want,
+                slots=slots,
+                granted_at=now,
+                deadline=now + self.cfg.pd_lease_ttl_s,
+            )
+            self._next_lease += 1
+            if want:
+                self._leases[lease.lease] = lease
+                self._peers[identity].leases.add(lease.lease)
+            self.counters.inc("dedupe_hits", len(have))
+        return Accept(
+            req_id=msg.req_id,
+            have=have,
+            want=want,
+            slots=slots,
+            lease=lease.lease,
+            lease_ttl_s=self.cfg.pd_lease_ttl_s,
+        )
+
+    def _check_offer(self, identity: bytes, msg: Offer) -> Error | None:
+        def err(code: ErrorCode, text: str) -> Error:
+            return Error(req_id=msg.req_id, code=code, message=text)
+
+        if identity not in self._peers:
+            return err(ErrorCode.UNKNOWN_PEER, "no Hello from this sender (receiver restarted?)")
+        if len(msg.keys) != len(msg.nbytes):
+            return err(ErrorCode.BAD_REQUEST, "Offer keys and nbytes differ in length")
+        if len(msg.keys) > self.buffer.num_slots:
+            return err(
+                ErrorCode.BAD_REQUEST,
+                f"Offer of {len(msg.keys)} chunks exceeds the receive buffer "
+                f"({self.buffer.num_slots} slots); send in batches",
+            )
+        if any(len(k) != 16 for k in msg.keys):
+            return err(ErrorCode.BAD_REQUEST, "chunk keys must be 16 bytes")
+        if any(not 0 < n <= self.buffer.slot_bytes for n in msg.nbytes):
+            return err(
+                ErrorCode.BAD_REQUEST, f"chunk sizes must be in 1..{self.buffer.slot_bytes} bytes"
+            )
+        return None
+
+    def _take_slots(self, n: int) -> list[int] | None:
+        """Free slots for ``n`` chunks, evicting unpinned ready chunks (LRU) if needed.
+        Called with the lock held. None when there is not enough room."""
+        if n == 0:
+            return []
+        free = self.buffer.free_count
+        if free < n:
+            evictable = [k for k, r in self._ready.items() if r.pins == 0]
+            if free + len(evictable) < n:
+                return None
+            for key in evictable[: n - free]:
+                self.buffer.free([self._ready.pop(key).slot])
+        return self.buffer.alloc(n)
+
+    def _on_done(self, identity: bytes, msg: Done) -> Message | None:
+        with self._lock:
+            lease = self._leases.get(msg.lease)
+            if lease is None or lease.identity != identity or lease.req_id != msg.req_id:
+                return Error(
+                    req_id=msg.req_id,
+                    code=ErrorCode.UNKNOWN_LEASE,
+                    message=f"lease {msg.lease} unknown or expired "
+                    f"(TTL {self.cfg.pd_lease_ttl_s}s)",
+                )
+            if len(msg.checksums) != len(lease.want):
+                self._drop_lease(lease, "Done with a wrong number of checksums")
+                return Error(
+                    req_id=msg.req_id,
+                    code=ErrorCode.BAD_REQUEST,
+                    message=f"Done has {len(msg.checksums)} checksums for {len(lease.want)} chunks",
+                )
+            lease.done = msg
+            lease.state = LeaseState.DONE_SEEN
+            if lease.notified:
+                return self._commit(lease)
+        return None  # committed when the data notification arrives
+
+    def _commit(self, lease: _Lease) -> Committed:
+        """Verify and publish a lease's chunks. Called with the lock held."""
+        assert lease.done is not None
+        stored = list(lease.have)
+        bad: list[int] = []
+        moved = 0
+        for j, (i, slot) in enumerate(zip(lease.want, lease.slots, strict=True)):
+            key, nbytes = lease.keys[i], lease.nbytes[i]
+            ok = True
+            if self.cfg.pd_verify_checksums and self.buffer.kind.value == "DRAM":
+                ok = (
+                    xxhash.xxh3_64_intdigest(self.buffer.view(slot, nbytes))
+                    == lease.done.checksums[j]
+                )
+            if not ok:
+                bad.append(i)
+                self.counters.inc("checksum_failures")
+                self.buffer.free([slot])
+                log.error(
+                    "chunk %d of request %s failed its checksum: rejected, not handed on",
+                    i,
+                    lease.req_id,
+                )
+                continue
+            if key in self._ready:  # a concurrent lease delivered it first
+                self.buffer.free([slot])
+            else:
+                self._ready[key] = _Ready(slot=slot, nbytes=nbytes)
+                if self.store is not None:
+                    self.store.put(key, self.buffer.view(slot, nbytes))
+            stored.append(i)
+            moved += nbytes
+        self.counters.inc("chunks", len(lease.want) - len(bad))
+        self.counters.inc("bytes", moved)
+        self._forget_lease(lease)
+        self._lock.notify_all()
+        return Committed(req_id=lease.req_id, stored=sorted(stored), bad=bad)
+
+    def _forget_lease(self, lease: _Lease) -> None:
+        self._leases.pop(lease.lease, None)
+        peer = self._peers.get(lease.identity)
+        if peer is not None:
+            peer.leases.discard(lease.lease)
+
+    def _drop_lease(self, lease: _Lease, reason: str) -> None:
+        """Free a lease's slots (lock held)."""
+        self._forget_lease(lease)
+        self.buffer.free(lease.slots)
+        log.warning("lease %d of request %s dropped: %s", lease.lease, lease.req_id, reason)
+
+    # ------------------------------------------------------------------ progress
+    async def _progress(self) -> None:
+        """Poll NIXL notifications only while leases are outstanding; expire leases."""
+        assert self._wake is not None
+        delay = _POLL_MIN_S
+        while True:
+            if not self._leases:
+                self._wake.clear()
+                await self._wake.wait()
+                delay = _POLL_MIN_S
+                continue
+            replies: list[tuple[bytes, Message]] = []
+            notifs = self.transport.notifications()
+            now = time.monotonic()
+            with self._lock:
+                for _peer, text in notifs:
+                    lease = self._lease_of(text)
+                    if lease is None:
+                        continue
+                    lease.notified = True
+                    if lease.done is not None:
+                        replies.append((lease.identity, self._commit(lease)))
+                for lease in [ls for ls in self._leases.values() if ls.deadline <= now]:
+                    self.counters.inc("lease_expiries")
+                    self._drop_lease(
+                        lease, f"no Done within {self.cfg.pd_lease_ttl_s}s (sender dead?)"
+                    )
+                    if lease.done is not None:
+                        replies.append(
+                            (
+                                lease.identity,
+                                Error(
+                                    req_id=lease.req_id,
+                                    code=ErrorCode.TIMEOUT,
+                                    message="data never arrived before the lease expired",
+                                ),
+                            )
+                        )
+                young = any(
+                    now - ls.granted_at < _FAST_WINDOW_S or ls.done is not None
+                    for ls in self._leases.values()
+                )
+            for identity, reply in replies:
+                await self.server.send(identity, reply)
+            if notifs:
+                delay = _POLL_MIN_S
+            else:
+                delay = min(delay * 1.5, _POLL_FAST_MAX_S if young else _POLL_SLOW_MAX_S)
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    def _lease_of(self, text: bytes) -> _Lease | None:
+        if not text.startswith(NOTIF_PREFIX):
+            return None
+        try:
+            return self._leases.get(int(text[len(NOTIF_PREFIX) :]))
+        except ValueError:
+            return None
+
+    # ------------------------------------------------------------------ engine side
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Length of the longest prefix of ``keys`` held (buffer or store)."""
+        with self._lock:
+            n = 0
+            for key in keys:
+                if not self._held(key):
+                    break
+                n += 1
+            return n
+
+    def wait_for(self, keys: Sequence[bytes], timeout_s: float) -> int:
+        """Block until every key is held or ``timeout_s`` passes; returns the prefix held."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                n = 0
+                for key in keys:
+                    if not self._held(key):
+                        break
+                    n += 1
+                left = deadline - time.monotonic()
+                if n == len(keys) or left <= 0:
+                    return n
+                self._lock.wait(left)
+
+    def acquire(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]:
+        """Pin and return the bytes of each key (None where not held). Buffer-resident
+        chunks are returned as views and stay pinned until :meth:`release`; store
+        chunks as the store returns them."""
+        out: list[memoryview | bytes | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._ready.get(key)
+                if entry is not None:
+                    entry.pins += 1
+                    self._ready.move_to_end(key)
+                    out.append(self.buffer.view(entry.slot, entry.nbytes))
+                elif self.store is not None:
+                    out.append(self.store.get(key))
+                else:
+                    out.append(None)
+        return out
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        """Unpin keys returned by :meth:`acquire`."""
+        with self._lock:
+            for key in keys:
+                entry = self._ready.get(key)
+                if entry is not None and entry.pins > 0:
+                    entry.pins -= 1
+
+    def read(self, key: bytes) -> bytes | None:
+        """A copy of one chunk's bytes, or None."""
+        (view,) = self.acquire([key])
+        try:
+            return None if view is None else bytes(view)
+        finally:
+            self.release([key])
+
+    def drop(self, keys: Sequence[bytes]) -> None:
+        """Forget ready chunks (unpinned ones) and free their slots."""
+        with self._lock:
+            for key in keys:
+                entry = self._ready.get(key)
+                if entry is not None and entry.pins == 0:
+                    del self._ready[key]
+                    self.buffer.free([entry.slot])
+
+    def slot_usage(self) -> dict[str, int]:
+        """Slots free, leased and holding ready chunks (for leak checks)."""
+        with self._lock:
+            leased = sum(len(ls.slots) for ls in self._leases.values())
+            return {
+                "free": self.buffer.free_count,
+                "leased": leased,
+                "ready": len(self._ready),
+                "total": self.buffer.num_slots,
+            }
+
+    def stats(self) -> dict[str, int]:
+        return {
+            **self.counters.snapshot(),
+            **{f"slots_{k}": v for k, v in self.slot_usage().items()},
+        }

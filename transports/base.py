@@ -1,0 +1,113 @@
+"""The Transport protocol: what the sender and receiver need from a data plane.
+
+A transport knows bytes and addresses, not tokens. Its life cycle:
+
+1. ``register(addr, nbytes, kind)`` the buffers that will be read or written (once);
+2. exchange ``metadata()`` with the peer over the control plane and ``add_peer`` it;
+3. ``prep_local`` / ``prep_remote`` descriptor lists once per buffer and peer;
+4. per transfer ``write(...)`` by descriptor indices with a notification message, then
+   ``wait(handle, deadline)`` (bounded, backing off; never spins);
+5. the target learns of arrivals with ``notifications()`` (it must call this while a
+   transfer is expected: without a progress thread, some paths only move when polled).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+Desc = tuple[int, int, int]  # (address, nbytes, device id)
+
+
+class MemKind(str, enum.Enum):
+    DRAM = "DRAM"
+    VRAM = "VRAM"
+
+
+class XferState(str, enum.Enum):
+    DONE = "DONE"
+    PROC = "PROC"
+    ERR = "ERR"
+
+
+class TransportError(RuntimeError):
+    """A transfer failed; the message says what to check."""
+
+
+class TransferTimeout(TransportError, TimeoutError):
+    """A transfer did not complete before its deadline."""
+
+
+class Transport(abc.ABC):
+    """A data plane able to WRITE registered local memory into a peer's registered memory."""
+
+    name: str
+
+    @abc.abstractmethod
+    def register(
+        self, addr: int, nbytes: int, kind: MemKind = MemKind.DRAM, device: int = 0
+    ) -> Any:
+        """Register memory for transfers; returns a handle for :meth:`deregister`."""
+
+    @abc.abstractmethod
+    def deregister(self, handle: Any) -> None: ...
+
+    @abc.abstractmethod
+    def metadata(self) -> bytes:
+        """Opaque bytes a peer passes to :meth:`add_peer` to reach this agent."""
+
+    @abc.abstractmethod
+    def add_peer(self, metadata: bytes) -> str:
+        """Load a peer's metadata; returns the peer's name."""
+
+    @abc.abstractmethod
+    def remove_peer(self, peer: str) -> None: ...
+
+    @abc.abstractmethod
+    def connect(self, peer: str) -> None:
+        """Establish the connection now (so the first transfer doesn't pay for it)."""
+
+    @abc.abstractmethod
+    def prep_local(self, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM) -> Any:
+        """Prepare a reusable local descriptor list (indices refer to ``descs``)."""
+
+    @abc.abstractmethod
+    def prep_remote(self, peer: str, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM) -> Any:
+        """Prepare a reusable descriptor list of the peer's memory."""
+
+    @abc.abstractmethod
+    def release_prepped(self, handle: Any) -> None: ...
+
+    @abc.abstractmethod
+    def write(
+        self,
+        local: Any,
+        local_idx: Sequence[int],
+        remote: Any,
+        remote_idx: Sequence[int],
+        notif: bytes = b"",
+    ) -> Any:
+        """Post one WRITE of ``local[local_idx[i]] -> remote[remote_idx[i]]``; the peer
+        receives ``notif`` after the data. Returns a handle for :meth:`poll`/:meth:`wait`."""
+
+    @abc.abstractmethod
+    def poll(self, handle: Any) -> XferState: ...
+
+    @abc.abstractmethod
+    def wait(self, handle: Any, timeout_s: float) -> None:
+        """Block (with backoff) until done; raise TransferTimeout / TransportError."""
+
+    @abc.abstractmethod
+    def release(self, handle: Any) -> None:
+        """Release a transfer handle (safe to call on an unfinished one: it is aborted)."""
+
+    @abc.abstractmethod
+    def notifications(self) -> list[tuple[str, bytes]]:
+        """Notifications received since the last call, as ``(peer, message)``; also
+        progresses the target side."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release every registration, prepared list and peer."""

@@ -1,0 +1,203 @@
+"""NIXL transport over UCX (DRAM now, VRAM where a GPU exists).
+
+Agents are created with ``enable_prog_thread=False``: NIXL's default progress thread
+spins a full core per agent even when idle (measured: 198 % CPU for two idle agents on a
+2-core box). Instead, the initiator progresses its transfers in :meth:`NixlTransport.wait`
+with exponential backoff, and the target progresses in :meth:`notifications`, which the
+receiver calls only while a lease is outstanding. Idle, nothing runs.
+
+Descriptor lists are prepared once (``prep_xfer_dlist``) and reused for every transfer
+(``make_prepped_xfer``): no per-chunk allocation on the hot path beyond the index arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from lmcache_pd.transports.base import (
+    Desc,
+    MemKind,
+    TransferTimeout,
+    Transport,
+    TransportError,
+    XferState,
+)
+
+log = logging.getLogger(__name__)
+
+try:  # the meta package `nixl` and the CUDA-12 build `nixl-cu12` ship the same API
+    from nixl._api import nixl_agent, nixl_agent_config
+except ImportError:  # pragma: no cover - depends on what is installed
+    from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+_BACKOFF_START_S = 20e-6
+_BACKOFF_MAX_S = 500e-6
+_FAST_TLS = ("sm", "shm", "cma", "posix", "sysv", "xpmem", "knem", "rc", "dc", "ud", "ib", "cuda")
+
+
+def check_ucx_env() -> str | None:
+    """Return a warning if ``UCX_TLS`` rules out the paths this host needs."""
+    tls = os.environ.get("UCX_TLS")
+    if not tls:
+        return None
+    names = {t.strip().lstrip("^") for t in tls.split(",")}
+    if tls.startswith("^"):
+        return None
+    if not names & {"tcp", "all"}:
+        return (
+            f"UCX_TLS={tls!r} has no 'tcp': UCX wireup needs it on hosts without RDMA; "
+            "transfers will fail. Add tcp (e.g. UCX_TLS=tcp,cma,sm,self)."
+        )
+    if not any(any(n.startswith(f) for f in _FAST_TLS) for n in names):
+        return (
+            f"UCX_TLS={tls!r} allows only TCP: KV moves over the network stack, not shared "
+            "memory/RDMA/NVLink. Expect a fraction of memcpy bandwidth."
+        )
+    return None
+
+
+class NixlTransport(Transport):
+    """One NIXL agent with the configured backends (UCX by default)."""
+
+    def __init__(self, name: str | None = None, backends: Sequence[str] = ("UCX",)) -> None:
+        warning = check_ucx_env()
+        if warning:
+            log.warning("NIXL/UCX: %s", warning)
+        self.name = name or f"lmcache-pd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        conf = nixl_agent_config(enable_prog_thread=False, backends=list(backends))
+        self.agent = nixl_agent(self.name, conf)
+        missing = [b for b in backends if b not in self.agent.backends]
+        if missing:
+            raise TransportError(
+                f"NIXL backends {missing} unavailable (plugins: {self.agent.get_plugin_list()}); "
+                "install nixl-cu12 with its bundled UCX plugin"
+            )
+        self._regs: list[Any] = []
+        self._prepped: list[Any] = []
+        self._peers: set[str] = set()
+
+    # --- memory -----------------------------------------------------------------
+    def register(
+        self, addr: int, nbytes: int, kind: MemKind = MemKind.DRAM, device: int = 0
+    ) -> Any:
+        descs = np.array([[addr, nbytes, device]], dtype=np.uint64)
+        handle = self.agent.register_memory(descs, kind.value)
+        self._regs.append(handle)
+        return handle
+
+    def deregister(self, handle: Any) -> None:
+        if handle in self._regs:
+            self._regs.remove(handle)
+            self.agent.deregister_memory(handle)
+
+    # --- peers ------------------------------------------------------------------
+    def metadata(self) -> bytes:
+        return self.agent.get_agent_metadata()
+
+    def add_peer(self, metadata: bytes) -> str:
+        peer = self.agent.add_remote_agent(metadata)
+        peer = peer.decode() if isinstance(peer, bytes) else peer
+        self._peers.add(peer)
+        return peer
+
+    def remove_peer(self, peer: str) -> None:
+        if peer in self._peers:
+            self._peers.discard(peer)
+            try:
+                self.agent.remove_remote_agent(peer)
+            except Exception as exc:  # the peer may be gone already
+                log.debug("remove_remote_agent(%s): %s", peer, exc)
+
+    def connect(self, peer: str) -> None:
+        self.agent.make_connection(peer)
+
+    # --- descriptor lists -------------------------------------------------------
+    @staticmethod
+    def _descs(descs: Sequence[Desc]) -> np.ndarray:
+        return np.asarray(descs, dtype=np.uint64).reshape(-1, 3)
+
+    def prep_local(self, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM) -> Any:
+        h = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._descs(descs), kind.value)
+        self._prepped.append(h)
+        return h
+
+    def prep_remote(self, peer: str, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM) -> Any:
+        h = self.agent.prep_xfer_dlist(peer, self._descs(descs), kind.value)
+        self._prepped.append(h)
+        return h
+
+    def release_prepped(self, handle: Any) -> None:
+        if handle in self._prepped:
+            self._prepped.remove(handle)
+            self.agent.release_dlist_handle(handle)
+
+    # --- transfers --------------------------------------------------------------
+    def write(
+        self,
+        local: Any,
+        local_idx: Sequence[int],
+        remote: Any,
+        remote_idx: Sequence[int],
+        notif: bytes = b"",
+    ) -> Any:
+        try:
+            handle = self.agent.make_prepped_xfer(
+                "WRITE",
+                local,
+                np.asarray(local_idx, dtype=np.int32),
+                remote,
+                np.asarray(remote_idx, dtype=np.int32),
+                notif,
+            )
+            state = self.agent.transfer(handle)
+        except Exception as exc:
+            raise TransportError(f"NIXL WRITE could not be posted: {exc}") from exc
+        if state == "ERR":
+            self.release(handle)
+            raise TransportError("NIXL WRITE failed at post (peer gone or memory unregistered?)")
+        return handle
+
+    def poll(self, handle: Any) -> XferState:
+        return XferState(self.agent.check_xfer_state(handle))
+
+    def wait(self, handle: Any, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        delay = _BACKOFF_START_S
+        while True:
+            state = self.poll(handle)
+            if state is XferState.DONE:
+                return
+            if state is XferState.ERR:
+                raise TransportError("NIXL WRITE failed (peer died or connection lost)")
+            if time.monotonic() >= deadline:
+                raise TransferTimeout(f"NIXL WRITE not complete after {timeout_s:.1f}s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, _BACKOFF_MAX_S)
+
+    def release(self, handle: Any) -> None:
+        try:
+            self.agent.release_xfer_handle(handle)
+        except Exception as exc:  # e.g. still in flight towards a dead peer
+            log.debug("release_xfer_handle: %s", exc)
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        notifs = self.agent.get_new_notifs()
+        out: list[tuple[str, bytes]] = []
+        for peer, msgs in notifs.items():
+            name = peer.decode() if isinstance(peer, bytes) else peer
+            out.extend((name, m) for m in msgs)
+        return out
+
+    def close(self) -> None:
+        for h in list(self._prepped):
+            self.release_prepped(h)
+        for peer in list(self._peers):
+            self.remove_peer(peer)
+        for h in list(self._regs):
+            self.deregister(h)
