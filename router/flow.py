@@ -1,0 +1,482 @@
+"""The two-step request: route, prefill (max_tokens=1), handoff wait, decode, relay.
+
+Owns what happens to one request once its body is parsed:
+
+1. tokenize the prompt on an engine (``POST /tokenize``) when the policy or
+   ``disagg_min_tokens`` needs token ids; chunk keys via ``lmcache_pd.chunks``;
+2. pick a decoder (policy), then unless the prompt is short, prefill on a prefiller
+   with :class:`KVTransferParams` naming that decoder; a failed prefill (connect
+   error, 5xx, timeout) is retried on another prefiller, then the request goes
+   decode-only (counted);
+3. optionally wait for the prefiller's ``HandoffDone`` (ZMQ) with a deadline;
+4. send the decoder the original body with the returned ``kv_transfer_params``
+   and relay its answer (SSE byte for byte, or the JSON body).
+
+Errors are OpenAI-shaped: 400 bad body, 503 no healthy engine / overloaded,
+504 deadline. Engine 4xx answers are passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import msgspec
+from lmcache_pd.router.handoff import HandoffListener
+from lmcache_pd.router.kv_params import KVTransferParams, decode_params
+from lmcache_pd.router.metrics import ErrorKind, Mode, ProxyMetrics
+from lmcache_pd.router.policy import Engine, Role, make_policy
+from lmcache_pd.router.pool import EnginePool
+from lmcache_pd.router.relay import RelayResponse, passthrough_headers
+from lmcache_pd.router.settings import PolicyKind, ProxySettings
+from lmcache_pd.router.table import RequestRecord, RequestState, RequestTable, TableFull
+from starlette.responses import Response
+
+from lmcache_pd.chunks import ChunkHasher
+
+log = logging.getLogger("lmcache_pd.router")
+
+HASH_FINGERPRINT = b"lmcache-pd-proxy"
+_CHAT_TOKENIZE_KEYS = (
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template",
+    "chat_template_kwargs",
+    "tools",
+    "add_special_tokens",
+    "documents",
+)
+_JSON = "application/json"
+
+
+class Endpoint(str, enum.Enum):
+    COMPLETIONS = "/v1/completions"
+    CHAT = "/v1/chat/completions"
+
+
+class ProxyError(Exception):
+    """An error answered to the client as OpenAI-shaped JSON."""
+
+    TYPES = {400: "invalid_request_error", 503: "service_unavailable", 504: "timeout"}
+
+    def __init__(self, status: int, message: str, kind: ErrorKind) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+    def response(self) -> Response:
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "error"),
+                "param": None,
+                "code": self.status,
+            },
+            "object": "error",
+        }
+        return Response(msgspec.json.encode(body), self.status, media_type=_JSON)
+
+
+class UpstreamAnswer(Exception):
+    """An engine's own 4xx answer, passed to the client unchanged."""
+
+    def __init__(self, resp: httpx.Response) -> None:
+        super().__init__(f"HTTP {resp.status_code}")
+        self.resp = resp
+
+    def response(self) -> Response:
+        return Response(
+            self.resp.content, self.resp.status_code, headers=passthrough_headers(self.resp.headers)
+        )
+
+
+def validate(endpoint: Endpoint, payload: object) -> dict[str, Any]:
+    """The request body as a dict, or ProxyError(400) naming what is wrong."""
+    if not isinstance(payload, dict):
+        raise ProxyError(400, "request body must be a JSON object", ErrorKind.BAD_REQUEST)
+    if endpoint is Endpoint.COMPLETIONS:
+        prompt = payload.get("prompt")
+        if not isinstance(prompt, (str, list)) or not prompt:
+            raise ProxyError(
+                400,
+                "'prompt' is required: a string, a list of strings or a list of token ids",
+                ErrorKind.BAD_REQUEST,
+            )
+    else:
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ProxyError(400, "'messages' is required: a non-empty list", ErrorKind.BAD_REQUEST)
+    if not isinstance(payload.get("stream", False), bool):
+        raise ProxyError(400, "'stream' must be a boolean", ErrorKind.BAD_REQUEST)
+    return payload
+
+
+def _estimate_tokens(endpoint: Endpoint, payload: dict[str, Any]) -> int:
+    """Rough token count (4 chars per token) when the engine cannot tokenize."""
+    if endpoint is Endpoint.COMPLETIONS:
+        prompt = payload["prompt"]
+        if isinstance(prompt, str):
+            return len(prompt) // 4
+        first = prompt[0]
+        return (
+            len(first)
+            if isinstance(first, list)
+            else len(prompt)
+            if isinstance(first, int)
+            else len(str(first)) // 4
+        )
+    return (
+        sum(len(str(m.get("content", ""))) for m in payload["messages"] if isinstance(m, dict)) // 4
+    )
+
+
+class Router:
+    """Routing state and the request flow of one proxy instance."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        client: httpx.AsyncClient,
+        metrics: ProxyMetrics,
+        handoff: HandoffListener | None = None,
+    ) -> None:
+        self.s = settings
+        self.client = client
+        self.metrics = metrics
+        self.handoff = handoff
+        kv = [settings.decoder_endpoint(i) for i in range(len(settings.decoders))]
+
+        def policy() -> Any:
+            return make_policy(
+                settings.policy, settings.prefix_map_entries, settings.load_guard_factor
+            )
+
+        self.prefill = EnginePool(Role.PREFILLER, settings.prefillers, policy(), metrics)
+        self.decode = EnginePool(Role.DECODER, settings.decoders, policy(), metrics, kv)
+        self.table = RequestTable(settings.max_inflight, settings.finished_history)
+        self.hasher = ChunkHasher(HASH_FINGERPRINT, settings.chunk_size, settings.hash_algorithm)
+        self._need_tokens = (
+            settings.policy is PolicyKind.CACHE_AWARE or settings.disagg_min_tokens > 0
+        )
+        self._tok_turn = 0
+        t = settings
+        self._t_prefill = httpx.Timeout(t.prefill_timeout_s, connect=t.connect_timeout_s)
+        self._t_tok = httpx.Timeout(t.tokenize_timeout_s, connect=t.connect_timeout_s)
+        self._t_stream = httpx.Timeout(t.stream_idle_timeout_s, connect=t.connect_timeout_s)
+        self._t_decode = httpx.Timeout(t.decode_timeout_s, connect=t.connect_timeout_s)
+
+    # ---- tokenization --------------------------------------------------------------
+    async def _tokens(
+        self, endpoint: Endpoint, payload: dict[str, Any], headers: dict[str, str]
+    ) -> list[int] | None:
+        body: dict[str, Any]
+        if endpoint is Endpoint.COMPLETIONS:
+            prompt = payload["prompt"]
+            if isinstance(prompt, list):
+                first = prompt[0]
+                if isinstance(first, int):
+                    return prompt if all(isinstance(x, int) for x in prompt) else None
+                if isinstance(first, list):
+                    return first
+                prompt = first
+            body = {"prompt": prompt}
+        else:
+            body = {"messages": payload["messages"]}
+            body.update({k: payload[k] for k in _CHAT_TOKENIZE_KEYS if k in payload})
+        if "model" in payload:
+            body["model"] = payload["model"]
+        engines = self.prefill.healthy() or self.decode.healthy()
+        if not engines:
+            return None
+        self._tok_turn += 1
+        engine = engines[self._tok_turn % len(engines)]
+        try:
+            resp = await self.client.post(
+                engine.url + "/tokenize", json=body, headers=headers, timeout=self._t_tok
+            )
+            if resp.status_code == 200:
+                tokens = msgspec.json.decode(resp.content).get("tokens")
+                if isinstance(tokens, list):
+                    return tokens
+        except (httpx.HTTPError, msgspec.DecodeError, AttributeError) as exc:
+            log.debug("tokenize on %s failed: %s", engine.url, exc)
+        self.metrics.errors.labels(ErrorKind.TOKENIZE_FAILED.value).inc()
+        return None
+
+    # ---- the request -----------------------------------------------------------------
+    async def serve(
+        self, endpoint: Endpoint, payload: dict[str, Any], headers: dict[str, str]
+    ) -> Response:
+        """Serve one validated request; raises ProxyError / UpstreamAnswer."""
+        try:
+            rec = self.table.open(endpoint.value)
+        except TableFull as exc:
+            raise ProxyError(503, f"proxy overloaded: {exc}", ErrorKind.OVERLOADED) from None
+        self.metrics.table_size.set(len(self.table))
+        handed_off = False
+        try:
+            keys: list[bytes] = []
+            ntokens = -1
+            if self._need_tokens:
+                tokens = await self._tokens(endpoint, payload, headers)
+                if tokens is not None:
+                    ntokens = len(tokens)
+                    try:
+                        keys = self.hasher.keys(tokens)
+                    except ValueError:
+                        keys = []
+                else:
+                    ntokens = _estimate_tokens(endpoint, payload)
+            rec.prompt_tokens = ntokens
+            choice = self.decode.choose(keys)
+            if choice is None:
+                raise ProxyError(503, "no healthy decoder engine", ErrorKind.NO_ENGINE)
+            decoder = choice.engine
+            params: dict[str, Any] | None = None
+            mode = Mode.DIRECT
+            if self.prefill.engines and ntokens >= self.s.disagg_min_tokens:
+                params, mode = await self._prefill(endpoint, payload, headers, decoder, keys, rec)
+            self.metrics.requests.labels(endpoint.value, mode.value).inc()
+            rec.mode = mode.value
+            resp = await self._decode(endpoint, payload, headers, decoder, keys, params, rec)
+            handed_off = isinstance(resp, RelayResponse)
+            return resp
+        except asyncio.CancelledError:
+            self.table.close(rec, RequestState.CANCELLED, "client disconnected")
+            raise
+        except ProxyError as exc:
+            self.metrics.errors.labels(exc.kind.value).inc()
+            self.table.close(rec, RequestState.FAILED, exc.message)
+            raise
+        except UpstreamAnswer as exc:
+            self.metrics.errors.labels(ErrorKind.UPSTREAM.value).inc()
+            self.table.close(rec, RequestState.FAILED, str(exc))
+            raise
+        finally:
+            if not handed_off:
+                self.table.close(rec, RequestState.DONE)
+            self.metrics.table_size.set(len(self.table))
+
+    # ---- step 1: prefill ----------------------------------------------------------
+    def _prefill_body(
+        self, endpoint: Endpoint, payload: dict[str, Any], sent: KVTransferParams
+    ) -> bytes:
+        body = dict(payload)
+        body["max_tokens"] = 1
+        if endpoint is Endpoint.CHAT:
+            body["max_completion_tokens"] = 1
+        body["stream"] = False
+        for key in ("stream_options", "min_tokens"):
+            body.pop(key, None)
+        body["kv_transfer_params"] = sent.to_dict()
+        return msgspec.json.encode(body)
+
+    async def _prefill(
+        self,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+        decoder: Engine,
+        keys: list[bytes],
+        rec: RequestRecord,
+    ) -> tuple[dict[str, Any] | None, Mode]:
+        rec.state = RequestState.PREFILLING
+        tried: set[Engine] = set()
+        for attempt in range(1 + self.s.prefill_retries):
+            choice = self.prefill.choose(keys, frozenset(tried))
+            if choice is None:
+                break
+            p = choice.engine
+            tried.add(p)
+            req_id = rec.req_id if attempt == 0 else f"{rec.req_id}-r{attempt}"
+            sent = KVTransferParams(
+                req_id=req_id,
+                decoder_host=decoder.kv_host,
+                decoder_init_port=decoder.kv_port,
+                proxy_notify=self.handoff.address if self.handoff else None,
+            )
+            data = self._prefill_body(endpoint, payload, sent)
+            fut = self.handoff.expect(req_id) if self.handoff else None
+            rec.prefiller = p.url
+            t0 = time.perf_counter()
+            self.prefill.acquire(p, keys)
+            try:
+                resp = await self.client.post(
+                    p.url + endpoint.value, content=data, headers=headers, timeout=self._t_prefill
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self.prefill.eject(p, f"connect failed: {exc!r}")
+                self._prefill_failed(p, req_id, f"connect: {exc!r}")
+                continue
+            except httpx.HTTPError as exc:
+                self._prefill_failed(p, req_id, repr(exc))
+                continue
+            finally:
+                self.prefill.release(p)
+            if resp.status_code >= 500:
+                self._prefill_failed(p, req_id, f"HTTP {resp.status_code}")
+                continue
+            if resp.status_code >= 400:
+                if self.handoff:
+                    self.handoff.discard(req_id)
+                raise UpstreamAnswer(resp)
+            self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
+            try:
+                returned = msgspec.json.decode(resp.content).get("kv_transfer_params")
+            except (msgspec.DecodeError, AttributeError):
+                returned = None
+            if fut is not None and self.handoff is not None:
+                rec.state = RequestState.HANDOFF
+                t1 = time.perf_counter()
+                done = await self.handoff.wait(req_id, fut, self.s.handoff_timeout_s)
+                self.metrics.handoff_wait_seconds.observe(time.perf_counter() - t1)
+                if done is None:
+                    self.metrics.errors.labels(ErrorKind.HANDOFF_TIMEOUT.value).inc()
+                    log.warning(
+                        "%s: no HandoffDone within %.1fs; decoding with the params "
+                        "anyway (the decoder recomputes what is missing)",
+                        req_id,
+                        self.s.handoff_timeout_s,
+                    )
+                elif not done.ok:
+                    self.metrics.errors.labels(ErrorKind.HANDOFF_FAILED.value).inc()
+                    self.metrics.fallbacks.inc()
+                    log.warning("%s: handoff failed (%s); decoder recomputes", req_id, done.error)
+                    return None, Mode.FALLBACK
+            return decode_params(sent, returned), Mode.DISAGG
+        self.metrics.fallbacks.inc()
+        log.warning(
+            "%s: prefill failed on %d prefiller(s); decode-only on %s",
+            rec.req_id,
+            len(tried),
+            decoder.url,
+        )
+        return None, Mode.FALLBACK
+
+    def _prefill_failed(self, p: Engine, req_id: str, why: str) -> None:
+        self.metrics.errors.labels(ErrorKind.PREFILL_FAILED.value).inc()
+        if self.handoff:
+            self.handoff.discard(req_id)
+        p.last_error = why
+        log.warning("%s: prefill on %s failed: %s", req_id, p.url, why)
+
+    # ---- step 2: decode -----------------------------------------------------------
+    async def _decode(
+        self,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+        decoder: Engine,
+        keys: list[bytes],
+        params: dict[str, Any] | None,
+        rec: RequestRecord,
+    ) -> Response:
+        rec.state = RequestState.DECODING
+        stream = bool(payload.get("stream", False))
+        tried: set[Engine] = set()
+        while True:
+            body = dict(payload)
+            body.pop("kv_transfer_params", None)
+            if params is not None:
+                body["kv_transfer_params"] = params
+            data = msgspec.json.encode(body)
+            rec.decoder = decoder.url
+            tried.add(decoder)
+            self.decode.acquire(decoder, keys)
+            released = False
+            try:
+                req = self.client.build_request(
+                    "POST",
+                    decoder.url + endpoint.value,
+                    content=data,
+                    headers=headers,
+                    timeout=self._t_stream if stream else self._t_decode,
+                )
+                resp = await asyncio.wait_for(
+                    self._fetch(req, stream, rec), self.s.decode_timeout_s
+                )
+                if not resp.is_closed:
+                    released = True
+                    return RelayResponse(resp, self._closer(decoder, rec))
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self.decode.eject(decoder, f"connect failed: {exc!r}")
+                self.metrics.errors.labels(ErrorKind.UPSTREAM_CONNECT.value).inc()
+                choice = self.decode.choose(keys, frozenset(tried))
+                if choice is None:
+                    raise ProxyError(
+                        503,
+                        f"no healthy decoder engine (last: {decoder.url} unreachable)",
+                        ErrorKind.NO_ENGINE,
+                    ) from None
+                log.warning(
+                    "%s: decoder %s unreachable; decode-only on %s",
+                    rec.req_id,
+                    decoder.url,
+                    choice.engine.url,
+                )
+                if params is not None:
+                    self.metrics.fallbacks.inc()
+                decoder, params = choice.engine, None
+                continue
+            except (TimeoutError, httpx.TimeoutException):
+                raise ProxyError(
+                    504,
+                    f"decoder {decoder.url} did not answer within the deadline",
+                    ErrorKind.DEADLINE,
+                ) from None
+            except httpx.HTTPError as exc:
+                raise ProxyError(
+                    503, f"decoder {decoder.url} failed: {exc!r}", ErrorKind.UPSTREAM_CONNECT
+                ) from None
+            finally:
+                if not released:
+                    self.decode.release(decoder)
+            if resp.status_code >= 400:
+                self.metrics.errors.labels(ErrorKind.UPSTREAM.value).inc()
+            return Response(
+                resp.content, resp.status_code, headers=passthrough_headers(resp.headers)
+            )
+
+    async def _fetch(self, req: httpx.Request, stream: bool, rec: RequestRecord) -> httpx.Response:
+        """Send ``req``; a streaming 200 is returned open, anything else read and closed."""
+        resp = await self.client.send(req, stream=True)
+        self.metrics.ttft_seconds.observe(time.monotonic() - rec.started)
+        if stream and resp.status_code == 200:
+            return resp
+        try:
+            await resp.aread()
+        finally:
+            await resp.aclose()
+        return resp
+
+    def _closer(self, decoder: Engine, rec: RequestRecord) -> Callable[[RequestState, str], None]:
+        def close(state: RequestState, error: str) -> None:
+            self.decode.release(decoder)
+            if state is RequestState.CANCELLED:
+                self.metrics.errors.labels(ErrorKind.CLIENT_DISCONNECT.value).inc()
+            self.table.close(rec, state, error)
+            self.metrics.table_size.set(len(self.table))
+
+        return close
+
+
+async def first_of(work: Awaitable[Response], disconnected: Awaitable[None]) -> Response | None:
+    """``work``'s result, or None (``work`` cancelled) if ``disconnected`` finishes first."""
+    w = asyncio.ensure_future(work)
+    d = asyncio.ensure_future(disconnected)
+    try:
+        await asyncio.wait((w, d), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not w.done():
+            w.cancel()
+            await asyncio.gather(w, return_exceptions=True)
+            d.cancel()
+        else:
+            d.cancel()
+    return None if w.cancelled() else w.result()

@@ -1,0 +1,315 @@
+"""OpenAI-compatible proxy process: the FastAPI app, its lifecycle and ``main``.
+
+Owns the HTTP surface (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
+``/health``, ``/metrics``, ``/v1/proxy/state``), the shared pooled ``httpx`` client, the
+health checker and the optional ZMQ handoff listener. The request flow itself lives in
+``flow.py``; routing in ``policy.py``; settings and CLI flags in ``settings.py``.
+
+Start it with ``lmcache-pd proxy --prefiller URL --decoder URL`` (see ``main``), in-process
+with :func:`start_in_thread`, or as a child process with :func:`spawn`.
+Imports no torch, numpy, NIXL or vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+from fastapi import FastAPI, Request
+from lmcache_pd.router.flow import Endpoint, ProxyError, Router, UpstreamAnswer, first_of, validate
+from lmcache_pd.router.handoff import HandoffListener
+from lmcache_pd.router.metrics import ErrorKind, ProxyMetrics
+from lmcache_pd.router.pool import HealthChecker
+from lmcache_pd.router.relay import passthrough_headers
+from lmcache_pd.router.settings import ProxySettings, settings_from_args
+from starlette.responses import Response
+
+from lmcache_pd.config import ConfigError
+
+log = logging.getLogger("lmcache_pd.router")
+_JSON = "application/json"
+_FORWARD_HEADERS = ("authorization",)
+
+
+def _auth_secret() -> bytes:
+    from lmcache_pd.config import load_config
+
+    return load_config(None).auth_secret()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(settings: ProxySettings) -> FastAPI:
+    """The proxy as an ASGI app; engines, health checks and sockets start with it."""
+    metrics = ProxyMetrics()
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limits = httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_connections,
+            keepalive_expiry=30.0,
+        )
+        client = httpx.AsyncClient(
+            limits=limits, trust_env=False, timeout=30.0, headers={"accept-encoding": "identity"}
+        )
+        handoff = None
+        if settings.handoff_port is not None:
+            handoff = HandoffListener(_auth_secret(), settings.handoff_host, settings.handoff_port)
+            await handoff.start()
+        router = Router(settings, client, metrics, handoff)
+        checker = HealthChecker(
+            [router.prefill, router.decode],
+            client,
+            settings.health_interval_s,
+            settings.health_timeout_s,
+            settings.health_fail_threshold,
+        )
+        checker.start()
+        state["router"] = router
+        app.state.router = router
+        log.warning(
+            "lmcache-pd proxy on http://%s:%d: %d prefiller(s), %d decoder(s), "
+            "policy %s, handoff %s",
+            settings.host,
+            settings.port,
+            len(settings.prefillers),
+            len(settings.decoders),
+            settings.policy.value,
+            handoff.address if handoff else "HTTP-only",
+        )
+        try:
+            yield
+        finally:
+            await checker.stop()
+            if handoff is not None:
+                await handoff.stop()
+            await client.aclose()
+
+    app = FastAPI(
+        title="lmcache-pd proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+
+    async def handle(request: Request, endpoint: Endpoint) -> Response:
+        router: Router = state["router"]
+        try:
+            size = int(request.headers.get("content-length", "0"))
+            if size > settings.max_body_bytes:
+                raise ProxyError(
+                    400, f"request body over {settings.max_body_bytes} bytes", ErrorKind.BAD_REQUEST
+                )
+            raw = await request.body()
+            try:
+                payload = validate(endpoint, msgspec.json.decode(raw))
+            except msgspec.DecodeError as exc:
+                raise ProxyError(
+                    400, f"request body is not valid JSON: {exc}", ErrorKind.BAD_REQUEST
+                ) from None
+            headers = {"content-type": _JSON}
+            for name in _FORWARD_HEADERS:
+                if name in request.headers:
+                    headers[name] = request.headers[name]
+            resp = await first_of(router.serve(endpoint, payload, headers), _disconnected(request))
+        except ProxyError as exc:
+            if exc.kind is ErrorKind.BAD_REQUEST:
+                metrics.errors.labels(exc.kind.value).inc()
+            return exc.response()
+        except UpstreamAnswer as exc:
+            return exc.response()
+        if resp is None:
+            metrics.errors.labels(ErrorKind.CLIENT_DISCONNECT.value).inc()
+            return Response(status_code=499)
+        return resp
+
+    @app.post(Endpoint.COMPLETIONS.value)
+    async def completions(request: Request) -> Response:
+        return await handle(request, Endpoint.COMPLETIONS)
+
+    @app.post(Endpoint.CHAT.value)
+    async def chat_completions(request: Request) -> Response:
+        return await handle(request, Endpoint.CHAT)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        router: Router = state["router"]
+        for engine in router.decode.healthy() + router.prefill.healthy():
+            try:
+                resp = await router.client.get(
+                    engine.url + "/v1/models", timeout=settings.connect_timeout_s * 2
+                )
+            except httpx.HTTPError:
+                continue
+            return Response(
+                resp.content, resp.status_code, headers=passthrough_headers(resp.headers)
+            )
+        return ProxyError(
+            503, "no healthy engine answers /v1/models", ErrorKind.NO_ENGINE
+        ).response()
+
+    @app.get("/health")
+    async def health() -> Response:
+        router: Router = state["router"]
+        ok = bool(router.decode.healthy())
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "engines": [
+                {
+                    "role": e.role.value,
+                    "url": e.url,
+                    "state": e.state.value,
+                    "inflight": e.inflight,
+                    "last_error": e.last_error,
+                }
+                for e in router.prefill.engines + router.decode.engines
+            ],
+        }
+        return Response(msgspec.json.encode(body), 200 if ok else 503, media_type=_JSON)
+
+    @app.get("/metrics")
+    async def prom() -> Response:
+        data, ctype = metrics.render()
+        return Response(data, media_type=ctype)
+
+    @app.get("/v1/proxy/state")
+    async def proxy_state() -> Response:
+        router: Router = state["router"]
+        policy = router.decode.policy
+        body = {
+            "inflight": len(router.table),
+            "max_inflight": router.table.max_inflight,
+            "finished": [r.to_dict() for r in list(router.table.finished)[-20:]],
+            "finished_kept": len(router.table.finished),
+            "prefix_map": len(getattr(policy, "prefixes", ())),
+            "handoff_pending": router.handoff.pending if router.handoff else 0,
+            "handoff_address": router.handoff.address if router.handoff else None,
+        }
+        return Response(msgspec.json.encode(body), media_type=_JSON)
+
+    app.state.metrics = metrics
+    return app
+
+
+def _uvicorn_config(app: FastAPI, settings: ProxySettings, sock_port: int) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=sock_port,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+        loop="auto",
+        http="auto",
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (bind port 0, read it, close)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ProxyHandle:
+    """A proxy running in a thread of this process (tests, in-process embedding)."""
+
+    url: str
+    app: FastAPI
+    server: Any
+    thread: threading.Thread
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+
+
+def start_in_thread(settings: ProxySettings, timeout_s: float = 10.0) -> ProxyHandle:
+    """Start the proxy on ``settings.host:settings.port`` (0 = a free port) in a thread."""
+    import uvicorn
+
+    if settings.port == 0:
+        settings = msgspec.structs.replace(settings, port=free_port(settings.host))
+    app = create_app(settings)
+    server = uvicorn.Server(_uvicorn_config(app, settings, settings.port))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.run, name="lmcache-pd-proxy", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"proxy did not start on {settings.host}:{settings.port}")
+        time.sleep(0.01)
+    return ProxyHandle(f"http://{settings.host}:{settings.port}", app, server, thread)
+
+
+def spawn(
+    argv: list[str], timeout_s: float = 15.0, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``lmcache-pd proxy ARGV`` as a child process; wait until it listens.
+
+    Returns ``(process, base_url)``. ``--port`` is chosen free when not in ``argv``.
+    The caller terminates the process.
+    """
+    argv = list(argv)
+    if "--port" not in argv:
+        argv += ["--port", str(free_port())]
+    port = int(argv[argv.index("--port") + 1])
+    host = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from lmcache_pd.router.proxy import main; sys.exit(main(sys.argv[1:]))",
+        *argv,
+    ]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"proxy exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
+            return proc, url
+        time.sleep(0.05)
+    proc.terminate()
+    raise RuntimeError(f"proxy did not listen on {url} within {timeout_s}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lmcache-pd proxy`` entry point."""
+    try:
+        settings = settings_from_args(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as exc:
+        print(f"lmcache-pd proxy: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+
+    server = uvicorn.Server(_uvicorn_config(create_app(settings), settings, settings.port))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
