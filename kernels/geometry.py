@@ -1,0 +1,278 @@
+"""Paged KV formats, their geometry and the validation of tensors against a KVLayout.
+
+Owns :class:`PagedFormat` (every per-layer paged layout we read and write),
+:class:`Geometry` (where each (kv, block, offset, head) row of a layer lives, in
+elements, read from the tensor's strides), :func:`detect_format`, and the checks that
+turn a wrong shape, dtype, stride or device into a ``ValueError`` naming the expected
+shape. Also :func:`view_chunk`, which views a chunk tensor or a flat uint8 slot buffer
+in the chunk format ``[num_layers, kv_factor, tokens, num_kv_heads, head_size]``.
+
+Paged formats, per layer tensor (``B`` = num_blocks, ``N`` = block_size, ``H`` =
+num_kv_heads, ``D`` = head_size); strides are read from the tensor, so permuted views
+(vLLM's HND layouts) work as long as ``head_size`` is the contiguous innermost axis:
+
+* ``FLASH_ATTN``  ``[2, B, N, H, D]``  (vLLM flash-attn, classic)
+* ``FLASHINFER``  ``[B, 2, N, H, D]``
+* ``MLA``         ``[B, N, D]`` or ``[B, 1, N, D]``: one latent per token, no K/V split
+* ``CPU_VLLM``    ``[B, H, N, 2*D]``: vLLM's CPU backend; inside each (block, head) page
+  the ``N*2*D`` elements hold K of all ``N`` tokens, then V of all ``N`` tokens
+  (the backend views it as ``[B, H, 2*N, D]`` and splits dim 2 in halves)
+* ``VLLM_4D``     ``[B, H, N, 2*D]``: vLLM's unified 4-D view used by its GPU backends
+  (flash-attn splits the last axis: K = ``[..., :D]``, V = ``[..., D:]``)
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from lmcache_pd.layout import KVLayout
+
+KVCaches = Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "uint8": torch.uint8,
+}
+# Same-width integer dtype used for every copy (no arithmetic, bit-exact).
+_INT_BY_WIDTH: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+class PagedFormat(str, enum.Enum):
+    """How one layer's paged KV tensor is laid out (see the module docstring)."""
+
+    FLASH_ATTN = "flash_attn"
+    FLASHINFER = "flashinfer"
+    MLA = "mla"
+    CPU_VLLM = "cpu_vllm"
+    VLLM_4D = "vllm_4d"
+
+
+def torch_dtype(layout: KVLayout) -> torch.dtype:
+    """The torch dtype of a layout's KV elements."""
+    return _TORCH_DTYPES[layout.dtype]
+
+
+def _accepted_dtypes(layout: KVLayout) -> tuple[torch.dtype, ...]:
+    # vLLM keeps fp8 caches in uint8 tensors on some backends: same bytes, accept them.
+    if layout.dtype_size == 1:
+        return (torch_dtype(layout), torch.uint8)
+    return (torch_dtype(layout),)
+
+
+def expected_layer_shape(fmt: PagedFormat, layout: KVLayout, num_blocks: int | str = "B") -> str:
+    """Human-readable expected per-layer shape of ``fmt`` for ``layout``."""
+    n, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
+    shapes = {
+        PagedFormat.FLASH_ATTN: f"[2, {num_blocks}, {n}, {h}, {d}]",
+        PagedFormat.FLASHINFER: f"[{num_blocks}, 2, {n}, {h}, {d}]",
+        PagedFormat.MLA: f"[{num_blocks}, {n}, {d}] or [{num_blocks}, 1, {n}, {d}]",
+        PagedFormat.CPU_VLLM: f"[{num_blocks}, {h}, {n}, {2 * d}]",
+        PagedFormat.VLLM_4D: f"[{num_blocks}, {h}, {n}, {2 * d}]",
+    }
+    return shapes[fmt]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a (kv, block, offset, head) row of one layer lives, in *elements*.
+
+    Element ``(k, b, n, h, d)`` of the layer is at
+    ``k*stride_k + b*stride_b + n*stride_n + h*stride_h + d`` from the layer's first
+    element. ``row`` is the contiguous run copied at once: ``head_size`` elements, or
+    ``num_kv_heads*head_size`` when the heads of a token are adjacent (``rows`` = 1).
+    """
+
+    num_blocks: int
+    block_size: int
+    kv_factor: int
+    rows: int
+    row: int
+    stride_k: int
+    stride_b: int
+    stride_n: int
+    stride_h: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def extent(self) -> int:
+        """Elements from the first element to one past the last, over the whole layer."""
+        last = (
+            (self.kv_factor - 1) * self.stride_k
+            + (self.num_blocks - 1) * self.stride_b
+            + (self.block_size - 1) * self.stride_n
+            + (self.rows - 1) * self.stride_h
+        )
+        return last + self.row
+
+
+def _shape_error(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor, why: str) -> ValueError:
+    return ValueError(
+        f"{fmt.name} KV cache layer: expected shape {expected_layer_shape(fmt, layout)} "
+        f"(num_blocks free) with dtype {torch_dtype(layout)} and a contiguous head_size "
+        f"axis, got shape {list(t.shape)} stride {list(t.stride())} dtype {t.dtype}: {why}"
+    )
+
+
+def _raw_geometry(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor) -> Geometry:
+    n, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
+    shape, st = tuple(t.shape), t.stride()
+    if fmt is PagedFormat.MLA:
+        if not layout.is_mla or h != 1:
+            raise ValueError(
+                f"MLA paged format needs an MLA layout with num_kv_heads=1, got "
+                f"attention={layout.attention.value} num_kv_heads={h}"
+            )
+        if len(shape) == 3 and shape[1:] == (n, d):
+            return Geometry(shape[0], n, 1, 1, d, 0, st[0], st[1], 0)
+        if len(shape) == 4 and shape[1:] == (1, n, d):
+            return Geometry(shape[0], n, 1, 1, d, 0, st[0], st[2], 0)
+        raise _shape_error(fmt, layout, t, "shape mismatch")
+    if layout.is_mla:
+        raise ValueError(
+            f"{fmt.name} paged format stores K and V separately but the layout is MLA; "
+            f"use PagedFormat.MLA (expected {expected_layer_shape(PagedFormat.MLA, layout)})"
+        )
+    if fmt is PagedFormat.FLASH_ATTN:
+        if len(shape) != 5 or shape[0] != 2 or shape[2:] != (n, h, d):
+            raise _shape_error(fmt, layout, t, "shape mismatch")
+        return Geometry(shape[1], n, 2, h, d, st[0], st[1], st[2], st[3])
+    if fmt is PagedFormat.FLASHINFER:
+        if len(shape) != 5 or shape[1] != 2 or shape[2:] != (n, h, d):
+            raise _shape_error(fmt, layout, t, "shape mismatch")
+        return Geometry(shape[0], n, 2, h, d, st[1], st[0], st[2], st[3])
+    if len(shape) != 4 or shape[1:] != (h, n, 2 * d):
+        raise _shape_error(fmt, layout, t, "shape mismatch")
+    if fmt is PagedFormat.CPU_VLLM:
+        if st[3] != 1 or (n > 1 and st[2] != 2 * d):
+            raise _shape_error(fmt, layout, t, "each (block, head) page must be contiguous")
+        return Geometry(shape[0], n, 2, h, d, n * d, st[0], d, st[1])
+    return Geometry(shape[0], n, 2, h, d, d, st[0], st[2], st[1])  # VLLM_4D
+
+
+def layer_geometry(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor) -> Geometry:
+    """Validate one layer tensor against ``fmt``/``layout`` and return its geometry."""
+    if t.dtype not in _accepted_dtypes(layout):
+        raise _shape_error(fmt, layout, t, f"dtype must be {torch_dtype(layout)}")
+    g = _raw_geometry(fmt, layout, t)
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise _shape_error(fmt, layout, t, "the head_size axis must have stride 1")
+    # Merge the heads of a token into one row when they are adjacent in memory.
+    if g.rows > 1 and g.stride_h == g.row:
+        g = Geometry(
+            g.num_blocks, g.block_size, g.kv_factor, 1, g.rows * g.row,
+            g.stride_k, g.stride_b, g.stride_n, 0,
+        )  # fmt: skip
+    for name in ("stride_k", "stride_b", "stride_n", "stride_h"):
+        if getattr(g, name) % g.row:
+            raise _shape_error(fmt, layout, t, f"{name} is not a multiple of the row size")
+    return g
+
+
+def detect_format(kv_cache: torch.Tensor, layout: KVLayout) -> PagedFormat:
+    """Guess the paged format of one layer tensor from its shape, device and ``layout``.
+
+    ``[B, H, N, 2D]`` is ``CPU_VLLM`` on a CPU tensor and ``VLLM_4D`` elsewhere (vLLM's
+    CPU backend and its GPU backends use the same shape with different meanings).
+    Raises ``ValueError`` when nothing matches or the shape is ambiguous.
+    """
+    n, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
+    shape = tuple(kv_cache.shape)
+    if layout.is_mla:
+        candidates = [PagedFormat.MLA]
+    else:
+        candidates = []
+        if len(shape) == 5 and shape[2:] == (n, h, d):
+            if shape[0] == 2:
+                candidates.append(PagedFormat.FLASH_ATTN)
+            if shape[1] == 2:
+                candidates.append(PagedFormat.FLASHINFER)
+        elif len(shape) == 4 and shape[1:] == (h, n, 2 * d):
+            cpu = kv_cache.device.type == "cpu"
+            candidates.append(PagedFormat.CPU_VLLM if cpu else PagedFormat.VLLM_4D)
+    if len(candidates) == 1:
+        layer_geometry(candidates[0], layout, kv_cache)  # full validation
+        return candidates[0]
+    formats = list(PagedFormat) if not candidates else candidates
+    expected = "; ".join(f"{f.name} {expected_layer_shape(f, layout)}" for f in formats)
+    why = "ambiguous (pass fmt explicitly)" if candidates else "no paged format matches"
+    raise ValueError(
+        f"cannot detect the paged KV format of shape {list(shape)} for layout "
+        f"(layers={layout.num_layers}, kv_heads={h}, head_size={d}, block_size={n}, "
+        f"attention={layout.attention.value}): {why}; expected one of: {expected}"
+    )
+
+
+def as_layers(kv_caches: KVCaches, layout: KVLayout) -> list[torch.Tensor]:
+    layers = list(kv_caches.values()) if isinstance(kv_caches, Mapping) else list(kv_caches)
+    if len(layers) != layout.num_layers:
+        raise ValueError(
+            f"expected {layout.num_layers} per-layer KV tensors (layout.num_layers), "
+            f"got {len(layers)}"
+        )
+    for i, t in enumerate(layers):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"kv_caches[{i}] is {type(t).__name__}, expected a torch.Tensor")
+    return layers
+
+
+def validate_caches(
+    layers: list[torch.Tensor], layout: KVLayout, fmt: PagedFormat | None
+) -> tuple[PagedFormat, Geometry]:
+    if fmt is None:
+        fmt = detect_format(layers[0], layout)
+    fmt = PagedFormat(fmt)
+    geom = layer_geometry(fmt, layout, layers[0])
+    dev = layers[0].device
+    for i, t in enumerate(layers[1:], start=1):
+        if t.device != dev:
+            raise ValueError(f"kv_caches[{i}] is on {t.device}, layer 0 on {dev}")
+        if t.dtype != layers[0].dtype or layer_geometry(fmt, layout, t) != geom:
+            raise ValueError(
+                f"kv_caches[{i}] has shape {list(t.shape)} stride {list(t.stride())} "
+                f"dtype {t.dtype}; all layers must match layer 0 "
+                f"({list(layers[0].shape)} stride {list(layers[0].stride())} "
+                f"{layers[0].dtype})"
+            )
+    return fmt, geom
+
+
+def view_chunk(buf: torch.Tensor, layout: KVLayout, tokens: int) -> torch.Tensor:
+    """View ``buf`` as a chunk of ``tokens`` tokens (shape ``layout.chunk_shape``).
+
+    ``buf`` is either a contiguous tensor of exactly the chunk shape and the layout's
+    dtype, or a flat contiguous ``uint8`` buffer of at least
+    ``tokens * layout.bytes_per_token`` bytes (its first bytes are used).
+    """
+    shape = layout.chunk_shape(tokens)
+    dtype = torch_dtype(layout)
+    if buf.dim() == 1 and buf.dtype == torch.uint8 and tuple(buf.shape) != shape:
+        need = tokens * layout.bytes_per_token
+        if not buf.is_contiguous():
+            raise ValueError("flat chunk buffer must be contiguous")
+        if buf.numel() < need:
+            raise ValueError(
+                f"flat chunk buffer holds {buf.numel()} bytes, {tokens} tokens need "
+                f"{need} bytes ({layout.bytes_per_token} per token)"
+            )
+        return buf[:need].view(dtype).view(shape)
+    if tuple(buf.shape) != shape or buf.dtype not in _accepted_dtypes(layout):
+        raise ValueError(
+            f"chunk tensor: expected shape {list(shape)} "
+            f"[num_layers, kv_factor, tokens, num_kv_heads, head_size] with dtype {dtype} "
+            f"(or a flat uint8 buffer of >= {tokens * layout.bytes_per_token} bytes), "
+            f"got shape {list(buf.shape)} dtype {buf.dtype}"
+        )
+    if not buf.is_contiguous():
+        raise ValueError(f"chunk tensor of shape {list(shape)} must be contiguous")
+    return buf

@@ -1,0 +1,181 @@
+"""The torch copy path: gather/scatter with index_select/index_copy_, no per-token loop.
+
+Used for CPU tensors (vLLM's CPU backend, the CPU tiers and tests) and as the reference
+the CUDA kernels are checked against on a GPU. Inputs arrive validated by
+:mod:`lmcache_pd.kernels.geometry`.
+
+How it stays near memcpy speed:
+
+* every copy moves raw bytes through the widest integer view (int64 where sizes and
+  offsets allow), so no dtype arithmetic and bit-exact results;
+* a "row" is the longest contiguous run shared by cache and chunk: one head
+  (``head_size`` elements), all heads of a token when they are adjacent, and, when the
+  slot mapping holds aligned runs of consecutive slots (whole or half blocks, as engines
+  allocate them), ``r`` consecutive tokens at once, up to a whole block page;
+* one ``index_select`` (gather) or ``index_copy_`` (scatter) per layer, K/V half and
+  segment; the row index table is computed once per call and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .geometry import Geometry
+
+_UNIT_DTYPES: dict[int, torch.dtype] = {
+    8: torch.int64,
+    4: torch.int32,
+    2: torch.int16,
+    1: torch.uint8,
+}
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Tokens ``[t0, t1)`` copied as rows of ``r`` tokens; ``idx[k]`` are row ids."""
+
+    t0: int
+    t1: int
+    r: int
+    idx: list[torch.Tensor]
+
+
+def _unit(geom: Geometry, es: int, offsets: list[int]) -> int:
+    """Widest integer width (bytes) dividing every row, stride and base offset."""
+    sizes = [geom.row, geom.stride_k, geom.stride_b, geom.stride_n, geom.stride_h]
+    values = [s * es for s in sizes] + offsets
+    for w in (8, 4, 2):
+        if all(v % w == 0 for v in values):
+            return w
+    return 1
+
+
+def _run_length(geom: Geometry, slots: torch.Tensor) -> int:
+    """Largest ``r`` such that ``slots`` (non-negative) are aligned runs of ``r``."""
+    n = slots.numel()
+    if geom.rows != 1 or geom.stride_n != geom.row or n < 2:
+        return 1
+    cands = {geom.block_size} | {1 << i for i in range(geom.block_size.bit_length())}
+    for r in sorted(cands, reverse=True):
+        if r < 2 or geom.block_size % r or n < r:
+            continue
+        row_len = r * geom.row
+        if geom.stride_b % row_len or (geom.kv_factor > 1 and geom.stride_k % row_len):
+            continue
+        s = slots[: (n // r) * r].view(-1, r)
+        if bool((s[:, 0] % r == 0).all()) and bool((s[:, 1:] - s[:, :-1] == 1).all()):
+            return r
+    return 1
+
+
+def _segment(geom: Geometry, slots: torch.Tensor, t0: int, t1: int, r: int) -> _Segment:
+    starts = slots[t0:t1:r]
+    row_len = r * geom.row
+    blocks = torch.div(starts, geom.block_size, rounding_mode="floor")
+    offsets = starts - blocks * geom.block_size
+    base = blocks * geom.stride_b + offsets * geom.stride_n
+    heads = torch.arange(geom.rows, device=slots.device, dtype=torch.int64) * geom.stride_h
+    base = (base[:, None] + heads[None, :]).reshape(-1)
+    idx = [torch.div(base + k * geom.stride_k, row_len, rounding_mode="floor")
+           for k in range(geom.kv_factor)]  # fmt: skip
+    return _Segment(t0, t1, r, idx)
+
+
+def _plan(geom: Geometry, slots: torch.Tensor) -> list[_Segment]:
+    """Split tokens into a run-merged main segment and a per-token tail."""
+    n = slots.numel()
+    r = _run_length(geom, slots) if bool((slots >= 0).all()) else 1
+    main = (n // r) * r
+    segs = [_segment(geom, slots, 0, main, r)] if main else []
+    if main < n:
+        segs.append(_segment(geom, slots, main, n, 1))
+    return segs
+
+
+def _layer_rows(t: torch.Tensor, geom: Geometry, unit: int, r: int) -> torch.Tensor:
+    """One layer's storage as ``[M, r*row]`` rows of ``unit``-wide integers (no copy)."""
+    es = t.element_size()
+    row_len = r * geom.row
+    last = (
+        (geom.kv_factor - 1) * geom.stride_k
+        + (geom.num_blocks - 1) * geom.stride_b
+        + (geom.block_size - r) * geom.stride_n
+        + (geom.rows - 1) * geom.stride_h
+    )
+    nbytes = (last + row_len) * es
+    flat = torch.empty(0, dtype=torch.uint8, device=t.device)
+    flat.set_(t.untyped_storage(), t.storage_offset() * es, (nbytes,), (1,))
+    return flat.view(_UNIT_DTYPES[unit]).view(-1, row_len * es // unit)
+
+
+def _chunk_rows(
+    chunk_bytes: torch.Tensor, geom: Geometry, es: int, unit: int, tokens: int,
+    layer: int, k: int, seg: _Segment,
+) -> torch.Tensor:  # fmt: skip
+    """Rows of chunk ``[layer, k, seg.t0:seg.t1]`` as ``unit``-wide integers (no copy)."""
+    tok = geom.rows * geom.row * es
+    start = ((layer * geom.kv_factor + k) * tokens + seg.t0) * tok
+    part = chunk_bytes[start : start + (seg.t1 - seg.t0) * tok]
+    return part.view(_UNIT_DTYPES[unit]).view(-1, seg.r * geom.row * es // unit)
+
+
+def _setup(
+    layers: list[torch.Tensor], geom: Geometry, chunk: torch.Tensor
+) -> tuple[int, int, torch.Tensor]:
+    es = layers[0].element_size()
+    offsets = [t.storage_offset() * es for t in layers] + [chunk.storage_offset() * es]
+    unit = _unit(geom, es, offsets)
+    return es, unit, chunk.reshape(-1).view(torch.uint8)
+
+
+def check_bounds(slots: torch.Tensor, geom: Geometry) -> None:
+    """Raise ``ValueError`` for a slot beyond the cache (costs a sync on GPU)."""
+    if slots.numel() and int(slots.max()) >= geom.num_slots:
+        raise ValueError(
+            f"slot {int(slots.max())} out of range: the cache has {geom.num_blocks} blocks "
+            f"x {geom.block_size} = {geom.num_slots} slots"
+        )
+
+
+def gather(
+    layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor, chunk: torch.Tensor
+) -> None:
+    """Paged KV at ``slots`` -> ``chunk`` (chunk format); negative slots give zeros."""
+    check_bounds(slots, geom)
+    neg = slots < 0
+    has_neg = bool(neg.any())
+    tokens = slots.numel()
+    segs = _plan(geom, slots.clamp_min(0) if has_neg else slots)
+    es, unit, chunk_bytes = _setup(layers, geom, chunk)
+    for layer, t in enumerate(layers):
+        src = {s.r: _layer_rows(t, geom, unit, s.r) for s in segs}
+        for k in range(geom.kv_factor):
+            for s in segs:
+                out = _chunk_rows(chunk_bytes, geom, es, unit, tokens, layer, k, s)
+                torch.index_select(src[s.r], 0, s.idx[k], out=out)
+    if has_neg:
+        chunk.view(_UNIT_DTYPES[es])[:, :, neg] = 0
+
+
+def scatter(
+    chunk: torch.Tensor, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor
+) -> None:
+    """``chunk`` -> paged KV at ``slots``; negative slots are skipped."""
+    check_bounds(slots, geom)
+    keep = slots >= 0
+    if not bool(keep.all()):
+        chunk = chunk.view(_UNIT_DTYPES[chunk.element_size()])[:, :, keep].contiguous()
+        slots = slots[keep]
+    tokens = slots.numel()
+    if tokens == 0:
+        return
+    segs = _plan(geom, slots)
+    es, unit, chunk_bytes = _setup(layers, geom, chunk)
+    for layer, t in enumerate(layers):
+        dst = {s.r: _layer_rows(t, geom, unit, s.r) for s in segs}
+        for k in range(geom.kv_factor):
+            for s in segs:
+                src = _chunk_rows(chunk_bytes, geom, es, unit, tokens, layer, k, s)
+                dst[s.r].index_copy_(0, s.idx[k], src)
