@@ -186,13 +186,18 @@ class DiskStore(Store):
                         os.unlink(entry.path)  # left by a crash mid-write
                     continue
                 key = key_from_name(entry.name)
-                if key is None or not entry.is_file(follow_symlinks=False):
+                if key is None:
+                    continue  # not ours: left alone
+                if entry.is_symlink():
+                    self._corrupt(key, Path(entry.path), "is a symlink", miss=False)
+                    continue
+                if not entry.is_file(follow_symlinks=False):
                     continue
                 st = entry.stat(follow_symlinks=False)
                 if verify:
                     problem = self._check_file(entry.path, key, st.st_size)
                     if problem is not None:
-                        self._corrupt(key, Path(entry.path), problem)
+                        self._corrupt(key, Path(entry.path), problem, miss=False)
                         continue
                 found.append((st.st_mtime_ns, key, st.st_size))
         found.sort()
@@ -528,7 +533,7 @@ class DiskStore(Store):
             os.utime(path)  # keeps the LRU order across restarts
         return dst
 
-    def _corrupt(self, key: bytes, path: Path, why: str) -> None:
+    def _corrupt(self, key: bytes, path: Path, why: str, miss: bool = True) -> None:
         foreign = why.startswith("written for another layout")
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -537,16 +542,18 @@ class DiskStore(Store):
             if size is not None:
                 self._used -= size
             self._counts["corrupt_files"] += 1
-            self._counts["misses"] += 1
+            self._counts["misses"] += miss
             if foreign:
                 self._counts["foreign_files"] += 1
             self._update_gauges_locked()
         self._m["corrupt_files"].inc()
-        self._m["misses"].inc()
+        if miss:
+            self._m["misses"].inc()
         log.warning(
-            "disk tier: %s %s; deleted it and counted a miss (the chunk is recomputed or resent)",
+            "disk tier: %s %s; deleted it%s",
             path,
             why,
+            " and counted a miss (the chunk is recomputed or resent)" if miss else "",
         )
 
     def keys_lru(self) -> list[bytes]:
