@@ -101,6 +101,11 @@ class TieredStore(Store):
         self._lock = threading.Lock()
         self._fallback: collections.Counter[bytes] = collections.Counter()
         self._promotions = 0
+        self._wb_pins = 0
+        # Write-behind reads CPU slots in place (pinned); at most half the slots may be
+        # pinned that way so the CPU tier always has room for new chunks. Beyond that the
+        # disk write gets its own copy.
+        self.max_write_pins = max(1, cpu.num_slots // 2) if cpu is not None else 0
         self._metrics = metrics if metrics is not None else tier_metrics()
         self._m_promotions = self._metrics.promotions.labels(tier="disk")
 
@@ -113,13 +118,26 @@ class TieredStore(Store):
         stored = cpu.put(key, data) if cpu is not None else False
         if disk is None or disk.disabled is not None or key in disk:
             return stored
-        view = cpu.acquire(key, record=False) if stored and cpu is not None else None
+        view = None
+        if stored and cpu is not None:
+            with self._lock:
+                room = self._wb_pins < self.max_write_pins
+                self._wb_pins += room
+            if room:
+                view = cpu.acquire(key, record=False)
+                if view is None:
+                    self._unpin_written(None, key)
         if view is not None:
-            assert cpu is not None
-            queued = disk.put(key, view, on_written=lambda: cpu.release(key))
+            queued = disk.put(key, view, on_written=lambda: self._unpin_written(cpu, key))
         else:
             queued = disk.put(key, data)
         return stored or queued
+
+    def _unpin_written(self, cpu: CPUStore | None, key: bytes) -> None:
+        with self._lock:
+            self._wb_pins -= 1
+        if cpu is not None:
+            cpu.release(key)
 
     # --- reads ---
 
