@@ -1,0 +1,329 @@
+"""CUDA gather/scatter kernels, compiled at run time with NVRTC through cuda-python.
+
+Owns the CUDA C++ source, its NVRTC compilation (lazy, cached on disk keyed by the
+source hash, the options, the NVRTC version and the target arch, so installing needs
+no compiler step), module loading per device, the device-side pointer table of layer
+base addresses, and the ``cuLaunchKernel`` call on the current torch stream.
+
+One launch covers all layers: the grid is ``(tokens, layers)``, the layer's base
+address comes from a pointer table, and each thread block copies the ``kv_factor x
+rows`` rows of one token with the widest vector (16, 8, 4, 2 or 1 bytes) that every
+address, stride and row size allows. Slots that are negative or past the cache are
+padding: zeros on gather, skipped on scatter (no host sync, no stray write).
+
+cuda-python is imported lazily: without it (or without a GPU) the package still works
+and the torch path is used; :func:`unavailable_reason` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .geometry import Geometry
+
+KERNEL_NAME_PREFIXES = ("gather", "scatter")
+VECTOR_WIDTHS = (16, 8, 4, 2, 1)
+
+CUDA_SOURCE = r"""
+// lmcache-pd paged KV <-> chunk copies. Chunk format: [layers, kv, tokens, rows, row].
+template <typename V, bool TO_CHUNK>
+__device__ __forceinline__ void copy_token(
+    const unsigned long long* __restrict__ layer_ptrs, char* __restrict__ chunk,
+    const long long* __restrict__ slots, int num_tokens, int kv_factor, int rows,
+    long long row_bytes, long long stride_k, long long stride_b, long long stride_n,
+    long long stride_h, int block_size, long long num_slots)
+{
+    const int t = blockIdx.x;
+    const int layer = blockIdx.y;
+    const long long slot = slots[t];
+    const bool valid = slot >= 0 && slot < num_slots;
+    if (!TO_CHUNK && !valid) return;
+    const char* base = reinterpret_cast<const char*>(layer_ptrs[layer]);
+    if (valid) base += (slot / block_size) * stride_b + (slot % block_size) * stride_n;
+    const long long units = row_bytes / (long long)sizeof(V);
+    const long long total = (long long)kv_factor * rows * units;
+    const long long tok_bytes = (long long)rows * row_bytes;
+    char* chunk_tok = chunk + ((long long)layer * kv_factor * num_tokens + t) * tok_bytes;
+    const long long kv_step = (long long)num_tokens * tok_bytes;
+    for (long long i = threadIdx.x; i < total; i += blockDim.x) {
+        const long long r = i / units;
+        const long long u = i - r * units;
+        const long long k = r / rows;
+        const long long h = r - k * rows;
+        const long long off = u * (long long)sizeof(V);
+        V* c = reinterpret_cast<V*>(chunk_tok + k * kv_step + h * row_bytes + off);
+        const long long cache_off = k * stride_k + h * stride_h + off;
+        if (TO_CHUNK) {
+            V v{};
+            if (valid) v = *reinterpret_cast<const V*>(base + cache_off);
+            *c = v;
+        } else {
+            *reinterpret_cast<V*>(const_cast<char*>(base) + cache_off) = *c;
+        }
+    }
+}
+
+#define LMC_PARAMS                                                                    \
+    const unsigned long long* __restrict__ layer_ptrs, char* __restrict__ chunk,      \
+    const long long* __restrict__ slots, int num_tokens, int kv_factor, int rows,     \
+    long long row_bytes, long long stride_k, long long stride_b, long long stride_n,  \
+    long long stride_h, int block_size, long long num_slots
+#define LMC_ARGS layer_ptrs, chunk, slots, num_tokens, kv_factor, rows, row_bytes,    \
+    stride_k, stride_b, stride_n, stride_h, block_size, num_slots
+#define LMC_DEFINE(WIDTH, V)                                                          \
+    extern "C" __global__ void gather_v##WIDTH(LMC_PARAMS) {                          \
+        copy_token<V, true>(LMC_ARGS); }                                              \
+    extern "C" __global__ void scatter_v##WIDTH(LMC_PARAMS) {                         \
+        copy_token<V, false>(LMC_ARGS); }
+
+LMC_DEFINE(16, uint4)
+LMC_DEFINE(8, uint2)
+LMC_DEFINE(4, unsigned int)
+LMC_DEFINE(2, unsigned short)
+LMC_DEFINE(1, unsigned char)
+"""
+
+NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17", "--device-as-default-execution-space")
+
+_ARG_TYPES = (
+    ctypes.c_void_p,  # layer_ptrs
+    ctypes.c_void_p,  # chunk
+    ctypes.c_void_p,  # slots
+    ctypes.c_int,  # num_tokens
+    ctypes.c_int,  # kv_factor
+    ctypes.c_int,  # rows
+    ctypes.c_longlong,  # row_bytes
+    ctypes.c_longlong,  # stride_k
+    ctypes.c_longlong,  # stride_b
+    ctypes.c_longlong,  # stride_n
+    ctypes.c_longlong,  # stride_h
+    ctypes.c_int,  # block_size
+    ctypes.c_longlong,  # num_slots
+)
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected the source; the message carries the compile log."""
+
+
+def kernel_names() -> list[str]:
+    """Every ``extern "C"`` entry point in :data:`CUDA_SOURCE`."""
+    return [f"{p}_v{w}" for w in VECTOR_WIDTHS for p in KERNEL_NAME_PREFIXES]
+
+
+def _bindings() -> tuple[Any, Any]:
+    """(driver, nvrtc) modules of cuda-python; raises ImportError when missing."""
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError:
+        from cuda import cuda as driver  # cuda-python < 12.6 layout
+        from cuda import nvrtc
+    return driver, nvrtc
+
+
+def unavailable_reason() -> str | None:
+    """Why the CUDA kernels cannot run here, or None when they can."""
+    try:
+        _bindings()
+    except ImportError as exc:
+        return f"cuda-python is not installed ({exc}); pip install 'lmcache-pd[cuda]'"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def _check(result: Any, what: str) -> Any:
+    """Unpack a cuda-python ``(err, *values)`` result, raising on error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: {err!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def nvrtc_version() -> tuple[int, int]:
+    _, nvrtc = _bindings()
+    return tuple(_check(nvrtc.nvrtcVersion(), "nvrtcVersion"))  # type: ignore[return-value]
+
+
+def supported_archs() -> list[int]:
+    """Compute capabilities (e.g. 90) this NVRTC can emit SASS for."""
+    _, nvrtc = _bindings()
+    return [int(a) for a in _check(nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs")]
+
+
+def target_for(capability: int) -> tuple[str, bool]:
+    """(arch option value, is_cubin): SASS when NVRTC knows the arch, else PTX."""
+    archs = supported_archs()
+    if capability in archs:
+        return f"sm_{capability}", True
+    lower = [a for a in archs if a <= capability]
+    if not lower:
+        raise KernelCompileError(f"NVRTC {nvrtc_version()} cannot target sm_{capability}")
+    return f"compute_{max(lower)}", False
+
+
+def cache_dir() -> Path:
+    """``$LMCACHE_PD_KERNEL_CACHE`` or ``$XDG_CACHE_HOME/lmcache_pd/kernels``."""
+    env = os.environ.get("LMCACHE_PD_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lmcache_pd" / "kernels"
+
+
+def cache_key(arch: str, cubin: bool) -> str:
+    ver = ".".join(map(str, nvrtc_version()))
+    text = "\0".join([CUDA_SOURCE, *NVRTC_OPTIONS, ver])
+    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+    return f"paged_kv_{digest}_{arch}.{'cubin' if cubin else 'ptx'}"
+
+
+def compile_source(arch: str, cubin: bool = True) -> bytes:
+    """Compile :data:`CUDA_SOURCE` with NVRTC (no GPU needed); returns CUBIN or PTX."""
+    _, nvrtc = _bindings()
+    prog = _check(
+        nvrtc.nvrtcCreateProgram(CUDA_SOURCE.encode(), b"paged_kv.cu", 0, [], []),
+        "nvrtcCreateProgram",
+    )
+    try:
+        opts = [o.encode() for o in (*NVRTC_OPTIONS, f"--gpu-architecture={arch}")]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        if int(err) != 0:
+            size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise KernelCompileError(
+                f"NVRTC failed for {arch}: {err!r}\n{log.decode(errors='replace')}"
+            )
+        if cubin:
+            size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+            out = b" " * size
+            _check(nvrtc.nvrtcGetCUBIN(prog, out), "nvrtcGetCUBIN")
+        else:
+            size = _check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+            out = b" " * size
+            _check(nvrtc.nvrtcGetPTX(prog, out), "nvrtcGetPTX")
+        return out
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def load_binary(arch: str, cubin: bool = True) -> bytes:
+    """Compiled kernels for ``arch`` from the disk cache, compiling them on a miss."""
+    path = cache_dir() / cache_key(arch, cubin)
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    binary = compile_source(arch, cubin)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(binary)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs a recompile next time
+    return binary
+
+
+class _DeviceKernels:
+    """The loaded module and function handles for one CUDA device."""
+
+    def __init__(self, device: int) -> None:
+        driver, _ = _bindings()
+        _check(driver.cuInit(0), "cuInit")
+        torch.cuda.init()
+        with torch.cuda.device(device):
+            torch.cuda.current_stream(device)  # makes the primary context current
+            ctx = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+            if int(ctx) == 0:
+                dev = _check(driver.cuDeviceGet(device), "cuDeviceGet")
+                ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+                _check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+            major, minor = torch.cuda.get_device_capability(device)
+            arch, cubin = target_for(major * 10 + minor)
+            self.module = _check(driver.cuModuleLoadData(load_binary(arch, cubin)), "load")
+            self.functions = {
+                name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"get {name}")
+                for name in kernel_names()
+            }
+        self.ptr_tables: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self.device = device
+
+    def pointer_table(self, ptrs: tuple[int, ...]) -> torch.Tensor:
+        """Device int64 tensor of layer base addresses (cached: vLLM's never move)."""
+        table = self.ptr_tables.get(ptrs)
+        if table is None:
+            table = torch.tensor(ptrs, dtype=torch.int64, device=f"cuda:{self.device}")
+            self.ptr_tables[ptrs] = table
+            while len(self.ptr_tables) > 64:
+                self.ptr_tables.popitem(last=False)
+        else:
+            self.ptr_tables.move_to_end(ptrs)
+        return table
+
+
+_DEVICES: dict[int, _DeviceKernels] = {}
+
+
+def _kernels_for(device: int) -> _DeviceKernels:
+    if device not in _DEVICES:
+        _DEVICES[device] = _DeviceKernels(device)
+    return _DEVICES[device]
+
+
+def vector_width(values: list[int]) -> int:
+    """Widest vector (bytes) dividing every address, stride and size in ``values``."""
+    for w in VECTOR_WIDTHS:
+        if all(v % w == 0 for v in values):
+            return w
+    return 1
+
+
+def launch(
+    op: str,
+    layers: list[torch.Tensor],
+    geom: Geometry,
+    slots: torch.Tensor,
+    chunk: torch.Tensor,
+) -> None:
+    """Launch ``gather`` or ``scatter`` for all layers on the current torch stream."""
+    if op not in KERNEL_NAME_PREFIXES:
+        raise ValueError(f"op must be one of {KERNEL_NAME_PREFIXES}, got {op!r}")
+    driver, _ = _bindings()
+    device = slots.device.index if slots.device.index is not None else 0
+    kernels = _kernels_for(device)
+    es = layers[0].element_size()
+    row_bytes = geom.row * es
+    strides = [s * es for s in (geom.stride_k, geom.stride_b, geom.stride_n, geom.stride_h)]
+    ptrs = tuple(t.data_ptr() for t in layers)
+    width = vector_width([row_bytes, *strides, *ptrs, chunk.data_ptr()])
+    table = kernels.pointer_table(ptrs)
+    tokens = slots.numel()
+    units = geom.kv_factor * geom.rows * (row_bytes // width)
+    threads = max(32, min(512, (units + 31) // 32 * 32))
+    args = (
+        table.data_ptr(), chunk.data_ptr(), slots.data_ptr(), tokens, geom.kv_factor,
+        geom.rows, row_bytes, *strides, geom.block_size, geom.num_slots,
+    )  # fmt: skip
+    stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
+    func = kernels.functions[f"{op}_v{width}"]
+    _check(
+        driver.cuLaunchKernel(
+            func, tokens, len(layers), 1, threads, 1, 1, 0, stream, (args, _ARG_TYPES), 0
+        ),
+        f"cuLaunchKernel {op}_v{width}",
+    )
