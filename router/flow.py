@@ -238,12 +238,22 @@ class Router:
             if choice is None:
                 raise ProxyError(503, "no healthy decoder engine", ErrorKind.NO_ENGINE)
             decoder = choice.engine
-            params: dict[str, Any] | None = None
-            mode = Mode.DIRECT
-            if self.prefill.engines and ntokens >= self.s.disagg_min_tokens:
-                params, mode = await self._prefill(endpoint, payload, headers, decoder, keys, rec)
+            # counted in flight from now on, so concurrent arrivals see this choice
+            self.decode.acquire(decoder, keys)
+            try:
+                params: dict[str, Any] | None = None
+                mode = Mode.DIRECT
+                short = 0 <= ntokens < self.s.disagg_min_tokens
+                if self.prefill.engines and not short:
+                    params, mode = await self._prefill(
+                        endpoint, payload, headers, decoder, keys, rec
+                    )
+            except BaseException:
+                self.decode.release(decoder)
+                raise
             self.metrics.requests.labels(endpoint.value, mode.value).inc()
             rec.mode = mode.value
+            # _decode owns the acquired decoder from here (releases or hands it on)
             resp = await self._decode(endpoint, payload, headers, decoder, keys, params, rec)
             handed_off = isinstance(resp, RelayResponse)
             return resp
@@ -387,8 +397,9 @@ class Router:
                 body["kv_transfer_params"] = params
             data = msgspec.json.encode(body)
             rec.decoder = decoder.url
+            if tried:  # a failover target; the first decoder was acquired by serve()
+                self.decode.acquire(decoder, keys)
             tried.add(decoder)
-            self.decode.acquire(decoder, keys)
             released = False
             try:
                 req = self.client.build_request(
@@ -405,6 +416,8 @@ class Router:
                     released = True
                     return RelayResponse(resp, self._closer(decoder, rec))
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self.decode.release(decoder)
+                released = True
                 self.decode.eject(decoder, f"connect failed: {exc!r}")
                 self.metrics.errors.labels(ErrorKind.UPSTREAM_CONNECT.value).inc()
                 choice = self.decode.choose(keys, frozenset(tried))

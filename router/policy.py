@@ -6,10 +6,11 @@ policies:
 * ``round_robin`` — next healthy engine in turn.
 * ``least_loaded`` — fewest in-flight requests; ties broken in turn.
 * ``cache_aware`` — a bounded LRU map from prefix-chain chunk keys
-  (``lmcache_pd.chunks.ChunkHasher`` over the prompt's token ids) to the engine that
-  last received them. The engine holding the request's longest known prefix wins,
-  unless its load trips the guard: ``inflight + 1 > factor * (least inflight + 1)``,
-  in which case the least-loaded engine takes it (and is recorded for the prefix).
+  (``lmcache_pd.chunks.ChunkHasher`` over the prompt's token ids) to the set of engines
+  that received them. The least-loaded engine holding the request's longest known
+  prefix wins, unless its load trips the guard:
+  ``inflight + 1 > load_guard_factor * (least inflight of all + 1)``, in which case the
+  least-loaded engine takes it (and from then on holds the prefix too).
   No known prefix -> least loaded, ties in turn, so unrelated prompts spread.
 """
 
@@ -69,7 +70,7 @@ class Choice:
 
 
 class PrefixMap:
-    """Bounded LRU map: chunk key -> index of the engine that last received it."""
+    """Bounded LRU map: chunk key -> bitmask of the engines (by index) that received it."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
@@ -78,22 +79,24 @@ class PrefixMap:
     def __len__(self) -> int:
         return len(self._map)
 
-    def longest(self, keys: Sequence[bytes], allowed: set[int]) -> tuple[int, int]:
-        """(engine index, matched chunks) of the longest known prefix; (-1, 0) if none.
+    def longest(self, keys: Sequence[bytes], allowed: int) -> tuple[int, int]:
+        """(holders bitmask within ``allowed``, matched chunks) of the longest known
+        prefix; (0, 0) if none.
 
-        Keys are a prefix chain, so key ``i`` being known implies the engine got the
-        whole prefix up to ``i``; scan from the longest down.
+        Keys are a prefix chain, so an engine holding key ``i`` got the whole prefix up
+        to ``i``; scan from the longest down.
         """
         for i in range(len(keys) - 1, -1, -1):
-            idx = self._map.get(keys[i])
-            if idx is not None and idx in allowed:
-                return idx, i + 1
-        return -1, 0
+            mask = self._map.get(keys[i], 0) & allowed
+            if mask:
+                return mask, i + 1
+        return 0, 0
 
     def record(self, keys: Sequence[bytes], index: int) -> None:
         m = self._map
+        bit = 1 << index
         for key in keys:
-            m[key] = index
+            m[key] = m.get(key, 0) | bit
             m.move_to_end(key)
         while len(m) > self.max_entries:
             m.popitem(last=False)
@@ -153,11 +156,13 @@ class CacheAware(Policy):
         least = self._least(cands)
         if not keys:
             return Choice(least, RouteReason.LEAST_LOADED)
-        by_index = {e.index: e for e in cands}
-        idx, matched = self.prefixes.longest(keys, set(by_index))
-        if idx < 0:
+        allowed = 0
+        for e in cands:
+            allowed |= 1 << e.index
+        mask, matched = self.prefixes.longest(keys, allowed)
+        if not mask:
             return Choice(least, RouteReason.LEAST_LOADED)
-        best = by_index[idx]
+        best = self._least([e for e in cands if mask >> e.index & 1])
         if best.inflight + 1 > self.load_guard_factor * (least.inflight + 1):
             return Choice(least, RouteReason.LOAD_GUARD, matched)
         return Choice(best, RouteReason.AFFINITY, matched)

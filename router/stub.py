@@ -19,6 +19,7 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -42,8 +43,16 @@ def _text_of(body: dict[str, Any]) -> str:
 class StubEngine:
     """The ASGI app plus its recorded traffic."""
 
-    def __init__(self, name: str = "stub", stream_chunks: int = 4, record: int = 10_000) -> None:
+    def __init__(
+        self,
+        name: str = "stub",
+        stream_chunks: int = 4,
+        record: int = 10_000,
+        journal: list[tuple[str, str, dict[str, Any]]] | None = None,
+    ) -> None:
         self.name = name
+        self.journal = journal  # shared between stubs: global arrival order
+        self.on_request: Callable[[str, dict[str, Any]], None] | None = None
         self.stream_chunks = stream_chunks
         self.stream_interval_s = 0.0
         self.delay_s = 0.0
@@ -145,6 +154,10 @@ class StubEngine:
             return await self._reply(send, 404, b'{"error": {"message": "not found"}}')
         self.requests.append((path, body))
         self.served += 1
+        if self.journal is not None:
+            self.journal.append((self.name, path, body))
+        if self.on_request is not None:
+            self.on_request(path, body)
         tag = str((body.get("kv_transfer_params") or {}).get("req_id", self.served))
         if self.delay_s and not await self._sleep_or_disconnect(receive, self.delay_s, tag):
             return
