@@ -1,0 +1,146 @@
+"""The CUDA source compiles through NVRTC without a GPU; on a GPU it matches the torch path.
+
+NVRTC tests skip (with the reason) only where cuda-python or libnvrtc cannot be loaded;
+install ``.[cuda]`` (or ``.[dev]``, which includes them) to run them. GPU tests are
+marked ``gpu`` and skip where torch sees no CUDA device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lmcache_pd.kernels import PagedFormat, cuda_kernels, gather, scatter
+from lmcache_pd.kernels import check as check_cli
+
+from .helpers import DTYPES, KV_FORMATS, bits, make_caches, make_layout
+
+
+def _nvrtc_reason() -> str | None:
+    try:
+        cuda_kernels.nvrtc_version()
+    except Exception as exc:  # ImportError, or libnvrtc not found
+        return f"cuda-python/NVRTC unavailable: {exc}"
+    return None
+
+
+needs_nvrtc = pytest.mark.skipif(_nvrtc_reason() is not None, reason=str(_nvrtc_reason()))
+needs_gpu = pytest.mark.skipif(
+    cuda_kernels.unavailable_reason() is not None,
+    reason=f"no CUDA kernels here: {cuda_kernels.unavailable_reason()}",
+)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch,cubin", [("sm_80", True), ("sm_90", True), ("compute_80", False)])
+def test_source_compiles(arch: str, cubin: bool) -> None:
+    binary = cuda_kernels.compile_source(arch, cubin)
+    for name in cuda_kernels.kernel_names():
+        assert name.encode() in binary, name
+    if not cubin:
+        assert b"ld.global.nc.v4.u32" in binary, "16-byte vector loads expected in gather_v16"
+
+
+@needs_nvrtc
+def test_compile_error_is_reported() -> None:
+    with pytest.raises(cuda_kernels.KernelCompileError, match="sm_1"):
+        cuda_kernels.compile_source("sm_1")
+
+
+@needs_nvrtc
+def test_disk_cache_keyed_by_source_and_arch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMCACHE_PD_KERNEL_CACHE", str(tmp_path))
+    first = cuda_kernels.load_binary("sm_90")
+    files = list(tmp_path.iterdir())
+    assert [f.name for f in files] == [cuda_kernels.cache_key("sm_90", True)]
+    assert "sm_90" in files[0].name and files[0].read_bytes() == first
+
+    def no_compile(*_: object) -> bytes:
+        raise AssertionError("cache miss: recompiled")
+
+    monkeypatch.setattr(cuda_kernels, "compile_source", no_compile)
+    assert cuda_kernels.load_binary("sm_90") == first
+    assert cuda_kernels.cache_key("sm_80", True) != cuda_kernels.cache_key("sm_90", True)
+    monkeypatch.setattr(cuda_kernels, "CUDA_SOURCE", cuda_kernels.CUDA_SOURCE + "// edit\n")
+    assert cuda_kernels.cache_key("sm_90", True) != files[0].name
+
+
+@needs_nvrtc
+def test_target_for_falls_back_to_ptx() -> None:
+    assert cuda_kernels.target_for(90) == ("sm_90", True)
+    arch, cubin = cuda_kernels.target_for(999)
+    assert arch.startswith("compute_") and not cubin
+
+
+def test_vector_width() -> None:
+    assert cuda_kernels.vector_width([4096, 256, 1 << 20]) == 16
+    assert cuda_kernels.vector_width([4096, 24]) == 8
+    assert cuda_kernels.vector_width([2, 4096]) == 2
+    assert cuda_kernels.vector_width([4097]) == 1
+
+
+def test_check_cli_compiles_or_skips(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = check_cli.main(["--arch", "sm_90"])
+    out = capsys.readouterr().out
+    if _nvrtc_reason() is None:
+        assert rc == 0 and "ok   sm_90: 10 kernels" in out
+    else:
+        assert "skipped" in out or "FAIL" in out
+
+
+@needs_nvrtc
+def test_check_cli_fails_on_compile_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_cli.main(["--arch", "sm_1"]) == 1
+    assert "FAIL sm_1" in capsys.readouterr().out
+
+
+def _gpu_case(fmt: PagedFormat, dtype: str, variant: str, block_size: int) -> None:
+    layout = make_layout(3, 4, 64, dtype, block_size, mla=fmt is PagedFormat.MLA)
+    gen = torch.Generator().manual_seed(block_size)
+    blocks = 6
+    host = make_caches(fmt, layout, blocks, gen, variant)
+    if variant == "shared":
+        caches = list(torch.stack(host).cuda().unbind(0))
+    else:
+        caches = [c.cuda() for c in host]
+    total = blocks * block_size
+    slots = torch.randperm(total, generator=gen)[: total // 2]
+    slots[::7] = -1
+    slots[3] = total + 5  # past the cache: padding for the kernel
+    slots = slots.cuda()
+    nbytes = slots.numel() * layout.bytes_per_token
+    got = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    gather(caches, slots, got, layout, fmt, backend="cuda")
+    valid = torch.where(slots >= total, -1, slots)
+    want = torch.empty_like(got)
+    gather(caches, valid, want, layout, fmt, backend="torch")
+    assert torch.equal(got, want), (fmt, dtype, variant, block_size)
+    fresh = [torch.zeros_like(c) for c in caches]
+    ref = [torch.zeros_like(c) for c in caches]
+    scatter(got, fresh, slots, layout, fmt, backend="cuda")
+    scatter(got, ref, valid, layout, fmt, backend="torch")
+    for a, b in zip(fresh, ref, strict=True):
+        assert torch.equal(bits(a), bits(b)), (fmt, dtype, variant, block_size)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("fmt", [*KV_FORMATS, PagedFormat.MLA], ids=lambda f: f.name)
+def test_gpu_kernels_match_torch_path(fmt: PagedFormat) -> None:
+    variants = ["plain", "shared"]
+    if fmt in (PagedFormat.FLASH_ATTN, PagedFormat.VLLM_4D, PagedFormat.MLA):
+        variants.append("permuted")
+    for dtype in DTYPES:
+        for variant in variants:
+            for block_size in (16, 128):
+                _gpu_case(fmt, dtype, variant, block_size)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_check_cli_round_trip(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_cli.main(["--arch", "sm_90", "--tokens", "512", "--iters", "3"]) == 0
+    assert "round trip" in capsys.readouterr().out
