@@ -1,0 +1,97 @@
+"""The proxy as a process: no torch import, fast start, CLI errors, bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+from lmcache_pd.router.proxy import spawn
+
+PROMPT = "shared prefix words for the memory test " * 3
+
+
+def test_import_pulls_no_torch_numpy_nixl_vllm_and_is_fast() -> None:
+    code = (
+        "import sys, time; t = time.perf_counter(); import lmcache_pd.router.proxy; "
+        "dt = time.perf_counter() - t; "
+        "bad = [m for m in ('torch', 'numpy', 'nixl', 'vllm') if m in sys.modules]; "
+        "print(dt, bad)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split(maxsplit=1)
+    assert out[1].strip() == "[]", out
+    assert float(out[0]) < 1.5, f"import took {out[0]} s"
+
+
+def test_process_starts_in_about_a_second(stubs) -> None:
+    d = stubs("D")
+    t0 = time.monotonic()
+    proc, url = spawn(["--decoder", d.url])
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.02)
+        took = time.monotonic() - t0
+        assert took < 3.0, f"proxy took {took:.2f}s to serve /health"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_cli_errors_exit_2() -> None:
+    from lmcache_pd.router.proxy import main
+
+    assert main(["--prefiller", "http://127.0.0.1:1"]) == 2  # no decoder
+    assert main(["--decoder", "http://x:1", "--decoder-kv", "nonsense"]) == 2
+
+
+async def _load(url: str, n: int, concurrency: int) -> int:
+    ok = 0
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(trust_env=False, timeout=30, limits=limits) as c:
+        queue = iter(range(n))
+
+        async def worker() -> None:
+            nonlocal ok
+            for i in queue:
+                body = {"prompt": PROMPT + f"tail {i}", "stream": i % 2 == 0}
+                r = await c.post(url + "/v1/completions", json=body)
+                ok += r.status_code == 200
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ok
+
+
+@pytest.mark.slow
+def test_10000_requests_leave_memory_flat(stubs, tmp_path) -> None:
+    p, d = stubs("P"), stubs("D")
+    p.requests = d.requests = type(p.requests)(maxlen=10)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("chunk_size: 4\nprefix_map_entries: 2000\nfinished_history: 256\n")
+    proc, url = spawn(
+        ["--prefiller", p.url, "--decoder", d.url, "--policy", "cache_aware", "--config", str(cfg)]
+    )
+    try:
+        ps = psutil.Process(proc.pid)
+        assert asyncio.run(_load(url, 2000, 16)) == 2000  # warm-up: pools, caches, arenas
+        rss_warm = ps.memory_info().rss
+        assert asyncio.run(_load(url, 8000, 16)) == 8000
+        rss_end = ps.memory_info().rss
+        state = httpx.get(url + "/v1/proxy/state", trust_env=False).json()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert state["inflight"] == 0
+    assert state["finished_kept"] == 256
+    assert state["prefix_map"] <= 2000
+    grown = (rss_end - rss_warm) / 2**20
+    assert grown < 16, f"RSS grew {grown:.1f} MiB over 8000 requests after warm-up"
