@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
-from tier_helpers import key_of, payload
 
 from lmcache_pd.tiers import CPUStore, tier_metrics
+
+from .tier_helpers import key_of, payload
 
 SLOT = 4096
 

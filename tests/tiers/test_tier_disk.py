@@ -20,11 +20,12 @@ import pytest
 import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tier_helpers import key_of, payload
 
 from lmcache_pd.layout import preset
 from lmcache_pd.tiers import DiskStore
 from lmcache_pd.tiers.disk import HEADER_SIZE, MAGIC
+
+from .tier_helpers import key_of, payload
 
 MB = 1 << 20
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from tier_helpers import key_of, payload
 
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.config import Config
@@ -23,6 +22,8 @@ from lmcache_pd.tiers import (
     log_store,
     tier_metrics,
 )
+
+from .tier_helpers import key_of, payload
 
 TINY = preset("tiny")  # 1 KiB per token
 CHUNK = 16
