@@ -209,3 +209,26 @@ def test_metrics_in_registry() -> None:
     assert value("hits_total") == 1 and value("misses_total") == 1
     assert value("evictions_total") == 1 and value("bytes_written_total") == 200
     assert value("entries") == 1 and value("capacity_bytes") == SLOT
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_pinned_slab_on_cuda_host() -> None:
+    import torch
+
+    store = CPUStore(4 * SLOT, SLOT)  # auto: torch, page-locked on a CUDA host
+    assert store.backend == "torch" and store.pinned_memory
+    assert all(t.is_pinned() for t in store.slabs())
+    store.put(key_of(1), payload(1, SLOT))
+    addr, n = store.slot_address(key_of(1))
+    slab = store.slabs()[0]
+    offset = addr - slab.data_ptr()
+    gpu = slab[offset : offset + n].to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert gpu.cpu().numpy().tobytes() == payload(1, SLOT)
