@@ -1,0 +1,151 @@
+"""Prefiller-side push: gathered chunks -> decoder, then ``HandoffDone`` -> proxy.
+
+In ``wait_for_save`` the worker gathers each fully computed chunk of a request straight
+into a slot of the :class:`~lmcache_pd.sender.Sender`'s registered send buffer. When the
+request's prefill is complete (its last save), the chunks are handed to one background
+thread which runs the blocking handoff (Offer/Accept/WRITE/Done, every step with a
+deadline) off the forward path, frees the slots, and PUSHes a signed ``HandoffDone``
+to the proxy named in ``kv_transfer_params``. Threads block on queues and sockets: an
+idle prefiller burns no CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import zmq
+
+from lmcache_pd.config import Config
+from lmcache_pd.control import Codec, PushClient, tcp_endpoint
+from lmcache_pd.integration.vllm.common import SaveSpec, SendTarget
+from lmcache_pd.layout import KVLayout
+from lmcache_pd.protocol import HandoffDone
+from lmcache_pd.sender import HandoffError, OutChunk, Sender
+from lmcache_pd.tiers import log_store
+from lmcache_pd.transports.nixl import NixlTransport
+
+log = logging.getLogger("lmcache_pd.vllm")
+
+GatherFn = Callable[[SaveSpec, int, torch.Tensor], None]
+
+
+class Producer:
+    """Owns the sender, its transport, the push thread and the proxy notifiers."""
+
+    def __init__(self, cfg: Config, layout: KVLayout, tp_rank: int, tp_size: int) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        self.tp_rank = tp_rank
+        self.transport = NixlTransport(
+            f"lmcache-pd-prefiller-{os.getpid()}-{tp_rank}", backends=cfg.nixl_backends
+        )
+        self.sender = Sender(cfg, layout, self.transport, tp_size=tp_size, tp_rank=tp_rank)
+        self._codec = Codec(cfg.auth_secret(), cfg.pd_max_frame_bytes)
+        self._ctx = zmq.Context()
+        self._push: dict[str, PushClient] = {}
+        self._pending: dict[str, list[OutChunk]] = {}
+        self._failed: set[str] = set()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lmcache-pd-push")
+        self.sent_chunks = 0
+        self.failed_requests = 0
+
+    def stage(self, spec: SaveSpec, gather_fn: GatherFn) -> None:
+        """Gather ``spec``'s chunks into send slots; push them all on the last save."""
+        chunks = self._pending.setdefault(spec.req_id, [])
+        if spec.keys and spec.req_id not in self._failed:
+            try:
+                slots = self.sender.alloc(len(spec.keys), timeout_s=0.0)
+            except (TimeoutError, ValueError) as exc:
+                log.warning(
+                    "request %s: send buffer full (%s); its KV will not be pushed and the "
+                    "decoder recomputes it (raise pd_buffer_size)",
+                    spec.req_id,
+                    exc,
+                )
+                self._failed.add(spec.req_id)
+            else:
+                nbytes = self.layout.bytes_per_chunk(self.cfg.chunk_size)
+                for i, (key, slot) in enumerate(zip(spec.keys, slots, strict=True)):
+                    gather_fn(spec, i, self.sender.buffer.slot_tensor(slot))
+                    chunks.append(OutChunk(key, slot, nbytes))
+        if not spec.last:
+            return
+        chunks = self._pending.pop(spec.req_id, [])
+        failed = spec.req_id in self._failed
+        self._failed.discard(spec.req_id)
+        assert spec.target is not None
+        if failed:
+            self.sender.free([c.slot for c in chunks])
+            self._notify(
+                spec.target, HandoffDone(spec.target.req_id, ok=False, error="send buffer full")
+            )
+            return
+        self._pool.submit(self._push_chunks, spec.target, chunks, spec.total_tokens)
+
+    def _push_chunks(self, target: SendTarget, chunks: list[OutChunk], total: int) -> None:
+        endpoint = tcp_endpoint(target.decoder_host, target.decoder_init_port + self.tp_rank)
+        done = HandoffDone(target.req_id, ok=True)
+        try:
+            if chunks:
+                result = self.sender.send(endpoint, target.req_id, chunks)
+                done = HandoffDone(target.req_id, ok=True, chunks=result.sent, dedup=result.dedup)
+                self.sent_chunks += result.sent
+                log_store(
+                    len(chunks) * self.cfg.chunk_size,
+                    total,
+                    result.bytes,
+                    result.seconds,
+                    logger=log,
+                )
+                log.info(
+                    "request %s: pushed %d chunk(s) to %s (%d already held there)",
+                    target.req_id,
+                    result.sent,
+                    endpoint,
+                    result.dedup,
+                )
+        except HandoffError as exc:
+            self.failed_requests += 1
+            log.error("request %s: push to %s failed: %s", target.req_id, endpoint, exc)
+            done = HandoffDone(target.req_id, ok=False, error=str(exc))
+        except Exception as exc:  # keep the push thread alive whatever happens
+            self.failed_requests += 1
+            log.exception("request %s: push to %s failed", target.req_id, endpoint)
+            done = HandoffDone(target.req_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.sender.free([c.slot for c in chunks])
+        self._notify(target, done)
+
+    def _notify(self, target: SendTarget, msg: HandoffDone) -> None:
+        if not target.proxy_notify or self.tp_rank != 0:
+            return
+        with self._lock:
+            client = self._push.get(target.proxy_notify)
+            if client is None:
+                client = PushClient(self._ctx, self._codec, target.proxy_notify)
+                self._push[target.proxy_notify] = client
+        client.send(msg)
+
+    def forget(self, finished_req_ids: Iterable[str]) -> None:
+        """Free the slots of requests that finished before their last save (aborts)."""
+        for req_id in finished_req_ids:
+            chunks = self._pending.pop(req_id, None)
+            self._failed.discard(req_id)
+            if chunks:
+                self.sender.free([c.slot for c in chunks])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for client in self._push.values():
+                client.close()
+            self._push.clear()
+        self.sender.close()
+        self._ctx.term()
+        self.transport.close()

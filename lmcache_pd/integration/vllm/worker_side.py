@@ -1,0 +1,384 @@
+"""Worker half of the connector (runs in each vLLM worker process).
+
+Owns what holds chunks in this process: the CPU/disk tiers (``kv_both``), the handoff
+:class:`~lmcache_pd.receiver.Receiver` (``kv_consumer``, with the tiers behind it) or the
+:class:`~lmcache_pd.integration.vllm.producer.Producer` (``kv_producer``). It serves the
+scheduler's lookups, scatters held chunks into paged KV for the loads the scheduler
+planned, and gathers fully computed chunks out of paged KV for saves and pushes — all
+layers of a chunk at once with :mod:`lmcache_pd.kernels.paged_kv`.
+
+Loads run in ``start_load_kv`` (the request is not in the forward of that step: loads
+are async in vLLM's terms). A load whose chunks are still landing from a prefiller waits
+in a helper thread, bounded by ``pd_transfer_timeout_s``. Chunks that cannot be loaded
+are reported as invalid blocks: vLLM then recomputes them (policy ``recompute``) or
+fails the request (policy ``fail``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from lmcache_pd.chunks import ChunkHasher
+from lmcache_pd.config import Config
+from lmcache_pd.integration.vllm import cpu_paged
+from lmcache_pd.integration.vllm.common import (
+    KVRole,
+    LoadSpec,
+    PDConnectorMetadata,
+    SaveSpec,
+    layout_from_tensors,
+    layout_from_vllm_config,
+    lookup_endpoint,
+    ordered_layers,
+    slot_mapping,
+)
+from lmcache_pd.integration.vllm.lookup import LookupServer
+from lmcache_pd.kernels import paged_kv
+from lmcache_pd.layout import KVLayout
+from lmcache_pd.tiers import TieredStore, build_tiers, log_store
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+    from lmcache_pd.integration.vllm.producer import Producer
+    from lmcache_pd.receiver import Receiver
+
+log = logging.getLogger("lmcache_pd.vllm")
+
+
+class ChunkSource(Protocol):
+    """Where loads read chunks from: the tiers, or the receiver (tiers behind it)."""
+
+    def lookup(self, keys: Sequence[bytes]) -> int: ...
+
+    def wait_for(self, keys: Sequence[bytes], timeout_s: float) -> int: ...
+
+    def acquire(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]: ...
+
+    def release(self, keys: Sequence[bytes]) -> None: ...
+
+
+class TierSource:
+    """:class:`ChunkSource` over a :class:`TieredStore` (pins chunks while loading)."""
+
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        return self.store.contains(keys)
+
+    def wait_for(self, keys: Sequence[bytes], timeout_s: float) -> int:
+        return self.store.contains(keys)
+
+    def acquire(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]:
+        return [self.store.acquire(k) for k in keys]
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        for k in keys:
+            self.store.release(k)
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    try:
+        from vllm.distributed.parallel_state import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except Exception:  # not initialised (unit use)
+        return 0, 1
+
+
+def as_byte_tensor(data: memoryview | bytes) -> torch.Tensor:
+    """A flat uint8 tensor over ``data`` without a copy (read-only views included)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only buffers
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+
+class WorkerSide:
+    """State of the worker-side connector for one worker process."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVRole, cfg: Config) -> None:
+        self.role = role
+        self.cfg = cfg
+        self.vllm_config = vllm_config
+        self.expected_layout = layout_from_vllm_config(vllm_config)
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.chunk_size = cfg.chunk_size
+        self.layout: KVLayout | None = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.store: TieredStore | None = None
+        self.source: ChunkSource | None = None
+        self.receiver: Receiver | None = None
+        self.producer: Producer | None = None
+        self.lookup_server: LookupServer | None = None
+        self.tp_rank, self.tp_size = 0, 1
+        self._lock = threading.Lock()
+        self._finished_loads: set[str] = set()
+        self._invalid_blocks: set[int] = set()
+        self._waiters: ThreadPoolExecutor | None = None
+        self._scratch: torch.Tensor | None = None
+        self._page_map: cpu_paged.PageMap | None = None
+        self.loaded_tokens = 0
+        self.stored_tokens = 0
+
+    # --- setup ---
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.tp_rank, self.tp_size = tp_rank_and_size()
+        layers = ordered_layers(kv_caches)
+        self.layout = layout_from_tensors(self.expected_layout, kv_caches)
+        self.kv_caches = [t for _, t in layers]
+        layout = self.layout
+        first = self.kv_caches[0]
+        log.info(
+            "lmcache-pd worker rank %d: role=%s, %d layers, KV tensor %s %s, layout %s, "
+            "%d bytes/token",
+            self.tp_rank,
+            self.role.value,
+            len(layers),
+            list(first.shape),
+            first.dtype,
+            layout,
+            layout.bytes_per_token,
+        )
+        if first.device.type == "cpu" and first.dim() == 4 and not layout.is_mla:
+            # vLLM's CPU backend: learn its ISA-specific block layout (see cpu_paged)
+            cc = self.vllm_config.cache_config
+            isa = cpu_paged.backend_isa(
+                self.vllm_config.model_config.dtype,
+                layout.block_size,
+                layout.head_size,
+                str(cc.cache_dtype),
+            )
+            self._page_map = cpu_paged.probe_page_map(
+                first, isa, str(cc.cache_dtype), self.vllm_config.model_config.dtype
+            )
+            log.info("CPU attention backend, ISA %s: KV block layout probed", isa)
+        hasher = ChunkHasher(layout.fingerprint(), self.chunk_size, self.cfg.hash_algorithm)
+        self.hasher = hasher
+        self._scratch = torch.empty(layout.bytes_per_chunk(self.chunk_size), dtype=torch.uint8)
+        if self.role is not KVRole.PRODUCER:
+            self.store = build_tiers(self.cfg, layout)
+        if self.role is KVRole.BOTH:
+            if self.store is None:
+                raise ValueError(
+                    "kv_both needs a tier: set local_cpu: true with max_local_cpu_size > 0 "
+                    "and/or local_disk with max_local_disk_size > 0"
+                )
+            self.source = TierSource(self.store)
+        elif self.role is KVRole.CONSUMER:
+            from lmcache_pd.receiver import Receiver
+            from lmcache_pd.transports.nixl import NixlTransport
+
+            transport = NixlTransport(
+                f"lmcache-pd-decoder-{self.tp_rank}", backends=self.cfg.nixl_backends
+            )
+            self.receiver = Receiver(
+                self.cfg,
+                layout,
+                transport,
+                tp_rank=self.tp_rank,
+                tp_size=self.tp_size,
+                store=self.store,
+            ).start()
+            self.source = self.receiver
+            self._waiters = ThreadPoolExecutor(2, thread_name_prefix="lmcache-pd-load")
+        else:
+            from lmcache_pd.integration.vllm.producer import Producer
+
+            self.producer = Producer(self.cfg, layout, self.tp_rank, self.tp_size)
+        ktc = self.vllm_config.kv_transfer_config
+        assert ktc is not None
+        self.lookup_server = LookupServer(
+            lookup_endpoint(str(ktc.engine_id), self.tp_rank), self._lookup
+        )
+
+    def _lookup(self, keys: list[bytes]) -> int:
+        return self.source.lookup(keys) if self.source is not None else 0
+
+    # --- loads ---
+
+    def start_load(self, meta: PDConnectorMetadata) -> None:
+        for spec in meta.loads:
+            source = self.source
+            if source is None:
+                self._finish_load(spec, spec.start)
+                continue
+            if spec.wait_s > 0 and source.lookup(spec.keys) < len(spec.keys):
+                assert self._waiters is not None
+                self._waiters.submit(self._load_after_wait, spec)
+            else:
+                self._load(spec)
+
+    def _load_after_wait(self, spec: LoadSpec) -> None:
+        assert self.source is not None
+        t0 = time.monotonic()
+        held = self.source.wait_for(spec.keys, spec.wait_s)
+        if held < len(spec.keys):
+            log.warning(
+                "request %s: only %d of %d chunks arrived within %.1f s (pd_transfer_timeout_s)"
+                "; the rest is recomputed or the request fails (load_failure_policy=%s)",
+                spec.req_id,
+                held,
+                len(spec.keys),
+                time.monotonic() - t0,
+                self.cfg.load_failure_policy.value,
+            )
+        self._load(spec)
+
+    def _load(self, spec: LoadSpec) -> None:
+        assert self.source is not None and self.layout is not None
+        cs = self.chunk_size
+        t0 = time.perf_counter()
+        done_end = spec.start
+        views: list[memoryview | bytes | None] = []
+        try:
+            views = self.source.acquire(spec.keys)
+            for i, view in enumerate(views):
+                c = spec.first_chunk + i
+                lo, hi = c * cs, (c + 1) * cs
+                if view is None:
+                    break
+                slots = slot_mapping(spec.block_ids, self.block_size, spec.start, spec.end, lo, hi)
+                self._scatter(as_byte_tensor(view), slots)
+                done_end = min(hi, spec.end)
+        except Exception as exc:
+            log.error("request %s: load failed at token %d: %s", spec.req_id, done_end, exc)
+        finally:
+            if views:
+                self.source.release(spec.keys)
+        dt = time.perf_counter() - t0
+        n = done_end - spec.start
+        if n > 0:
+            nbytes = n * self.layout.bytes_per_token
+            log.info(
+                "Retrieved %d out of %d required tokens (request %s). size: %.4f gb, "
+                "cost %.4f ms, throughput: %.2f GB/s",
+                n,
+                spec.end - spec.start,
+                spec.req_id,
+                nbytes / 1e9,
+                dt * 1e3,
+                nbytes / dt / 1e9 if dt > 0 else 0.0,
+            )
+        self._finish_load(spec, done_end)
+
+    def _finish_load(self, spec: LoadSpec, done_end: int) -> None:
+        bad: set[int] = set()
+        if done_end < spec.end:
+            first_bad = done_end // self.block_size
+            last = (spec.end - 1) // self.block_size
+            bad = set(spec.block_ids[first_bad : last + 1])
+            log.warning(
+                "request %s: tokens [%d, %d) not loaded; reporting %d block(s) as invalid",
+                spec.req_id,
+                done_end,
+                spec.end,
+                len(bad),
+            )
+        with self._lock:
+            self.loaded_tokens += done_end - spec.start
+            self._invalid_blocks |= bad
+            self._finished_loads.add(spec.req_id)
+
+    # --- saves ---
+
+    def save(self, meta: PDConnectorMetadata) -> None:
+        for spec in meta.saves:
+            if self.role is KVRole.PRODUCER:
+                assert self.producer is not None
+                self.producer.stage(spec, self._gather_into)
+            else:
+                self._save_to_tiers(spec)
+
+    def _gather_into(self, spec: SaveSpec, index: int, out: torch.Tensor) -> None:
+        """Gather chunk ``spec.first_chunk + index`` of the request into ``out``."""
+        assert self.layout is not None
+        cs = self.chunk_size
+        c = spec.first_chunk + index
+        slots = slot_mapping(
+            spec.block_ids, self.block_size, 0, spec.total_tokens, c * cs, (c + 1) * cs
+        )
+        if self._page_map is not None:
+            cpu_paged.gather(self.kv_caches, slots, out, self.layout, self._page_map)
+        else:
+            paged_kv.gather(self.kv_caches, slots, out, self.layout)
+
+    def _scatter(self, chunk: torch.Tensor, slots: torch.Tensor) -> None:
+        assert self.layout is not None
+        if self._page_map is not None:
+            cpu_paged.scatter(chunk, self.kv_caches, slots, self.layout, self._page_map)
+        else:
+            paged_kv.scatter(chunk, self.kv_caches, slots, self.layout)
+
+    def _save_to_tiers(self, spec: SaveSpec) -> None:
+        store, scratch, layout = self.store, self._scratch, self.layout
+        if store is None or scratch is None or layout is None:
+            return
+        t0 = time.perf_counter()
+        stored = 0
+        for i, key in enumerate(spec.keys):
+            if key in store:
+                continue
+            self._gather_into(spec, i, scratch)
+            if store.put(key, scratch.numpy().data):
+                stored += self.chunk_size
+        dt = time.perf_counter() - t0
+        if stored:
+            self.stored_tokens += stored
+            log_store(stored, spec.total_tokens, stored * layout.bytes_per_token, dt, logger=log)
+
+    # --- completion reporting ---
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.producer is not None and finished_req_ids:
+            self.producer.forget(finished_req_ids)
+        with self._lock:
+            done, self._finished_loads = self._finished_loads, set()
+        return None, (done or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._lock:
+            bad, self._invalid_blocks = self._invalid_blocks, set()
+        return bad
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "loaded_tokens": self.loaded_tokens,
+            "stored_tokens": self.stored_tokens,
+        }
+        if self.store is not None:
+            out.update(self.store.stats())
+        if self.receiver is not None:
+            out.update(self.receiver.stats())
+        return out
+
+    def shutdown(self) -> None:
+        if self.lookup_server is not None:
+            self.lookup_server.close()
+            self.lookup_server = None
+        if self._waiters is not None:
+            self._waiters.shutdown(wait=False, cancel_futures=True)
+            self._waiters = None
+        if self.producer is not None:
+            self.producer.close()
+            self.producer = None
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver.transport.close()
+            self.receiver = None
+        if self.store is not None:
+            self.store.flush(timeout=5.0)
+            self.store.close()
+            self.store = None
