@@ -25,16 +25,24 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 import msgspec
 from lmcache_pd.router.handoff import HandoffListener
 from lmcache_pd.router.kv_params import KVTransferParams, decode_params
 from lmcache_pd.router.metrics import ErrorKind, Mode, ProxyMetrics
 from lmcache_pd.router.policy import Engine, Role, make_policy
 from lmcache_pd.router.pool import EnginePool
-from lmcache_pd.router.relay import RelayResponse, passthrough_headers
+from lmcache_pd.router.relay import RelayResponse
 from lmcache_pd.router.settings import PolicyKind, ProxySettings
 from lmcache_pd.router.table import RequestRecord, RequestState, RequestTable, TableFull
+from lmcache_pd.router.upstream import (
+    Broken,
+    ConnectFailed,
+    Deadline,
+    Reply,
+    Stream,
+    Upstream,
+    UpstreamError,
+)
 from starlette.responses import Response
 
 from lmcache_pd.chunks import ChunkHasher
@@ -86,14 +94,19 @@ class ProxyError(Exception):
 class UpstreamAnswer(Exception):
     """An engine's own 4xx answer, passed to the client unchanged."""
 
-    def __init__(self, resp: httpx.Response) -> None:
-        super().__init__(f"HTTP {resp.status_code}")
-        self.resp = resp
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(f"HTTP {reply.status}")
+        self.reply = reply
 
     def response(self) -> Response:
-        return Response(
-            self.resp.content, self.resp.status_code, headers=passthrough_headers(self.resp.headers)
-        )
+        return reply_response(self.reply)
+
+
+def reply_response(reply: Reply) -> Response:
+    """An engine's full answer as the client's response (status, headers, body as is)."""
+    resp = Response(reply.body, reply.status)
+    resp.raw_headers = [*reply.raw_headers, (b"content-length", str(len(reply.body)).encode())]
+    return resp
 
 
 def validate(endpoint: Endpoint, payload: object) -> dict[str, Any]:
@@ -142,7 +155,7 @@ class Router:
     def __init__(
         self,
         settings: ProxySettings,
-        client: httpx.AsyncClient,
+        client: Upstream,
         metrics: ProxyMetrics,
         handoff: HandoffListener | None = None,
     ) -> None:
@@ -165,11 +178,6 @@ class Router:
             settings.policy is PolicyKind.CACHE_AWARE or settings.disagg_min_tokens > 0
         )
         self._tok_turn = 0
-        t = settings
-        self._t_prefill = httpx.Timeout(t.prefill_timeout_s, connect=t.connect_timeout_s)
-        self._t_tok = httpx.Timeout(t.tokenize_timeout_s, connect=t.connect_timeout_s)
-        self._t_stream = httpx.Timeout(t.stream_idle_timeout_s, connect=t.connect_timeout_s)
-        self._t_decode = httpx.Timeout(t.decode_timeout_s, connect=t.connect_timeout_s)
 
     # ---- tokenization --------------------------------------------------------------
     async def _tokens(
@@ -197,14 +205,18 @@ class Router:
         self._tok_turn += 1
         engine = engines[self._tok_turn % len(engines)]
         try:
-            resp = await self.client.post(
-                engine.url + "/tokenize", json=body, headers=headers, timeout=self._t_tok
+            reply = await self.client.request(
+                "POST",
+                engine.url + "/tokenize",
+                msgspec.json.encode(body),
+                headers,
+                self.s.tokenize_timeout_s,
             )
-            if resp.status_code == 200:
-                tokens = msgspec.json.decode(resp.content).get("tokens")
-                if isinstance(tokens, list):
-                    return tokens
-        except (httpx.HTTPError, msgspec.DecodeError, AttributeError) as exc:
+            data = reply.json() if reply.status == 200 else None
+            tokens = data.get("tokens") if isinstance(data, dict) else None
+            if isinstance(tokens, list):
+                return tokens
+        except UpstreamError as exc:
             log.debug("tokenize on %s failed: %s", engine.url, exc)
         self.metrics.errors.labels(ErrorKind.TOKENIZE_FAILED.value).inc()
         return None
@@ -317,30 +329,28 @@ class Router:
             t0 = time.perf_counter()
             self.prefill.acquire(p, keys)
             try:
-                resp = await self.client.post(
-                    p.url + endpoint.value, content=data, headers=headers, timeout=self._t_prefill
+                reply = await self.client.request(
+                    "POST", p.url + endpoint.value, data, headers, self.s.prefill_timeout_s
                 )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                self.prefill.eject(p, f"connect failed: {exc!r}")
-                self._prefill_failed(p, req_id, f"connect: {exc!r}")
+            except ConnectFailed as exc:
+                self.prefill.eject(p, f"connect failed: {exc}")
+                self._prefill_failed(p, req_id, f"connect failed: {exc}")
                 continue
-            except httpx.HTTPError as exc:
-                self._prefill_failed(p, req_id, repr(exc))
+            except UpstreamError as exc:
+                self._prefill_failed(p, req_id, f"{type(exc).__name__}: {exc}")
                 continue
             finally:
                 self.prefill.release(p)
-            if resp.status_code >= 500:
-                self._prefill_failed(p, req_id, f"HTTP {resp.status_code}")
+            if reply.status >= 500:
+                self._prefill_failed(p, req_id, f"HTTP {reply.status}")
                 continue
-            if resp.status_code >= 400:
+            if reply.status >= 400:
                 if self.handoff:
                     self.handoff.discard(req_id)
-                raise UpstreamAnswer(resp)
+                raise UpstreamAnswer(reply)
             self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
-            try:
-                returned = msgspec.json.decode(resp.content).get("kv_transfer_params")
-            except (msgspec.DecodeError, AttributeError):
-                returned = None
+            answer = reply.json()
+            returned = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
             if fut is not None and self.handoff is not None:
                 rec.state = RequestState.HANDOFF
                 t1 = time.perf_counter()
@@ -387,6 +397,8 @@ class Router:
         params: dict[str, Any] | None,
         rec: RequestRecord,
     ) -> Response:
+        """Send the decoder the request; owns ``decoder``'s in-flight slot (acquired by
+        :meth:`serve`): releases it, or hands it to the relay of a streamed answer."""
         rec.state = RequestState.DECODING
         stream = bool(payload.get("stream", False))
         tried: set[Engine] = set()
@@ -400,25 +412,28 @@ class Router:
             if tried:  # a failover target; the first decoder was acquired by serve()
                 self.decode.acquire(decoder, keys)
             tried.add(decoder)
-            released = False
+            url = decoder.url + endpoint.value
+            handed = False
             try:
-                req = self.client.build_request(
-                    "POST",
-                    decoder.url + endpoint.value,
-                    content=data,
-                    headers=headers,
-                    timeout=self._t_stream if stream else self._t_decode,
-                )
-                resp = await asyncio.wait_for(
-                    self._fetch(req, stream, rec), self.s.decode_timeout_s
-                )
-                if not resp.is_closed:
-                    released = True
-                    return RelayResponse(resp, self._closer(decoder, rec))
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if stream:
+                    answer = await self.client.open(
+                        url, data, headers, self.s.decode_timeout_s, self.s.stream_idle_timeout_s
+                    )
+                else:
+                    answer = await self.client.request(
+                        "POST", url, data, headers, self.s.decode_timeout_s
+                    )
+                self.metrics.ttft_seconds.observe(time.monotonic() - rec.started)
+                if isinstance(answer, Stream):
+                    handed = True
+                    return RelayResponse(answer, self._closer(decoder, rec))
+                if answer.status >= 400:
+                    self.metrics.errors.labels(ErrorKind.UPSTREAM.value).inc()
+                return reply_response(answer)
+            except ConnectFailed as exc:
                 self.decode.release(decoder)
-                released = True
-                self.decode.eject(decoder, f"connect failed: {exc!r}")
+                handed = True
+                self.decode.eject(decoder, f"connect failed: {exc}")
                 self.metrics.errors.labels(ErrorKind.UPSTREAM_CONNECT.value).inc()
                 choice = self.decode.choose(keys, frozenset(tried))
                 if choice is None:
@@ -436,37 +451,19 @@ class Router:
                 if params is not None:
                     self.metrics.fallbacks.inc()
                 decoder, params = choice.engine, None
-                continue
-            except (TimeoutError, httpx.TimeoutException):
+            except Deadline:
                 raise ProxyError(
                     504,
                     f"decoder {decoder.url} did not answer within the deadline",
                     ErrorKind.DEADLINE,
                 ) from None
-            except httpx.HTTPError as exc:
+            except Broken as exc:
                 raise ProxyError(
-                    503, f"decoder {decoder.url} failed: {exc!r}", ErrorKind.UPSTREAM_CONNECT
+                    503, f"decoder {decoder.url} failed: {exc}", ErrorKind.UPSTREAM_CONNECT
                 ) from None
             finally:
-                if not released:
+                if not handed:
                     self.decode.release(decoder)
-            if resp.status_code >= 400:
-                self.metrics.errors.labels(ErrorKind.UPSTREAM.value).inc()
-            return Response(
-                resp.content, resp.status_code, headers=passthrough_headers(resp.headers)
-            )
-
-    async def _fetch(self, req: httpx.Request, stream: bool, rec: RequestRecord) -> httpx.Response:
-        """Send ``req``; a streaming 200 is returned open, anything else read and closed."""
-        resp = await self.client.send(req, stream=True)
-        self.metrics.ttft_seconds.observe(time.monotonic() - rec.started)
-        if stream and resp.status_code == 200:
-            return resp
-        try:
-            await resp.aread()
-        finally:
-            await resp.aclose()
-        return resp
 
     def _closer(self, decoder: Engine, rec: RequestRecord) -> Callable[[RequestState, str], None]:
         def close(state: RequestState, error: str) -> None:

@@ -13,9 +13,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-import httpx
 from lmcache_pd.router.metrics import ProxyMetrics
 from lmcache_pd.router.policy import Choice, Engine, EngineState, Policy, Role
+from lmcache_pd.router.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("lmcache_pd.router")
 
@@ -95,7 +95,7 @@ class HealthChecker:
     def __init__(
         self,
         pools: Sequence[EnginePool],
-        client: httpx.AsyncClient,
+        client: Upstream,
         interval_s: float,
         timeout_s: float,
         threshold: int,
@@ -109,9 +109,9 @@ class HealthChecker:
 
     async def probe(self, pool: EnginePool, e: Engine) -> None:
         try:
-            resp = await self.client.get(e.url + "/health", timeout=self.timeout_s)
-            ok, detail = resp.status_code == 200, f"HTTP {resp.status_code}"
-        except (httpx.HTTPError, OSError) as exc:
+            reply = await self.client.request("GET", e.url + "/health", timeout_s=self.timeout_s)
+            ok, detail = reply.status == 200, f"HTTP {reply.status}"
+        except UpstreamError as exc:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         pool.probe_result(e, ok, detail, self.threshold)
 

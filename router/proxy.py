@@ -1,9 +1,10 @@
 """OpenAI-compatible proxy process: the FastAPI app, its lifecycle and ``main``.
 
 Owns the HTTP surface (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
-``/health``, ``/metrics``, ``/v1/proxy/state``), the shared pooled ``httpx`` client, the
-health checker and the optional ZMQ handoff listener. The request flow itself lives in
-``flow.py``; routing in ``policy.py``; settings and CLI flags in ``settings.py``.
+``/health``, ``/metrics``, ``/v1/proxy/state``), the shared pooled upstream client
+(``upstream.py``), the health checker and the optional ZMQ handoff listener. The request
+flow itself lives in ``flow.py``; routing in ``policy.py``; settings and CLI flags in
+``settings.py``.
 
 Start it with ``lmcache-pd proxy --prefiller URL --decoder URL`` (see ``main``), in-process
 with :func:`start_in_thread`, or as a child process with :func:`spawn`.
@@ -24,15 +25,22 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import msgspec
 from fastapi import FastAPI, Request
-from lmcache_pd.router.flow import Endpoint, ProxyError, Router, UpstreamAnswer, first_of, validate
+from lmcache_pd.router.flow import (
+    Endpoint,
+    ProxyError,
+    Router,
+    UpstreamAnswer,
+    first_of,
+    reply_response,
+    validate,
+)
 from lmcache_pd.router.handoff import HandoffListener
 from lmcache_pd.router.metrics import ErrorKind, ProxyMetrics
 from lmcache_pd.router.pool import HealthChecker
-from lmcache_pd.router.relay import passthrough_headers
 from lmcache_pd.router.settings import ProxySettings, settings_from_args
+from lmcache_pd.router.upstream import Upstream, UpstreamError
 from starlette.responses import Response
 
 from lmcache_pd.config import ConfigError
@@ -60,14 +68,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_connections,
-            keepalive_expiry=30.0,
-        )
-        client = httpx.AsyncClient(
-            limits=limits, trust_env=False, timeout=30.0, headers={"accept-encoding": "identity"}
-        )
+        client = Upstream(settings.max_connections, settings.connect_timeout_s)
         handoff = None
         if settings.handoff_port is not None:
             handoff = HandoffListener(_auth_secret(), settings.handoff_host, settings.handoff_port)
@@ -99,7 +100,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
             await checker.stop()
             if handoff is not None:
                 await handoff.stop()
-            await client.aclose()
+            await client.close()
 
     app = FastAPI(
         title="lmcache-pd proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
@@ -149,14 +150,12 @@ def create_app(settings: ProxySettings) -> FastAPI:
         router: Router = state["router"]
         for engine in router.decode.healthy() + router.prefill.healthy():
             try:
-                resp = await router.client.get(
-                    engine.url + "/v1/models", timeout=settings.connect_timeout_s * 2
+                reply = await router.client.request(
+                    "GET", engine.url + "/v1/models", timeout_s=settings.connect_timeout_s * 2
                 )
-            except httpx.HTTPError:
+            except UpstreamError:
                 continue
-            return Response(
-                resp.content, resp.status_code, headers=passthrough_headers(resp.headers)
-            )
+            return reply_response(reply)
         return ProxyError(
             503, "no healthy engine answers /v1/models", ErrorKind.NO_ENGINE
         ).response()

@@ -14,40 +14,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import msgspec
 from lmcache_pd.router.table import RequestState
+from lmcache_pd.router.upstream import Stream, UpstreamError
 from starlette.responses import Response
 
 log = logging.getLogger("lmcache_pd.router")
-
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"transfer-encoding",
-        b"content-length",
-        b"date",
-        b"server",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"upgrade",
-    }
-)
-
-
-def passthrough_headers(headers: httpx.Headers) -> dict[str, str]:
-    """Engine response headers worth passing on (no hop-by-hop, no length)."""
-    return {
-        k.decode("latin-1"): v.decode("latin-1")
-        for k, v in headers.raw
-        if k.lower() not in _HOP_BY_HOP
-    }
-
-
-def _raw_headers(headers: httpx.Headers) -> list[tuple[bytes, bytes]]:
-    return [(k.lower(), v) for k, v in headers.raw if k.lower() not in _HOP_BY_HOP]
 
 
 def _sse_error(message: str) -> bytes:
@@ -56,16 +28,14 @@ def _sse_error(message: str) -> bytes:
 
 
 class RelayResponse(Response):
-    """Streams an open ``httpx.Response`` to the client; calls ``on_close`` once."""
+    """Streams an open upstream :class:`Stream` to the client; calls ``on_close`` once."""
 
-    def __init__(
-        self, upstream: httpx.Response, on_close: Callable[[RequestState, str], None]
-    ) -> None:
+    def __init__(self, upstream: Stream, on_close: Callable[[RequestState, str], None]) -> None:
         self.upstream = upstream
-        self.status_code = upstream.status_code
+        self.status_code = upstream.status
         self.on_close = on_close
         self.background = None
-        self.raw_headers = _raw_headers(upstream.headers)
+        self.raw_headers = upstream.raw_headers
 
     async def _copy(self, send: Any) -> tuple[RequestState, str]:
         await send(
@@ -73,11 +43,11 @@ class RelayResponse(Response):
         )
         state, error = RequestState.DONE, ""
         try:
-            async for chunk in self.upstream.aiter_raw():
+            async for chunk in self.upstream.chunks():
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            state, error = RequestState.FAILED, f"decoder stream broke: {exc!r}"
+        except UpstreamError as exc:
+            state, error = RequestState.FAILED, f"decoder stream broke: {exc}"
             log.warning("%s", error)
             await send({"type": "http.response.body", "body": _sse_error(error), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -99,7 +69,6 @@ class RelayResponse(Response):
             self.on_close(state, error)
             copy.cancel()
             watch.cancel()
+            self.upstream.close()
             with contextlib.suppress(BaseException):
                 await asyncio.gather(copy, watch, return_exceptions=True)
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(self.upstream.aclose())
