@@ -136,7 +136,7 @@ class RouterServer:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, codec.max_bytes + 4096)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * codec.max_bytes + 65536)
         if port == 0:
             self.port = self.sock.bind_to_random_port(f"tcp://{host}")
         else:
@@ -181,7 +181,7 @@ class DealerClient:
     def _open(self) -> None:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, self.codec.max_bytes + 4096)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.codec.max_bytes + 65536)
         self.sock.connect(self.endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -257,7 +257,7 @@ class PullServer:
     ) -> None:
         self.sock = ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, codec.max_bytes + 4096)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * codec.max_bytes + 65536)
         if port == 0:
             self.port = self.sock.bind_to_random_port(f"tcp://{host}")
         else:

@@ -36,6 +36,10 @@ try:  # the meta package `nixl` and the CUDA-12 build `nixl-cu12` ship the same 
 except ImportError:  # pragma: no cover - depends on what is installed
     from nixl_cu12._api import nixl_agent, nixl_agent_config
 
+# NIXL logs every agent creation at INFO on its own handler; keep it to warnings unless
+# the user asks (LMCACHE_PD_NIXL_LOG=info).
+logging.getLogger("nixl").setLevel(os.environ.get("LMCACHE_PD_NIXL_LOG", "WARNING").upper())
+
 _BACKOFF_START_S = 20e-6
 _BACKOFF_MAX_S = 500e-6
 _FAST_TLS = ("sm", "shm", "cma", "posix", "sysv", "xpmem", "knem", "rc", "dc", "ud", "ib", "cuda")

@@ -1,0 +1,198 @@
+"""Faults: dead peers, bad signatures, fuzzed frames. Nothing hangs, nothing leaks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmcache_pd.control import AuthError, Codec
+from lmcache_pd.protocol import (
+    Compat,
+    Done,
+    Error,
+    ErrorCode,
+    Hello,
+    Offer,
+    ProtocolError,
+    encode,
+)
+from lmcache_pd.sender import HandoffError
+
+from .helpers import CHUNK, LAYOUT, fill, hasher, make_config, receiver, sender
+
+HERE = Path(__file__).parent
+
+
+def test_sender_killed_mid_transfer_frees_every_slot() -> None:
+    cfg = make_config(pd_lease_ttl_s=1.0)
+    with receiver(cfg) as rx:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "stall_sender.py"), rx.endpoint, str(CHUNK), "3"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=os.environ.copy(),
+        )
+        try:
+            line = proc.stdout.readline() if proc.stdout else ""
+            assert line.startswith("ACCEPTED 3"), line
+            assert rx.slot_usage()["leased"] == 3
+        finally:
+            proc.kill()
+            proc.wait(10)
+        deadline = time.monotonic() + 5
+        while rx.slot_usage()["leased"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        usage = rx.slot_usage()
+        assert usage["leased"] == 0 and usage["free"] == usage["total"]
+        assert rx.counters["lease_expiries"] == 1
+        # and the receiver keeps serving
+        with sender(cfg) as tx:
+            chunks, data = fill(tx, hasher().keys(list(range(CHUNK))), np.random.default_rng(1))
+            assert tx.send(rx.endpoint, "after", chunks).sent == 1
+
+
+def test_receiver_killed_sender_fails_within_deadline(spawn_receiver) -> None:
+    cfg = make_config(pd_connect_timeout_s=1.5)
+    args = ["--layout", "tiny", "--chunk-size", str(CHUNK), "--buffer-bytes", str(1 << 20)]
+    with spawn_receiver(*args) as rx_proc, sender(cfg) as tx:
+        rng = np.random.default_rng(2)
+        chunks, _ = fill(tx, hasher().keys(list(range(CHUNK))), rng)
+        assert tx.send(rx_proc.endpoint, "ok", chunks).sent == 1
+        rx_proc.proc.kill()
+        rx_proc.proc.wait(10)
+        more, _ = fill(tx, hasher().keys(list(range(1, CHUNK + 1))), rng)
+        started = time.monotonic()
+        with pytest.raises(HandoffError, match="stopped answering|cannot reach") as info:
+            tx.send(rx_proc.endpoint, "dead", more)
+        assert time.monotonic() - started < 3 * cfg.pd_connect_timeout_s
+        assert info.value.code is ErrorCode.TIMEOUT
+        tx.free([c.slot for c in chunks + more])
+        assert tx.buffer.free_count == tx.buffer.num_slots
+
+
+def _raw_dealer(endpoint: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def _recv(sock: zmq.Socket, timeout_ms: int = 3000) -> list[bytes]:
+    assert sock.poll(timeout_ms), "no reply within the deadline"
+    return sock.recv_multipart()
+
+
+def _hello_frames(codec: Codec) -> list[bytes]:
+    compat = Compat.of(LAYOUT, CHUNK, "xxh3_128")
+    return codec.pack(Hello(agent="intruder", compat=compat), [b"not-metadata"])
+
+
+def test_unsigned_and_wrongly_signed_frames_are_dropped() -> None:
+    cfg = make_config()
+    with receiver(cfg) as rx:
+        sock = _raw_dealer(rx.endpoint)
+        try:
+            wrong = Codec(b"w" * 32)
+            sock.send_multipart(_hello_frames(wrong))  # wrong secret
+            frames = _hello_frames(wrong)
+            sock.send_multipart(frames[:-1] + [b""])  # unsigned (empty mac)
+            sock.send_multipart([encode(Offer(req_id="x", keys=[], nbytes=[])), b"\x00" * 32])
+            assert sock.poll(500) == 0  # no reply to any of them
+            assert rx.counters["auth_failures"] == 3
+            assert rx.counters["requests"] == 0
+        finally:
+            sock.close()
+        with sender(cfg) as tx:  # a correctly signed sender still works
+            chunks, _ = fill(tx, hasher().keys(list(range(CHUNK))), np.random.default_rng(3))
+            assert tx.send(rx.endpoint, "ok", chunks).sent == 1
+
+
+def test_signed_but_malformed_and_oversize_get_error_replies() -> None:
+    cfg = make_config(pd_max_frame_bytes=64 * 1024)
+    with receiver(cfg) as rx:
+        codec = Codec(cfg.auth_secret(), cfg.pd_max_frame_bytes)
+        sock = _raw_dealer(rx.endpoint)
+        try:
+            body = [b"\x93\x01\x02"]  # msgpack, but not a message
+            sock.send_multipart([*body, codec._mac(body)])
+            reply, _ = codec.unpack(_recv(sock))
+            assert isinstance(reply, Error) and reply.code is ErrorCode.MALFORMED
+            sock.send_multipart(codec.pack(Done(req_id="r", lease=1, checksums=[]), [b"x" * 70000]))
+            reply, _ = codec.unpack(_recv(sock))
+            assert isinstance(reply, Error) and reply.code is ErrorCode.OVERSIZE
+            sock.send_multipart(codec.pack(Offer(req_id="r", keys=[b"k" * 16], nbytes=[1])))
+            reply, _ = codec.unpack(_recv(sock))
+            assert isinstance(reply, Error) and reply.code is ErrorCode.UNKNOWN_PEER
+        finally:
+            sock.close()
+        assert rx.counters["malformed_frames"] == 1 and rx.counters["oversize_frames"] == 1
+
+
+_frames = st.lists(st.binary(max_size=300), min_size=0, max_size=8)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(frames=_frames, sign=st.booleans())
+def test_decoder_fuzz_raises_only_protocol_errors(frames: list[bytes], sign: bool) -> None:
+    codec = Codec(b"f" * 32, max_bytes=1024)
+    if sign and frames:
+        frames = [*frames[:5], codec._mac(frames[:5])]
+    try:
+        codec.unpack(frames)
+    except (ProtocolError, AuthError):
+        pass
+
+
+_messages = st.one_of(
+    st.builds(Offer, req_id=st.text(max_size=20), keys=st.lists(st.binary(max_size=20), max_size=5),
+              nbytes=st.lists(st.integers(-2, 2**40), max_size=5)),
+    st.builds(Done, req_id=st.text(max_size=10), lease=st.integers(-5, 2**40),
+              checksums=st.lists(st.integers(0, 2**64 - 1), max_size=5)),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_live_receiver_survives_fuzz(data: st.DataObject, fuzz_rx) -> None:
+    rx, codec, sock = fuzz_rx
+    kind = data.draw(st.sampled_from(["raw", "signed_raw", "message", "truncated"]))
+    if kind == "raw":
+        frames = data.draw(st.lists(st.binary(max_size=200), min_size=1, max_size=7))
+    elif kind == "signed_raw":
+        body = data.draw(st.lists(st.binary(max_size=200), min_size=1, max_size=4))
+        frames = [*body, codec._mac(body)]
+    elif kind == "message":
+        frames = codec.pack(data.draw(_messages))
+    else:
+        full = codec.pack(data.draw(_messages))
+        frames = [full[0][: data.draw(st.integers(0, len(full[0])))], full[1]]
+    sock.send_multipart(frames)
+    while sock.poll(5):
+        sock.recv_multipart()
+
+
+@pytest.fixture(scope="module")
+def fuzz_rx():
+    cfg = make_config(pd_max_frame_bytes=4096)
+    with receiver(cfg) as rx:
+        codec = Codec(cfg.auth_secret(), cfg.pd_max_frame_bytes)
+        sock = _raw_dealer(rx.endpoint)
+        # a real sender is connected before the fuzz, so Offers from it are valid peers
+        yield rx, codec, sock
+        sock.close()
+        assert rx._thread is not None and rx._thread.is_alive()
+        with sender(cfg) as tx:
+            chunks, data = fill(tx, hasher().keys(list(range(CHUNK))), np.random.default_rng(4))
+            assert tx.send(rx.endpoint, "after-fuzz", chunks).sent == 1
+            assert rx.read(chunks[0].key) == data[0]
+        usage = rx.slot_usage()
+        assert usage["leased"] == 0
