@@ -56,7 +56,7 @@ def test_sender_killed_mid_transfer_frees_every_slot() -> None:
         assert rx.counters["lease_expiries"] == 1
         # and the receiver keeps serving
         with sender(cfg) as tx:
-            chunks, data = fill(tx, hasher().keys(list(range(CHUNK))), np.random.default_rng(1))
+            chunks, _data = fill(tx, hasher().keys(list(range(CHUNK))), np.random.default_rng(1))
             assert tx.send(rx.endpoint, "after", chunks).sent == 1
 
 
@@ -71,7 +71,7 @@ def test_receiver_killed_sender_fails_within_deadline(spawn_receiver) -> None:
         rx_proc.proc.wait(10)
         more, _ = fill(tx, hasher().keys(list(range(1, CHUNK + 1))), rng)
         started = time.monotonic()
-        with pytest.raises(HandoffError, match="stopped answering|cannot reach") as info:
+        with pytest.raises(HandoffError, match=r"stopped answering|cannot reach") as info:
             tx.send(rx_proc.endpoint, "dead", more)
         assert time.monotonic() - started < 3 * cfg.pd_connect_timeout_s
         assert info.value.code is ErrorCode.TIMEOUT
@@ -104,7 +104,7 @@ def test_unsigned_and_wrongly_signed_frames_are_dropped() -> None:
             wrong = Codec(b"w" * 32)
             sock.send_multipart(_hello_frames(wrong))  # wrong secret
             frames = _hello_frames(wrong)
-            sock.send_multipart(frames[:-1] + [b""])  # unsigned (empty mac)
+            sock.send_multipart([*frames[:-1], b""])  # unsigned (empty mac)
             sock.send_multipart([encode(Offer(req_id="x", keys=[], nbytes=[])), b"\x00" * 32])
             assert sock.poll(500) == 0  # no reply to any of them
             assert rx.counters["auth_failures"] == 3
@@ -163,7 +163,7 @@ _messages = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_live_receiver_survives_fuzz(data: st.DataObject, fuzz_rx) -> None:
-    rx, codec, sock = fuzz_rx
+    _rx, codec, sock = fuzz_rx
     kind = data.draw(st.sampled_from(["raw", "signed_raw", "message", "truncated"]))
     if kind == "raw":
         frames = data.draw(st.lists(st.binary(max_size=200), min_size=1, max_size=7))
