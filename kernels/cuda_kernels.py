@@ -22,6 +22,7 @@ import hashlib
 import os
 import tempfile
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,56 @@ def vector_width(values: list[int]) -> int:
     return 1
 
 
+@dataclass(frozen=True)
+class LaunchParams:
+    """Scalar kernel arguments and launch shape for one gather/scatter (no pointers).
+
+    Byte strides and sizes as the kernel uses them; ``width`` is the vector width in
+    bytes; the grid is ``(tokens, layers)`` with ``threads`` threads per block.
+    """
+
+    tokens: int
+    layers: int
+    kv_factor: int
+    rows: int
+    row_bytes: int
+    stride_k: int
+    stride_b: int
+    stride_n: int
+    stride_h: int
+    block_size: int
+    num_slots: int
+    width: int
+    threads: int
+
+
+def launch_params(
+    layers: list[torch.Tensor], geom: Geometry, tokens: int, chunk: torch.Tensor
+) -> LaunchParams:
+    """Compute the kernel arguments (pure Python: testable without a GPU)."""
+    es = layers[0].element_size()
+    row_bytes = geom.row * es
+    strides = [s * es for s in (geom.stride_k, geom.stride_b, geom.stride_n, geom.stride_h)]
+    ptrs = [t.data_ptr() for t in layers]
+    width = vector_width([row_bytes, *strides, *ptrs, chunk.data_ptr()])
+    units = geom.kv_factor * geom.rows * (row_bytes // width)
+    return LaunchParams(
+        tokens=tokens,
+        layers=len(layers),
+        kv_factor=geom.kv_factor,
+        rows=geom.rows,
+        row_bytes=row_bytes,
+        stride_k=strides[0],
+        stride_b=strides[1],
+        stride_n=strides[2],
+        stride_h=strides[3],
+        block_size=geom.block_size,
+        num_slots=geom.num_slots,
+        width=width,
+        threads=max(32, min(512, (units + 31) // 32 * 32)),
+    )
+
+
 def launch(
     op: str,
     layers: list[torch.Tensor],
@@ -306,24 +357,20 @@ def launch(
     driver, _ = _bindings()
     device = slots.device.index if slots.device.index is not None else 0
     kernels = _kernels_for(device)
-    es = layers[0].element_size()
-    row_bytes = geom.row * es
-    strides = [s * es for s in (geom.stride_k, geom.stride_b, geom.stride_n, geom.stride_h)]
-    ptrs = tuple(t.data_ptr() for t in layers)
-    width = vector_width([row_bytes, *strides, *ptrs, chunk.data_ptr()])
-    table = kernels.pointer_table(ptrs)
-    tokens = slots.numel()
-    units = geom.kv_factor * geom.rows * (row_bytes // width)
-    threads = max(32, min(512, (units + 31) // 32 * 32))
+    p = launch_params(layers, geom, slots.numel(), chunk)
+    table = kernels.pointer_table(tuple(t.data_ptr() for t in layers))
     args = (
-        table.data_ptr(), chunk.data_ptr(), slots.data_ptr(), tokens, geom.kv_factor,
-        geom.rows, row_bytes, *strides, geom.block_size, geom.num_slots,
+        table.data_ptr(), chunk.data_ptr(), slots.data_ptr(), p.tokens, p.kv_factor, p.rows,
+        p.row_bytes, p.stride_k, p.stride_b, p.stride_n, p.stride_h, p.block_size,
+        p.num_slots,
     )  # fmt: skip
     stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
-    func = kernels.functions[f"{op}_v{width}"]
+    name = f"{op}_v{p.width}"
+    grid = (p.tokens, p.layers, 1)
+    block = (p.threads, 1, 1)
     _check(
         driver.cuLaunchKernel(
-            func, tokens, len(layers), 1, threads, 1, 1, 0, stream, (args, _ARG_TYPES), 0
+            kernels.functions[name], *grid, *block, 0, stream, (args, _ARG_TYPES), 0
         ),
-        f"cuLaunchKernel {op}_v{width}",
+        f"cuLaunchKernel {name}",
     )

@@ -232,12 +232,13 @@ def validate_caches(
     if fmt is None:
         fmt = detect_format(layers[0], layout)
     fmt = PagedFormat(fmt)
-    geom = layer_geometry(fmt, layout, layers[0])
-    dev = layers[0].device
+    first = layers[0]
+    geom = layer_geometry(fmt, layout, first)
+    key = (first.shape, first.stride(), first.dtype)
     for i, t in enumerate(layers[1:], start=1):
-        if t.device != dev:
-            raise ValueError(f"kv_caches[{i}] is on {t.device}, layer 0 on {dev}")
-        if t.dtype != layers[0].dtype or layer_geometry(fmt, layout, t) != geom:
+        if t.device != first.device:
+            raise ValueError(f"kv_caches[{i}] is on {t.device}, layer 0 on {first.device}")
+        if (t.shape, t.stride(), t.dtype) != key:
             raise ValueError(
                 f"kv_caches[{i}] has shape {list(t.shape)} stride {list(t.stride())} "
                 f"dtype {t.dtype}; all layers must match layer 0 "

@@ -139,6 +139,70 @@ def check_bounds(slots: torch.Tensor, geom: Geometry) -> None:
         )
 
 
+def _fused_rows(
+    layers: list[torch.Tensor], geom: Geometry, unit: int, r: int
+) -> tuple[torch.Tensor, int] | None:
+    """All layers as one ``[M, r*row]`` view when they are evenly spaced in one storage.
+
+    That is how vLLM allocates its cache; then one index_select/index_copy_ moves the
+    whole chunk. Returns (rows view, rows per layer step) or None.
+    """
+    first = layers[0]
+    es = first.element_size()
+    row_bytes = r * geom.row * es
+    if len(layers) == 1:
+        return _layer_rows(first, geom, unit, r), 0
+    base = first.untyped_storage().data_ptr()
+    offs = [t.storage_offset() * es for t in layers]
+    step = offs[1] - offs[0]
+    if step <= 0 or step % row_bytes:
+        return None
+    for i, t in enumerate(layers):
+        if t.untyped_storage().data_ptr() != base or offs[i] != offs[0] + i * step:
+            return None
+    one = _layer_rows(first, geom, unit, r)
+    nbytes = (len(layers) - 1) * step + one.numel() * unit
+    flat = torch.empty(0, dtype=torch.uint8, device=first.device)
+    flat.set_(first.untyped_storage(), offs[0], (nbytes,), (1,))
+    return flat.view(_UNIT_DTYPES[unit]).view(-1, row_bytes // unit), step // row_bytes
+
+
+def _fused_index(seg: _Segment, num_layers: int, layer_step: int) -> torch.Tensor:
+    """Row ids in chunk order ``[layer, kv, token-row]`` over the fused view."""
+    per_layer = torch.stack(seg.idx)  # [kv, rows]
+    steps = torch.arange(num_layers, device=per_layer.device, dtype=torch.int64) * layer_step
+    return (steps[:, None, None] + per_layer[None]).reshape(-1)
+
+
+def _copy(
+    op: str, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
+    chunk: torch.Tensor,
+) -> None:  # fmt: skip
+    tokens = slots.numel()
+    segs = _plan(geom, slots)
+    es, unit, chunk_bytes = _setup(layers, geom, chunk)
+    if len(segs) == 1:
+        fused = _fused_rows(layers, geom, unit, segs[0].r)
+        if fused is not None:
+            rows, step = fused
+            idx = _fused_index(segs[0], len(layers), step)
+            chunk_rows = chunk_bytes.view(_UNIT_DTYPES[unit]).view(idx.numel(), -1)
+            if op == "gather":
+                torch.index_select(rows, 0, idx, out=chunk_rows)
+            else:
+                rows.index_copy_(0, idx, chunk_rows)
+            return
+    for layer, t in enumerate(layers):
+        cache = {s.r: _layer_rows(t, geom, unit, s.r) for s in segs}
+        for k in range(geom.kv_factor):
+            for s in segs:
+                part = _chunk_rows(chunk_bytes, geom, es, unit, tokens, layer, k, s)
+                if op == "gather":
+                    torch.index_select(cache[s.r], 0, s.idx[k], out=part)
+                else:
+                    cache[s.r].index_copy_(0, s.idx[k], part)
+
+
 def gather(
     layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor, chunk: torch.Tensor
 ) -> None:
@@ -146,17 +210,9 @@ def gather(
     check_bounds(slots, geom)
     neg = slots < 0
     has_neg = bool(neg.any())
-    tokens = slots.numel()
-    segs = _plan(geom, slots.clamp_min(0) if has_neg else slots)
-    es, unit, chunk_bytes = _setup(layers, geom, chunk)
-    for layer, t in enumerate(layers):
-        src = {s.r: _layer_rows(t, geom, unit, s.r) for s in segs}
-        for k in range(geom.kv_factor):
-            for s in segs:
-                out = _chunk_rows(chunk_bytes, geom, es, unit, tokens, layer, k, s)
-                torch.index_select(src[s.r], 0, s.idx[k], out=out)
+    _copy("gather", layers, geom, slots.clamp_min(0) if has_neg else slots, chunk)
     if has_neg:
-        chunk.view(_UNIT_DTYPES[es])[:, :, neg] = 0
+        chunk.view(_UNIT_DTYPES[chunk.element_size()])[:, :, neg] = 0
 
 
 def scatter(
@@ -168,14 +224,5 @@ def scatter(
     if not bool(keep.all()):
         chunk = chunk.view(_UNIT_DTYPES[chunk.element_size()])[:, :, keep].contiguous()
         slots = slots[keep]
-    tokens = slots.numel()
-    if tokens == 0:
-        return
-    segs = _plan(geom, slots)
-    es, unit, chunk_bytes = _setup(layers, geom, chunk)
-    for layer, t in enumerate(layers):
-        dst = {s.r: _layer_rows(t, geom, unit, s.r) for s in segs}
-        for k in range(geom.kv_factor):
-            for s in segs:
-                src = _chunk_rows(chunk_bytes, geom, es, unit, tokens, layer, k, s)
-                dst[s.r].index_copy_(0, s.idx[k], src)
+    if slots.numel():
+        _copy("scatter", layers, geom, slots, chunk)

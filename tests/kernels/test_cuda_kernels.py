@@ -144,3 +144,63 @@ def test_gpu_kernels_match_torch_path(fmt: PagedFormat) -> None:
 def test_gpu_check_cli_round_trip(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_cli.main(["--arch", "sm_90", "--tokens", "512", "--iters", "3"]) == 0
     assert "round trip" in capsys.readouterr().out
+
+
+def _emulate(op: str, layers: list[torch.Tensor], layout, fmt, slots: torch.Tensor, chunk) -> None:
+    """Run the CUDA kernel's address arithmetic on CPU tensors, byte by byte."""
+    from lmcache_pd.kernels.geometry import validate_caches
+
+    _, geom = validate_caches(layers, layout, fmt)
+    p = cuda_kernels.launch_params(layers, geom, slots.numel(), chunk)
+    w, units = p.width, p.row_bytes // p.width
+    t = torch.arange(p.tokens)[:, None, None, None]
+    k = torch.arange(p.kv_factor)[None, :, None, None]
+    h = torch.arange(p.rows)[None, None, :, None]
+    u = torch.arange(units)[None, None, None, :]
+    slot = slots[:, None, None, None]
+    valid = (slot >= 0) & (slot < p.num_slots)
+    base = torch.where(valid, (slot // p.block_size) * p.stride_b, 0)
+    base = base + torch.where(valid, (slot % p.block_size) * p.stride_n, 0)
+    cache_off = base + k * p.stride_k + h * p.stride_h + u * w
+    byte = torch.arange(w)
+    chunk_bytes = chunk.reshape(-1).view(torch.uint8)
+    es = layers[0].element_size()
+    for layer, tensor in enumerate(layers):
+        start = tensor.storage_offset() * es
+        assert (tensor.data_ptr() + cache_off[valid.expand_as(cache_off)]).remainder(w).eq(0).all()
+        store = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())[start:]
+        chunk_off = ((layer * p.kv_factor + k) * p.tokens + t) * p.rows * p.row_bytes
+        chunk_off = (chunk_off + h * p.row_bytes + u * w).expand_as(cache_off)
+        vmask = valid.expand_as(cache_off)
+        src = (cache_off[..., None] + byte).reshape(-1)
+        dst = (chunk_off[..., None] + byte).reshape(-1)
+        m = vmask[..., None].expand(*vmask.shape, w).reshape(-1)
+        if op == "gather":
+            chunk_bytes[dst] = torch.where(m, store[src.clamp_min(0) * m], 0)
+        else:
+            store[src[m]] = chunk_bytes[dst[m]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e5m2"])
+@pytest.mark.parametrize("fmt", [*KV_FORMATS, PagedFormat.MLA], ids=lambda f: f.name)
+def test_kernel_address_math_matches_torch_path(fmt: PagedFormat, dtype: str) -> None:
+    """The launch arguments drive the kernel's formulas to the torch path's result."""
+    for variant in ("plain", "shared", "permuted"):
+        if variant == "permuted" and fmt in (PagedFormat.FLASHINFER, PagedFormat.CPU_VLLM):
+            continue
+        layout = make_layout(2, 3, 16, dtype, 16, mla=fmt is PagedFormat.MLA)
+        gen = torch.Generator().manual_seed(3)
+        caches = make_caches(fmt, layout, 4, gen, variant)
+        slots = torch.tensor([5, 63, -1, 16, 64, 0, 33, 200])  # 64, 200: past the cache
+        got = torch.full((8 * layout.bytes_per_token,), 0x55, dtype=torch.uint8)
+        _emulate("gather", caches, layout, fmt, slots, got)
+        want = torch.empty_like(got)
+        valid = torch.where(slots >= 64, -1, slots)
+        gather(caches, valid, want, layout, fmt)
+        assert torch.equal(got, want), variant
+        fresh = [torch.zeros_like(c) for c in caches]
+        ref = [torch.zeros_like(c) for c in caches]
+        _emulate("scatter", fresh, layout, fmt, slots, got)
+        scatter(got, ref, valid, layout, fmt)
+        for a, b in zip(fresh, ref, strict=True):
+            assert torch.equal(bits(a), bits(b)), variant
