@@ -231,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--name", default="stub")
     p.add_argument("--stream-chunks", type=int, default=4)
+    p.add_argument("--delay-ms", type=float, default=0.0, help="service time per request")
     args = p.parse_args(argv)
     import uvicorn
 
     engine = StubEngine(args.name, args.stream_chunks, record=1)
+    engine.delay_s = args.delay_ms / 1000
     uvicorn.run(
         engine, host=args.host, port=args.port, log_level="error", access_log=False, lifespan="off"
     )
