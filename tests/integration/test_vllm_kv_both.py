@@ -1,0 +1,114 @@
+"""kv_both on one real vLLM engine: prefix reuse from the CPU/disk tiers.
+
+One engine with our connector (CPU + disk tiers) beside one plain engine; vLLM's own
+prefix cache is off on both so every reused token really comes through our tiers. The
+greedy tokens must be identical, the log must show the hits, and after a restart the
+prefix must hit from disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lmcache_pd.integration.vllm.launch import VLLMServer, metric_value
+from lmcache_pd.integration.vllm.tiny_model import prompts as make_prompts
+from tests.integration.helpers import (
+    connector_config,
+    load_lines,
+    lookup_lines,
+    start_servers,
+    texts,
+)
+
+CHUNK = 64
+MAX_TOKENS = 24
+NO_PREFIX_CACHE = ["--no-enable-prefix-caching"]
+
+
+def both_config(disk: Path) -> dict[str, object]:
+    return connector_config(
+        "kv_both",
+        chunk_size=CHUNK,
+        local_cpu=True,
+        max_local_cpu_size=0.05,
+        local_disk=f"file://{disk}",
+        max_local_disk_size=0.2,
+    )
+
+
+@pytest.fixture(scope="module")
+def engines(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[VLLMServer, VLLMServer, Path]]:
+    work = tmp_path_factory.mktemp("kv-both")
+    disk = work / "disk"
+    plain = VLLMServer(tiny_model, work / "plain.log", name="plain", extra_args=NO_PREFIX_CACHE)
+    both = VLLMServer(
+        tiny_model,
+        work / "both.log",
+        name="kv_both",
+        kv_transfer_config=both_config(disk),
+        extra_args=NO_PREFIX_CACHE,
+    )
+    start_servers([plain, both])
+    try:
+        yield plain, both, disk
+    finally:
+        both.stop()
+        plain.stop()
+
+
+def test_prefix_hit_gives_identical_tokens(
+    engines: tuple[VLLMServer, VLLMServer, Path],
+) -> None:
+    plain, both, _ = engines
+    base = make_prompts(1, seed=11, min_words=150, max_words=150)[0]
+    shared = [base, base + " and then the decode engine took over", base]
+    n_tokens = len(both.tokenize(base))
+    assert n_tokens >= 3 * CHUNK, "prompt too short for the test"
+    want = texts(plain, shared, MAX_TOKENS)
+    got = texts(both, shared, MAX_TOKENS)
+    assert got == want
+    lines = lookup_lines(both.log_text())[-3:]
+    full = n_tokens // CHUNK * CHUNK
+    assert lines[0][1] == 0, lines  # cold
+    assert lines[1][1] >= full and lines[2][1] >= full, lines  # shared chunks hit
+    loads = load_lines(both.log_text())
+    assert loads and loads[-1]["loading"] >= full - 1
+    hits = metric_value(both.metrics(), "vllm:external_prefix_cache_hits_total")
+    assert hits is not None and hits >= 2 * (full - 1)
+
+
+def test_unrelated_prompts_identical(engines: tuple[VLLMServer, VLLMServer, Path]) -> None:
+    plain, both, _ = engines
+    ps = make_prompts(6, seed=12, min_words=3, max_words=150)
+    ps = ps + ps[:3]  # the repeats load from the tiers
+    assert texts(both, ps, MAX_TOKENS) == texts(plain, ps, MAX_TOKENS)
+
+
+def test_restart_hits_from_disk(
+    engines: tuple[VLLMServer, VLLMServer, Path], tiny_model: Path, tmp_path: Path
+) -> None:
+    plain, both, disk = engines
+    prompt = make_prompts(1, seed=13, min_words=110, max_words=110)[0]
+    want = texts(plain, [prompt], MAX_TOKENS)
+    assert texts(both, [prompt], MAX_TOKENS) == want
+    both.stop()  # flushes the disk write-behind queue on shutdown
+    assert any(disk.rglob("*")), "nothing was written to the disk tier"
+    again = VLLMServer(
+        tiny_model,
+        tmp_path / "restarted.log",
+        name="kv_both-restarted",
+        kv_transfer_config=both_config(disk),
+        extra_args=NO_PREFIX_CACHE,
+    )
+    with again:
+        assert texts(again, [prompt], MAX_TOKENS) == want
+        n_tokens = len(again.tokenize(prompt))
+        (total, hit, _), *_ = lookup_lines(again.log_text())
+        assert total == n_tokens
+        assert hit >= n_tokens // CHUNK * CHUNK > 0
+        assert "Retrieved" in again.log_text()
