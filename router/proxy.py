@@ -50,9 +50,15 @@ _JSON = "application/json"
 _FORWARD_HEADERS = (b"authorization",)
 
 
-def _auth_secret() -> bytes:
+def _auth_secret(settings: ProxySettings) -> bytes:
+    """The control-plane secret, resolved like the engines resolve it (core config from
+    ``--config`` if given, ``LMCACHE_*`` env, ``pd_auth_secret_file``)."""
+    from lmcache_pd.router.settings import load_file
+
     from lmcache_pd.config import load_config
 
+    if settings.config_file:
+        return load_file(settings.config_file)[1].auth_secret()
     return load_config(None).auth_secret()
 
 
@@ -71,7 +77,9 @@ def create_app(settings: ProxySettings) -> FastAPI:
         client = Upstream(settings.max_connections, settings.connect_timeout_s)
         handoff = None
         if settings.handoff_port is not None:
-            handoff = HandoffListener(_auth_secret(), settings.handoff_host, settings.handoff_port)
+            handoff = HandoffListener(
+                _auth_secret(settings), settings.handoff_host, settings.handoff_port
+            )
             await handoff.start()
         router = Router(settings, client, metrics, handoff)
         checker = HealthChecker(

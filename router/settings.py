@@ -62,6 +62,7 @@ class ProxySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_body_bytes: int = 32 * 1024 * 1024
     max_connections: int = 512
     log_level: str = "warning"
+    config_file: str | None = None  # the --config yaml (core keys: secret, chunking)
     # core keys the proxy uses (chunk hashing), filled from the core config
     chunk_size: int = 256
     hash_algorithm: str = "xxh3_128"
@@ -110,7 +111,7 @@ class ProxySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _FIELDS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(ProxySettings)}
-_CORE_SHARED = ("chunk_size", "hash_algorithm")
+_CORE_SHARED = ("chunk_size", "hash_algorithm", "config_file")
 
 
 def _url_host(url: str) -> str:
@@ -199,6 +200,7 @@ def settings_from_args(argv: list[str]) -> ProxySettings:
     cfg = core_config.load_config(None) if args.config is None else None
     if args.config:
         data, cfg = load_file(Path(args.config))
+        data["config_file"] = str(args.config)
     assert cfg is not None
     data["chunk_size"] = cfg.chunk_size
     data["hash_algorithm"] = cfg.hash_algorithm.value

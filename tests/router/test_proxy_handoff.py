@@ -108,3 +108,18 @@ def test_missing_or_forged_notice_times_out_and_decodes(stubs, proxy, client) ->
     assert 0.25 < time.monotonic() - t0 < 2.5
     assert d.requests[-1][1]["kv_transfer_params"]["do_remote_prefill"] is True
     assert 'kind="handoff_timeout"} 1.0' in client.get(h.url + "/metrics").text
+
+
+def test_secret_comes_from_the_config_file(stubs, proxy, client, monkeypatch) -> None:
+    monkeypatch.delenv("LMCACHE_PD_AUTH_SECRET")
+    file_secret = "secret-from-the-yaml-0123456789"
+    p, d = stubs("P"), stubs("D")
+    p.on_request = _notifier(ok=False, secret=file_secret)
+    h = proxy(
+        ["--prefiller", p.url, "--decoder", d.url, "--handoff-port", "0"],
+        config={"pd_auth_secret": file_secret},
+        handoff_timeout_s=2.0,
+    )
+    assert client.post(h.url + "/v1/completions", json={"prompt": PROMPT}).status_code == 200
+    # the signed notice was accepted (ok=False -> decode-only), not dropped as forged
+    assert "kv_transfer_params" not in d.requests[-1][1]
