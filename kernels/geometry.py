@@ -42,8 +42,6 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "float8_e5m2": torch.float8_e5m2,
     "uint8": torch.uint8,
 }
-# Same-width integer dtype used for every copy (no arithmetic, bit-exact).
-_INT_BY_WIDTH: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 class PagedFormat(str, enum.Enum):
@@ -104,16 +102,6 @@ class Geometry:
     @property
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
-
-    def extent(self) -> int:
-        """Elements from the first element to one past the last, over the whole layer."""
-        last = (
-            (self.kv_factor - 1) * self.stride_k
-            + (self.num_blocks - 1) * self.stride_b
-            + (self.block_size - 1) * self.stride_n
-            + (self.rows - 1) * self.stride_h
-        )
-        return last + self.row
 
 
 def _shape_error(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor, why: str) -> ValueError:

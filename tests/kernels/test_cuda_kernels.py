@@ -7,6 +7,9 @@ marked ``gpu`` and skip where torch sees no CUDA device.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +92,30 @@ def test_check_cli_compiles_or_skips(capsys: pytest.CaptureFixture[str]) -> None
         assert rc == 0 and "ok   sm_90: 10 kernels" in out
     else:
         assert "skipped" in out or "FAIL" in out
+
+
+def test_check_cli_without_cuda_python_skips(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def missing() -> None:
+        raise ImportError("No module named 'cuda'")
+
+    monkeypatch.setattr(cuda_kernels, "_bindings", missing)
+    assert check_cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "pip install 'lmcache-pd[cuda]'" in out
+    assert "cuda-python is not installed" in str(cuda_kernels.unavailable_reason())
+
+
+@needs_nvrtc
+def test_cli_entry_point(tmp_path: Path) -> None:
+    env = {**os.environ, "LMCACHE_PD_KERNEL_CACHE": str(tmp_path)}
+    res = subprocess.run(
+        [sys.executable, "-m", "lmcache_pd.cli", "check", "kernels", "--arch", "sm_90"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ok   sm_90" in res.stdout
 
 
 @needs_nvrtc
