@@ -10,15 +10,32 @@ them back with :meth:`free`; it never allocates on the hot path.
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 
+import numpy as np
 import torch
 
 from lmcache_pd.config import BufferDevice, ConfigError
 from lmcache_pd.transports.base import Desc, MemKind, Transport
 
 ALIGN = 64
+
+
+def host_buffer(nbytes: int) -> np.ndarray:
+    """Page-aligned, pre-faulted host memory, backed by transparent huge pages where the
+    kernel allows (``madvise``): fewer page-table walks for cma/RDMA registration and
+    copies. Freed when the array is garbage collected."""
+    mem = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mem.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    arr = np.frombuffer(mem, dtype=np.uint8, count=nbytes)
+    arr[::4096] = 0  # fault every page in now, not on the first transfer
+    return arr
 
 
 def slots_for(buffer_bytes: int, slot_bytes: int) -> int:
@@ -53,9 +70,11 @@ class SlotBuffer:
                 raise ConfigError(["pd_buffer_device: 'cuda' requested but no CUDA device"])
             self.tensor = torch.empty(total, dtype=torch.uint8, device="cuda")
             self.kind, self.device_id = MemKind.VRAM, self.tensor.device.index or 0
+        elif torch.cuda.is_available():  # pinned host memory for fast H2D/D2H
+            self.tensor = torch.zeros(total, dtype=torch.uint8, pin_memory=True)
+            self.kind, self.device_id = MemKind.DRAM, 0
         else:
-            pin = torch.cuda.is_available()
-            self.tensor = torch.zeros(total, dtype=torch.uint8, pin_memory=pin)
+            self.tensor = torch.from_numpy(host_buffer(total))
             self.kind, self.device_id = MemKind.DRAM, 0
         self.base = self.tensor.data_ptr()
         self.descs: list[Desc] = [
