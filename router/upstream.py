@@ -117,14 +117,22 @@ class Upstream:
             connector=connector,
             trust_env=False,
             auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # engines set no cookies; skip the jar
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
         )
         self.connect_timeout_s = connect_timeout_s
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
 
     def _timeout(self, total: float | None, read: float | None = None) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(
-            total=total, sock_connect=self.connect_timeout_s, sock_read=read
-        )
+        key = (total, read)
+        t = self._timeouts.get(key)
+        if t is None:
+            t = aiohttp.ClientTimeout(
+                total=total, sock_connect=self.connect_timeout_s, sock_read=read
+            )
+            if len(self._timeouts) < 64:  # a handful of configured deadlines
+                self._timeouts[key] = t
+        return t
 
     async def request(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import time
 import httpx
 import psutil
 import pytest
-from lmcache_pd.router.proxy import spawn
+from lmcache_pd.router.proxy import free_port, spawn
 
 PROMPT = "shared prefix words for the memory test " * 3
 
@@ -55,30 +56,47 @@ def test_cli_errors_exit_2() -> None:
 
 
 async def _load(url: str, n: int, concurrency: int) -> int:
+    import aiohttp
+
     ok = 0
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(trust_env=False, timeout=30, limits=limits) as c:
-        queue = iter(range(n))
+    queue = iter(range(n))
+    async with aiohttp.ClientSession() as session:
 
         async def worker() -> None:
             nonlocal ok
             for i in queue:
                 body = {"prompt": PROMPT + f"tail {i}", "stream": i % 2 == 0}
-                r = await c.post(url + "/v1/completions", json=body)
-                ok += r.status_code == 200
+                async with session.post(url + "/v1/completions", json=body) as r:
+                    await r.read()
+                    ok += r.status == 200
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return ok
 
 
+def _stub_process() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmcache_pd.router.stub", "--port", str(port)])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.terminate()
+    raise RuntimeError("stub did not start")
+
+
 @pytest.mark.slow
-def test_10000_requests_leave_memory_flat(stubs, tmp_path) -> None:
-    p, d = stubs("P"), stubs("D")
-    p.requests = d.requests = type(p.requests)(maxlen=10)
+def test_10000_requests_leave_memory_flat(tmp_path) -> None:
+    """2,000 warm-up + 8,000 measured requests (two-step, cache_aware, half SSE)."""
+    procs = [_stub_process(), _stub_process()]
+    (p, p_url), (d, d_url) = procs
     cfg = tmp_path / "p.yaml"
     cfg.write_text("chunk_size: 4\nprefix_map_entries: 2000\nfinished_history: 256\n")
     proc, url = spawn(
-        ["--prefiller", p.url, "--decoder", d.url, "--policy", "cache_aware", "--config", str(cfg)]
+        ["--prefiller", p_url, "--decoder", d_url, "--policy", "cache_aware", "--config", str(cfg)]
     )
     try:
         ps = psutil.Process(proc.pid)
@@ -88,8 +106,10 @@ def test_10000_requests_leave_memory_flat(stubs, tmp_path) -> None:
         rss_end = ps.memory_info().rss
         state = httpx.get(url + "/v1/proxy/state", trust_env=False).json()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for x in (proc, p, d):
+            x.terminate()
+        for x in (proc, p, d):
+            x.wait(10)
     assert state["inflight"] == 0
     assert state["finished_kept"] == 256
     assert state["prefix_map"] <= 2000
