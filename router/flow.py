@@ -46,6 +46,7 @@ from lmcache_pd.router.upstream import (
 from starlette.responses import Response
 
 from lmcache_pd.chunks import ChunkHasher
+from lmcache_pd.metrics import RateLimitedLog
 
 log = logging.getLogger("lmcache_pd.router")
 
@@ -178,6 +179,7 @@ class Router:
             settings.policy is PolicyKind.CACHE_AWARE or settings.disagg_min_tokens > 0
         )
         self._tok_turn = 0
+        self._warn = RateLimitedLog(log)  # per-request warnings: bursts, then 1 per 10 s
 
     # ---- tokenization --------------------------------------------------------------
     async def _tokens(
@@ -308,83 +310,103 @@ class Router:
         keys: list[bytes],
         rec: RequestRecord,
     ) -> tuple[dict[str, Any] | None, Mode]:
+        """Prefill on a prefiller (retried on another), or fall back to decode-only."""
         rec.state = RequestState.PREFILLING
         tried: set[Engine] = set()
         for attempt in range(1 + self.s.prefill_retries):
             choice = self.prefill.choose(keys, frozenset(tried))
             if choice is None:
                 break
-            p = choice.engine
-            tried.add(p)
+            tried.add(choice.engine)
             req_id = rec.req_id if attempt == 0 else f"{rec.req_id}-r{attempt}"
-            sent = KVTransferParams(
-                req_id=req_id,
-                decoder_host=decoder.kv_host,
-                decoder_init_port=decoder.kv_port,
-                proxy_notify=self.handoff.address if self.handoff else None,
-            )
-            data = self._prefill_body(endpoint, payload, sent)
-            fut = self.handoff.expect(req_id) if self.handoff else None
-            rec.prefiller = p.url
-            t0 = time.perf_counter()
-            self.prefill.acquire(p, keys)
             try:
-                reply = await self.client.request(
-                    "POST", p.url + endpoint.value, data, headers, self.s.prefill_timeout_s
+                result = await self._prefill_on(
+                    choice.engine, req_id, endpoint, payload, headers, decoder, keys, rec
                 )
-            except ConnectFailed as exc:
-                self.prefill.eject(p, f"connect failed: {exc}")
-                self._prefill_failed(p, req_id, f"connect failed: {exc}")
-                continue
-            except UpstreamError as exc:
-                self._prefill_failed(p, req_id, f"{type(exc).__name__}: {exc}")
-                continue
             finally:
-                self.prefill.release(p)
-            if reply.status >= 500:
-                self._prefill_failed(p, req_id, f"HTTP {reply.status}")
-                continue
-            if reply.status >= 400:
-                if self.handoff:
-                    self.handoff.discard(req_id)
-                raise UpstreamAnswer(reply)
-            self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
-            answer = reply.json()
-            returned = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-            if fut is not None and self.handoff is not None:
-                rec.state = RequestState.HANDOFF
-                t1 = time.perf_counter()
-                done = await self.handoff.wait(req_id, fut, self.s.handoff_timeout_s)
-                self.metrics.handoff_wait_seconds.observe(time.perf_counter() - t1)
-                if done is None:
-                    self.metrics.errors.labels(ErrorKind.HANDOFF_TIMEOUT.value).inc()
-                    log.warning(
-                        "%s: no HandoffDone within %.1fs; decoding with the params "
-                        "anyway (the decoder recomputes what is missing)",
-                        req_id,
-                        self.s.handoff_timeout_s,
-                    )
-                elif not done.ok:
-                    self.metrics.errors.labels(ErrorKind.HANDOFF_FAILED.value).inc()
-                    self.metrics.fallbacks.inc()
-                    log.warning("%s: handoff failed (%s); decoder recomputes", req_id, done.error)
-                    return None, Mode.FALLBACK
-            return decode_params(sent, returned), Mode.DISAGG
+                if self.handoff is not None:
+                    self.handoff.discard(req_id)  # whatever happened, no waiter stays
+            if result is not None:
+                return result
         self.metrics.fallbacks.inc()
-        log.warning(
-            "%s: prefill failed on %d prefiller(s); decode-only on %s",
+        self._warn.warning(
+            "%s: prefill failed on %d prefiller(s); decode-only on %s (the decoder "
+            "recomputes the prompt); check the prefillers' logs and GET /health",
             rec.req_id,
             len(tried),
             decoder.url,
         )
         return None, Mode.FALLBACK
 
+    async def _prefill_on(
+        self,
+        p: Engine,
+        req_id: str,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+        decoder: Engine,
+        keys: list[bytes],
+        rec: RequestRecord,
+    ) -> tuple[dict[str, Any] | None, Mode] | None:
+        """One prefill attempt on ``p``: the decode params, or None if ``p`` failed."""
+        sent = KVTransferParams(
+            req_id=req_id,
+            decoder_host=decoder.kv_host,
+            decoder_init_port=decoder.kv_port,
+            proxy_notify=self.handoff.address if self.handoff else None,
+        )
+        data = self._prefill_body(endpoint, payload, sent)
+        fut = self.handoff.expect(req_id) if self.handoff else None
+        rec.prefiller = p.url
+        t0 = time.perf_counter()
+        self.prefill.acquire(p, keys)
+        try:
+            reply = await self.client.request(
+                "POST", p.url + endpoint.value, data, headers, self.s.prefill_timeout_s
+            )
+        except ConnectFailed as exc:
+            self.prefill.eject(p, f"connect failed: {exc}")
+            return self._prefill_failed(p, req_id, f"connect failed: {exc}")
+        except UpstreamError as exc:
+            return self._prefill_failed(p, req_id, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.prefill.release(p)
+        if reply.status >= 500:
+            return self._prefill_failed(p, req_id, f"HTTP {reply.status}")
+        if reply.status >= 400:
+            raise UpstreamAnswer(reply)  # the client's request is at fault: same on D
+        self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
+        answer = reply.json()
+        returned = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        if fut is not None and self.handoff is not None:
+            rec.state = RequestState.HANDOFF
+            t1 = time.perf_counter()
+            done = await self.handoff.wait(req_id, fut, self.s.handoff_timeout_s)
+            self.metrics.handoff_wait_seconds.observe(time.perf_counter() - t1)
+            if done is None:
+                self.metrics.errors.labels(ErrorKind.HANDOFF_TIMEOUT.value).inc()
+                self._warn.warning(
+                    "%s: no HandoffDone within handoff_timeout_s=%.1f; decoding with the "
+                    "params anyway (the decoder recomputes what is missing)",
+                    req_id,
+                    self.s.handoff_timeout_s,
+                )
+            elif not done.ok:
+                self.metrics.errors.labels(ErrorKind.HANDOFF_FAILED.value).inc()
+                self.metrics.fallbacks.inc()
+                self._warn.warning(
+                    "%s: handoff failed (%s); decode-only, the decoder recomputes",
+                    req_id,
+                    done.error,
+                )
+                return None, Mode.FALLBACK
+        return decode_params(sent, returned), Mode.DISAGG
+
     def _prefill_failed(self, p: Engine, req_id: str, why: str) -> None:
         self.metrics.errors.labels(ErrorKind.PREFILL_FAILED.value).inc()
-        if self.handoff:
-            self.handoff.discard(req_id)
         p.last_error = why
-        log.warning("%s: prefill on %s failed: %s", req_id, p.url, why)
+        self._warn.warning("%s: prefill on %s failed: %s", req_id, p.url, why)
 
     # ---- step 2: decode -----------------------------------------------------------
     async def _decode(
@@ -442,7 +464,7 @@ class Router:
                         f"no healthy decoder engine (last: {decoder.url} unreachable)",
                         ErrorKind.NO_ENGINE,
                     ) from None
-                log.warning(
+                self._warn.warning(
                     "%s: decoder %s unreachable; decode-only on %s",
                     rec.req_id,
                     decoder.url,

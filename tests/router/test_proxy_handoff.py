@@ -123,3 +123,22 @@ def test_secret_comes_from_the_config_file(stubs, proxy, client, monkeypatch) ->
     assert client.post(h.url + "/v1/completions", json={"prompt": PROMPT}).status_code == 200
     # the signed notice was accepted (ok=False -> decode-only), not dropped as forged
     assert "kv_transfer_params" not in d.requests[-1][1]
+
+
+def test_disconnect_during_handoff_wait_leaves_no_waiter(stubs, proxy, client) -> None:
+    import httpx
+
+    p, d = stubs("P"), stubs("D")  # P never notifies
+    h = proxy(
+        ["--prefiller", p.url, "--decoder", d.url, "--handoff-port", "0"], handoff_timeout_s=10.0
+    )
+    with httpx.Client(trust_env=False, timeout=0.5) as c, pytest.raises(httpx.ReadTimeout):
+        c.post(h.url + "/v1/completions", json={"prompt": PROMPT})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        state = client.get(h.url + "/v1/proxy/state").json()
+        if state["inflight"] == 0:
+            break
+        time.sleep(0.05)
+    assert state["inflight"] == 0 and state["handoff_pending"] == 0
+    assert d.served == 0  # never decoded: the client was gone
