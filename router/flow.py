@@ -296,7 +296,8 @@ class Router:
         if endpoint is Endpoint.CHAT:
             body["max_completion_tokens"] = 1
         body["stream"] = False
-        for key in ("stream_options", "min_tokens"):
+        # invalid or wasteful with one token and no stream: the prompt's KV is the same
+        for key in ("stream_options", "min_tokens", "n", "best_of"):
             body.pop(key, None)
         body["kv_transfer_params"] = sent.to_dict()
         return msgspec.json.encode(body)

@@ -27,6 +27,7 @@ def test_two_step_flow_order_and_params(stubs, proxy, client, journal) -> None:
         "priority": 3,
         "stream_options": {"include_usage": True},
         "min_tokens": 2,
+        "n": 2,
     }
     r = client.post(h.url + "/v1/completions", json=body)
     assert r.status_code == 200, r.text
@@ -38,7 +39,7 @@ def test_two_step_flow_order_and_params(stubs, proxy, client, journal) -> None:
     ]
     pre = journal[0][2]
     assert pre["max_tokens"] == 1 and pre["stream"] is False
-    assert "stream_options" not in pre and "min_tokens" not in pre
+    assert "stream_options" not in pre and "min_tokens" not in pre and "n" not in pre
     sent = pre["kv_transfer_params"]
     assert set(sent) == set(KVTransferParams.__struct_fields__)
     assert sent["do_remote_decode"] is True

@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import pytest
 import zmq
 
@@ -126,8 +127,6 @@ def test_secret_comes_from_the_config_file(stubs, proxy, client, monkeypatch) ->
 
 
 def test_disconnect_during_handoff_wait_leaves_no_waiter(stubs, proxy, client) -> None:
-    import httpx
-
     p, d = stubs("P"), stubs("D")  # P never notifies
     h = proxy(
         ["--prefiller", p.url, "--decoder", d.url, "--handoff-port", "0"], handoff_timeout_s=10.0
