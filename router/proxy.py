@@ -41,6 +41,7 @@ from lmcache_pd.router.metrics import ErrorKind, ProxyMetrics
 from lmcache_pd.router.pool import HealthChecker
 from lmcache_pd.router.settings import ProxySettings, settings_from_args
 from lmcache_pd.router.upstream import Upstream, UpstreamError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from lmcache_pd.config import ConfigError
@@ -113,6 +114,20 @@ def create_app(settings: ProxySettings) -> FastAPI:
     app = FastAPI(
         title="lmcache-pd proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """404/405 and friends, OpenAI-shaped like every other error of the proxy."""
+        body = {
+            "error": {
+                "message": f"{request.method} {request.url.path}: {exc.detail}",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": exc.status_code,
+            },
+            "object": "error",
+        }
+        return Response(msgspec.json.encode(body), exc.status_code, media_type=_JSON)
 
     async def answer(
         endpoint: Endpoint, raw_headers: list[tuple[bytes, bytes]], raw: bytes, receive: Any

@@ -188,3 +188,12 @@ def test_client_disconnect_during_prefill_cancels_prefill(stubs, proxy) -> None:
     assert d.served == 0
     with httpx.Client(trust_env=False) as c:
         assert _wait_for(lambda: c.get(h.url + "/v1/proxy/state").json()["inflight"] == 0)
+
+
+def test_unknown_routes_are_openai_shaped(stubs, proxy, client) -> None:
+    d = stubs("D")
+    h = proxy(["--decoder", d.url])
+    r = client.get(h.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    r = client.get(h.url + "/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"

@@ -27,7 +27,7 @@ def test_import_pulls_no_torch_numpy_nixl_vllm_and_is_fast() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout.split(maxsplit=1)
     assert out[1].strip() == "[]", out
-    assert float(out[0]) < 1.5, f"import took {out[0]} s"
+    assert float(out[0]) < 2.5, f"import took {out[0]} s (about 0.45 s on an idle 2-core box)"
 
 
 def test_process_starts_in_about_a_second(stubs) -> None:
@@ -42,7 +42,7 @@ def test_process_starts_in_about_a_second(stubs) -> None:
             except httpx.HTTPError:
                 time.sleep(0.02)
         took = time.monotonic() - t0
-        assert took < 3.0, f"proxy took {took:.2f}s to serve /health"
+        assert took < 4.0, f"proxy took {took:.2f}s to serve /health (about 1 s idle)"
     finally:
         proc.terminate()
         proc.wait(10)
