@@ -5,10 +5,11 @@ source hash, the options, the NVRTC version and the target arch, so installing n
 no compiler step), module loading per device, the device-side pointer table of layer
 base addresses, and the ``cuLaunchKernel`` call on the current torch stream.
 
-One launch covers all layers: the grid is ``(tokens, layers)``, the layer's base
+One launch covers all layers: the grid is ``(token groups, layers)``, the layer's base
 address comes from a pointer table, and each thread block copies the ``kv_factor x
-rows`` rows of one token with the widest vector (16, 8, 4, 2 or 1 bytes) that every
-address, stride and row size allows. Slots that are negative or past the cache are
+rows`` rows of ``blockDim.y`` tokens (one token per ``threadIdx.y``; several only when
+a token's bytes are few, as with MLA) with the widest vector (16, 8, 4, 2 or 1 bytes)
+that every address, stride and row size allows. Slots that are negative or past the cache are
 padding: zeros on gather, skipped on scatter (no host sync, no stray write).
 
 cuda-python is imported lazily: without it (or without a GPU) the package still works
@@ -42,7 +43,9 @@ __device__ __forceinline__ void copy_token(
     long long row_bytes, long long stride_k, long long stride_b, long long stride_n,
     long long stride_h, int block_size, long long num_slots)
 {
-    const int t = blockIdx.x;
+    // blockDim.y tokens per block (small rows), blockDim.x threads per token.
+    const int t = blockIdx.x * blockDim.y + threadIdx.y;
+    if (t >= num_tokens) return;
     const int layer = blockIdx.y;
     const long long slot = slots[t];
     const bool valid = slot >= 0 && slot < num_slots;
@@ -299,7 +302,8 @@ class LaunchParams:
     """Scalar kernel arguments and launch shape for one gather/scatter (no pointers).
 
     Byte strides and sizes as the kernel uses them; ``width`` is the vector width in
-    bytes; the grid is ``(tokens, layers)`` with ``threads`` threads per block.
+    bytes; the grid is ``(ceil(tokens / tokens_per_block), layers)`` and a block is
+    ``(threads, tokens_per_block)``.
     """
 
     tokens: int
@@ -315,6 +319,15 @@ class LaunchParams:
     num_slots: int
     width: int
     threads: int
+    tokens_per_block: int
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (-(-self.tokens // self.tokens_per_block), self.layers, 1)
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return (self.threads, self.tokens_per_block, 1)
 
 
 def launch_params(
@@ -327,6 +340,7 @@ def launch_params(
     ptrs = [t.data_ptr() for t in layers]
     width = vector_width([row_bytes, *strides, *ptrs, chunk.data_ptr()])
     units = geom.kv_factor * geom.rows * (row_bytes // width)
+    threads = max(32, min(512, (units + 31) // 32 * 32))
     return LaunchParams(
         tokens=tokens,
         layers=len(layers),
@@ -340,7 +354,8 @@ def launch_params(
         block_size=geom.block_size,
         num_slots=geom.num_slots,
         width=width,
-        threads=max(32, min(512, (units + 31) // 32 * 32)),
+        threads=threads,
+        tokens_per_block=max(1, 256 // threads),
     )
 
 
@@ -366,11 +381,9 @@ def launch(
     )  # fmt: skip
     stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
     name = f"{op}_v{p.width}"
-    grid = (p.tokens, p.layers, 1)
-    block = (p.threads, 1, 1)
     _check(
         driver.cuLaunchKernel(
-            kernels.functions[name], *grid, *block, 0, stream, (args, _ARG_TYPES), 0
+            kernels.functions[name], *p.grid, *p.block, 0, stream, (args, _ARG_TYPES), 0
         ),
         f"cuLaunchKernel {name}",
     )

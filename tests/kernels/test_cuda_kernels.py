@@ -85,6 +85,25 @@ def test_vector_width() -> None:
     assert cuda_kernels.vector_width([4097]) == 1
 
 
+@pytest.mark.parametrize("fmt", [PagedFormat.FLASH_ATTN, PagedFormat.MLA], ids=lambda f: f.name)
+@pytest.mark.parametrize("tokens", [1, 7, 256, 1000])
+def test_launch_shape_covers_every_token(fmt: PagedFormat, tokens: int) -> None:
+    from lmcache_pd.kernels.geometry import validate_caches
+
+    layout = make_layout(2, 8, 128, "bfloat16", 16, mla=fmt is PagedFormat.MLA)
+    if fmt is PagedFormat.MLA:
+        layout = make_layout(2, 1, 576, "bfloat16", 16, mla=True)
+    caches = make_caches(fmt, layout, 2, torch.Generator())
+    _, geom = validate_caches(caches, layout, fmt)
+    chunk = torch.empty(tokens * layout.bytes_per_token, dtype=torch.uint8)
+    p = cuda_kernels.launch_params(caches, geom, tokens, chunk)
+    gx, gy, _ = p.grid
+    bx, by, _ = p.block
+    assert gy == 2 and bx % 32 == 0 and bx * by <= 512
+    assert (gx - 1) * by < tokens <= gx * by  # every token once, no empty block
+    assert p.row_bytes % p.width == 0
+
+
 def test_check_cli_compiles_or_skips(capsys: pytest.CaptureFixture[str]) -> None:
     rc = check_cli.main(["--arch", "sm_90"])
     out = capsys.readouterr().out
