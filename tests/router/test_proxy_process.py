@@ -23,11 +23,16 @@ def test_import_pulls_no_torch_numpy_nixl_vllm_and_is_fast() -> None:
         "bad = [m for m in ('torch', 'numpy', 'nixl', 'vllm') if m in sys.modules]; "
         "print(dt, bad)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    ).stdout.split(maxsplit=1)
-    assert out[1].strip() == "[]", out
-    assert float(out[0]) < 2.5, f"import took {out[0]} s (about 0.45 s on an idle 2-core box)"
+    best = float("inf")
+    for _ in range(3):  # best of 3: a busy shared host should not fail this
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.split(maxsplit=1)
+        assert out[1].strip() == "[]", out
+        best = min(best, float(out[0]))
+        if best < 1.0:
+            break
+    assert best < 2.5, f"import took {best:.2f} s (about 0.45 s on an idle 2-core box)"
 
 
 def test_process_starts_in_about_a_second(stubs) -> None:
