@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=[k.value for k in PolicyKind], default=None)
     p.add_argument("--config", default=None, help="yaml with proxy and core keys")
     p.add_argument(
+        "--handoff-host",
+        default=None,
+        help="address the HandoffDone listener binds and advertises (default 127.0.0.1)",
+    )
+    p.add_argument(
         "--handoff-port",
         type=int,
         default=None,
@@ -212,6 +217,7 @@ def settings_from_args(argv: list[str]) -> ProxySettings:
         "port": args.port,
         "policy": args.policy,
         "handoff_port": args.handoff_port,
+        "handoff_host": args.handoff_host,
         "disagg_min_tokens": args.disagg_min_tokens,
         "log_level": args.log_level,
     }
