@@ -2,11 +2,12 @@
 
 For llama-8b chunks (256 tokens = 32 MiB each) from one chunk up to 8k tokens:
 
-- ``raw_nixl_gbps``: one prepped NIXL WRITE of the chunks between two agents (target
-  progressed by polling, as our receiver does), the floor of what any handoff can do;
-- ``handoff_gbps``: Offer -> Accept -> WRITE -> Done -> Committed through a real
-  Sender/Receiver pair, receiver verifying every chunk's xxh3 checksum (sender
-  checksums are taken at gather time, outside the timed region, as the engine does);
+- ``raw_nixl_gbps``: one prepped NIXL WRITE of the chunks into a bare agent in another
+  process (target progressed by polling, as our receiver does), timed until the target
+  saw the notification: the floor of what any handoff can do;
+- ``handoff_gbps``: Offer -> Accept -> WRITEs -> Done -> Committed from this process to
+  a real receiver process that verifies every chunk's xxh3 checksum (sender checksums
+  are taken at gather time, outside the timed region, as the engine does);
 - ``handoff_noverify_gbps``: the same with ``pd_verify_checksums: false``;
 - ``memcpy_gbps``: numpy copy of the same bytes.
 
@@ -21,12 +22,12 @@ import json
 import os
 import secrets
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from lmcache_pd.transports.base import XferState
 from lmcache_pd.transports.nixl import NixlTransport
 from rich.console import Console
 from rich.table import Table
@@ -35,7 +36,6 @@ from lmcache_pd.buffer import host_buffer
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.config import load_config
 from lmcache_pd.layout import preset
-from lmcache_pd.receiver import Receiver
 from lmcache_pd.sender import OutChunk, Sender
 
 console = Console()
@@ -44,74 +44,106 @@ LAYOUT = preset("llama-8b")
 SLOT = LAYOUT.bytes_per_chunk(CHUNK)
 
 
-def raw_nixl(n_chunks: int, reps: int) -> float:
-    """Median GB/s of one WRITE of ``n_chunks`` slots between two fresh agents."""
-    a, b = NixlTransport("raw-a"), NixlTransport("raw-b")
-    nbytes = n_chunks * SLOT
-    src, dst = host_buffer(nbytes), host_buffer(nbytes)  # the same allocator as our buffers
-    src[:] = 1
-    a.register(src.ctypes.data, nbytes)
-    b.register(dst.ctypes.data, nbytes)
-    peer = a.add_peer(b.metadata())
-    b.add_peer(a.metadata())
-    a.connect(peer)
-    local = a.prep_local([(src.ctypes.data + i * SLOT, SLOT, 0) for i in range(n_chunks)])
-    remote = a.prep_remote(peer, [(dst.ctypes.data + i * SLOT, SLOT, 0) for i in range(n_chunks)])
-    idx = list(range(n_chunks))
-    times = []
+def _spawn(role: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmcache_pd.peer", role, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _line(proc: subprocess.Popen[str], tag: str) -> str:
+    assert proc.stdout is not None
+    for _ in range(1000):
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"peer exited before {tag}")
+        if line.startswith(tag + " "):
+            return line[len(tag) + 1 :].strip()
+    raise RuntimeError(f"no {tag} line")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.stdin:
+        proc.stdin.close()
     try:
-        for i in range(reps + 1):  # first one warms the connection
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def raw_nixl(n_chunks: int, reps: int) -> float:
+    """Median GB/s of one WRITE of ``n_chunks`` slots into another process's agent,
+    timed until the target reports the notification."""
+    nbytes = n_chunks * SLOT
+    target = _spawn("raw-target", "--buffer-bytes", str(nbytes))
+    a = NixlTransport("raw-initiator")
+    try:
+        meta_hex, addr = _line(target, "READY").split()
+        src = host_buffer(nbytes)  # the same allocator as our buffers
+        src[:] = 1
+        a.register(src.ctypes.data, nbytes)
+        peer = a.add_peer(bytes.fromhex(meta_hex))
+        a.connect(peer)
+        base = int(addr)
+        local = a.prep_local([(src.ctypes.data + i * SLOT, SLOT, 0) for i in range(n_chunks)])
+        remote = a.prep_remote(peer, [(base + i * SLOT, SLOT, 0) for i in range(n_chunks)])
+        idx = list(range(n_chunks))
+        times = []
+        for i in range(reps + 1):  # the first one warms the connection
             t0 = time.perf_counter()
             handle = a.write(local, idx, remote, idx, b"raw%d" % i)
-            got = False
-            deadline = time.monotonic() + 60
-            while a.poll(handle) is not XferState.DONE or not got:
-                got = got or bool(b.notifications())
-                if time.monotonic() > deadline:
-                    raise TimeoutError("raw NIXL WRITE did not complete in 60s")
-                time.sleep(50e-6)
+            a.wait(handle, 60.0)
+            _line(target, "NOTIF")
             times.append(time.perf_counter() - t0)
             a.release(handle)
     finally:
         a.close()
-        b.close()
+        _stop(target)
     return nbytes / statistics.median(times[1:]) / 1e9
 
 
 def handoff(n_chunks: int, reps: int, verify: bool) -> float:
-    """Median GB/s of a full handoff of ``n_chunks`` fresh chunks."""
+    """Median GB/s of a full handoff of ``n_chunks`` fresh chunks to a receiver process."""
+    env = {"LMCACHE_PD_VERIFY_CHECKSUMS": "true" if verify else "false"}
+    rx = _spawn(
+        "receiver", "--layout", "llama-8b", "--chunk-size", str(CHUNK),
+        "--buffer-bytes", str(n_chunks * SLOT), "--timeout", "60", env=env,
+    )  # fmt: skip
     cfg = load_config(
         overrides={
             "chunk_size": CHUNK,
             "pd_buffer_size": n_chunks * SLOT,
-            "pd_verify_checksums": verify,
             "pd_transfer_timeout_s": 60.0,
         }
     )
-    rx = Receiver(cfg, LAYOUT, NixlTransport("bench-rx"), port=0).start()
     tx = Sender(cfg, LAYOUT, NixlTransport("bench-tx"))
     hasher = ChunkHasher(LAYOUT.fingerprint(), CHUNK)
     rng = np.random.default_rng(0)
     slots = tx.alloc(n_chunks)
-    for s in slots:
-        np.frombuffer(tx.buffer.view(s), dtype=np.uint8)[::4096] = rng.integers(
-            0, 256, SLOT // 4096
-        )
-    sums = [tx.checksum(s, SLOT) for s in slots]  # taken at gather time in the engine
     times = []
     try:
+        endpoint = _line(rx, "READY")
+        for s in slots:
+            np.frombuffer(tx.buffer.view(s), dtype=np.uint8)[::4096] = rng.integers(
+                0, 256, SLOT // 4096
+            )
+        sums = [tx.checksum(s, SLOT) for s in slots]  # taken at gather time in the engine
         for rep in range(reps + 1):
-            keys = hasher.keys(rng.integers(0, 32000, n_chunks * CHUNK).tolist())
+            keys = hasher.keys(
+                rng.integers(0, 32000, n_chunks * CHUNK).tolist()
+            )  # fresh: no dedupe
             chunks = [OutChunk(k, s, SLOT, c) for k, s, c in zip(keys, slots, sums, strict=True)]
-            rx.drop(list(rx._ready))  # fresh room; nothing deduped
             t0 = time.perf_counter()
-            res = tx.send(rx.endpoint, f"bench-{rep}", chunks)
+            res = tx.send(endpoint, f"bench-{rep}", chunks)
             times.append(time.perf_counter() - t0)
             assert res.sent == n_chunks and res.bad == 0, res
     finally:
         tx.free(slots)
         tx.close()
-        rx.close()
+        _stop(rx)
     return n_chunks * SLOT / statistics.median(times[1:]) / 1e9
 
 

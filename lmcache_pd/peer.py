@@ -6,6 +6,10 @@ run the handoff across real process boundaries with these.
         prints ``STATS <json>`` (counters, slot usage, pattern verification).
     python -m lmcache_pd.peer sender --endpoint tcp://... --requests N --tokens L
         prints one ``RESULT <json>`` line per request, then ``STATS <json>``.
+    python -m lmcache_pd.peer raw-target --buffer-bytes N
+        a bare NIXL agent with one registered buffer (the raw-NIXL baseline of the
+        benchmarks): prints ``READY <metadata hex> <address>``, then ``NOTIF <text>``
+        per notification, until stdin closes.
 
 Chunk contents follow :func:`pattern` (derived from the chunk key), so the receiver
 verifies every byte it committed without the sender shipping a copy.
@@ -68,10 +72,7 @@ def run_receiver(args: argparse.Namespace) -> int:
     cfg, layout = _config(args)
     rx = Receiver(cfg, layout, NixlTransport(), port=args.port).start()
     print(f"READY {rx.endpoint}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    stop.wait()
+    _stdin_closed().wait()
     verified = bad = 0
     if args.verify:
         with rx._lock:
@@ -85,6 +86,32 @@ def run_receiver(args: argparse.Namespace) -> int:
     stats = {**rx.stats(), "pattern_verified": verified, "pattern_bad": bad}
     rx.close()
     print("STATS " + json.dumps(stats), flush=True)
+    return 0
+
+
+def _stdin_closed() -> threading.Event:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    return stop
+
+
+def run_raw_target(args: argparse.Namespace) -> int:
+    from lmcache_pd.buffer import host_buffer
+
+    transport = NixlTransport()
+    buf = host_buffer(args.buffer_bytes)
+    transport.register(buf.ctypes.data, buf.size)
+    print(f"READY {transport.metadata().hex()} {buf.ctypes.data}", flush=True)
+    stop = _stdin_closed()
+    delay = 50e-6
+    while not stop.is_set():
+        notifs = transport.notifications()
+        for _peer, text in notifs:
+            print(f"NOTIF {text.decode(errors='replace')}", flush=True)
+        delay = 50e-6 if notifs else min(delay * 1.5, 1e-3)
+        stop.wait(delay)
+    transport.close()
     return 0
 
 
@@ -160,7 +187,7 @@ def run_sender(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcache_pd.peer")
-    parser.add_argument("role", choices=["receiver", "sender"])
+    parser.add_argument("role", choices=["receiver", "sender", "raw-target"])
     parser.add_argument("--layout", default="tiny")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--buffer-bytes", type=int, default=0)
@@ -176,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     started = time.monotonic()
-    rc = run_receiver(args) if args.role == "receiver" else run_sender(args)
+    runners = {"receiver": run_receiver, "sender": run_sender, "raw-target": run_raw_target}
+    rc = runners[args.role](args)
     logging.getLogger(__name__).debug("%s ran %.1fs", args.role, time.monotonic() - started)
     return rc
 

@@ -10,10 +10,12 @@ The handoff (DESIGN.md):
     sender (prefiller)                       receiver (decoder)
     Hello{compat}            + [metadata] ->
                                           <- HelloAck{slots} + [metadata]   (or Error)
-    Offer{req_id, keys, nbytes}          ->
+    Offer{req_id, keys, nbytes, checksums} ->
                                           <- Accept{have, slots, lease}     (or Busy/Error)
-    ... one NIXL WRITE of the missing chunks into the granted slots ...
-    Done{req_id, lease, checksums}       ->
+    ... NIXL WRITEs of the missing chunks into the granted slots, in groups; each
+        group's notification ``lmcpd:<lease>:<first>:<count>`` lets the receiver
+        verify those chunks while later groups are still in flight ...
+    Done{req_id, lease}                  ->
                                           <- Committed{stored, bad}         (or Error)
     Cancel{req_id, lease, reason}        ->  (slots freed at once)
 
@@ -110,11 +112,13 @@ class HelloAck(Msg, tag="hello_ack"):
 
 class Offer(Msg, tag="offer"):
     """Sender offers the chunks of a request, in prefix order. ``nbytes[i]`` is the
-    used length of chunk ``i`` (a partial last chunk is shorter than a slot)."""
+    used length of chunk ``i`` (a partial last chunk is shorter than a slot) and
+    ``checksums[i]`` its xxh3-64, taken when the chunk was gathered."""
 
     req_id: str
     keys: list[bytes]
     nbytes: list[int]
+    checksums: list[int]
 
 
 class Accept(Msg, tag="accept"):
@@ -138,11 +142,11 @@ class Busy(Msg, tag="busy"):
 
 
 class Done(Msg, tag="done"):
-    """All granted slots were written; ``checksums[j]`` is xxh3-64 of chunk ``want[j]``."""
+    """Every WRITE of the lease was posted and completed at the sender; the receiver
+    commits once all their notifications arrived."""
 
     req_id: str
     lease: int
-    checksums: list[int]
 
 
 class Committed(Msg, tag="committed"):

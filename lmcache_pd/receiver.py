@@ -4,10 +4,12 @@ The receiver owns a registered receive buffer of ``pd_buffer_size`` bytes split 
 chunk slots, a ROUTER socket on ``pd_bind_host:pd_peer_init_port`` and one background
 thread running an asyncio loop. Per Offer it answers ``Accept`` (chunks it already holds,
 in the buffer or in a tier ``store``, are listed in ``have`` and not resent; the rest get
-slots under a **lease**), ``Busy`` (no room now) or ``Error``. On ``Done`` plus the NIXL
-notification of the same lease, it verifies each chunk's xxh3-64 checksum, makes good
-chunks *ready* and rejects bad ones; a lease that sees no ``Done`` within its TTL
-expires and its slots are freed: a dead sender never leaks slots.
+slots under a **lease**), ``Busy`` (no room now) or ``Error``. Each NIXL WRITE group's
+notification names the chunks that landed; they are verified against the xxh3-64
+checksums from the Offer at once, while later groups are still in flight. On ``Done``
+with every group landed, good chunks become *ready* and bad ones are rejected; a lease
+that sees no ``Done`` within its TTL expires and its slots are freed: a dead sender never
+leaks slots.
 
 Ready chunks stay in the buffer (LRU; unpinned ones are evicted for new leases) and are
 copied into the ``store`` when one is configured. Engine-facing calls (``lookup``,
@@ -63,8 +65,19 @@ _POLL_SLOW_MAX_S = 10e-3
 _FAST_WINDOW_S = 0.5
 
 
-def lease_notif(lease: int) -> bytes:
-    return NOTIF_PREFIX + str(lease).encode()
+def lease_notif(lease: int, first: int, count: int) -> bytes:
+    """Notification of one WRITE group: chunks ``want[first:first+count]`` of ``lease``."""
+    return NOTIF_PREFIX + f"{lease}:{first}:{count}".encode()
+
+
+def parse_notif(text: bytes) -> tuple[int, int, int] | None:
+    if not text.startswith(NOTIF_PREFIX):
+        return None
+    try:
+        lease, first, count = (int(x) for x in text[len(NOTIF_PREFIX) :].split(b":"))
+    except ValueError:
+        return None
+    return lease, first, count
 
 
 class LeaseState(enum.Enum):
@@ -79,12 +92,14 @@ class _Lease:
     identity: bytes
     keys: list[bytes]
     nbytes: list[int]
+    checksums: list[int]
     have: list[int]
     want: list[int]
     slots: list[int]
     granted_at: float
     deadline: float
-    notified: bool = False
+    landed: set[int] = field(default_factory=set)  # positions in ``want``
+    bad: list[int] = field(default_factory=list)  # offer indices that failed the checksum
     done: Done | None = None
     state: LeaseState = LeaseState.WAITING
 
@@ -295,6 +310,7 @@ class Receiver:
                 identity=identity,
                 keys=list(msg.keys),
                 nbytes=list(msg.nbytes),
+                checksums=list(msg.checksums),
                 have=have,
                 want=want,
                 slots=slots,
@@ -321,8 +337,8 @@ class Receiver:
 
         if identity not in self._peers:
             return err(ErrorCode.UNKNOWN_PEER, "no Hello from this sender (receiver restarted?)")
-        if len(msg.keys) != len(msg.nbytes):
-            return err(ErrorCode.BAD_REQUEST, "Offer keys and nbytes differ in length")
+        if not len(msg.keys) == len(msg.nbytes) == len(msg.checksums):
+            return err(ErrorCode.BAD_REQUEST, "Offer keys, nbytes and checksums differ in length")
         if len(msg.keys) > self.buffer.num_slots:
             return err(
                 ErrorCode.BAD_REQUEST,
@@ -361,56 +377,53 @@ class Receiver:
                     message=f"lease {msg.lease} unknown or expired "
                     f"(TTL {self.cfg.pd_lease_ttl_s}s)",
                 )
-            if len(msg.checksums) != len(lease.want):
-                self._drop_lease(lease, "Done with a wrong number of checksums")
-                return Error(
-                    req_id=msg.req_id,
-                    code=ErrorCode.BAD_REQUEST,
-                    message=f"Done has {len(msg.checksums)} checksums for {len(lease.want)} chunks",
-                )
             lease.done = msg
             lease.state = LeaseState.DONE_SEEN
-            if lease.notified:
+            if len(lease.landed) == len(lease.want):
                 return self._commit(lease)
-        return None  # committed when the data notification arrives
+        return None  # committed when the last data notification arrives
+
+    def _verify(self, lease: _Lease, first: int, count: int) -> None:
+        """Check the checksums of ``want[first:first+count]`` as they land (loop thread,
+        outside the lock: only this thread touches a lease's slots before commit)."""
+        for pos in range(first, min(first + count, len(lease.want))):
+            if pos in lease.landed:
+                continue
+            i = lease.want[pos]
+            if self.cfg.pd_verify_checksums and self.buffer.kind.value == "DRAM":
+                view = self.buffer.view(lease.slots[pos], lease.nbytes[i])
+                if xxhash.xxh3_64_intdigest(view) != lease.checksums[i]:
+                    lease.bad.append(i)
+                    self.counters.inc("checksum_failures")
+                    log.error(
+                        "chunk %d of request %s failed its checksum: rejected, not handed on",
+                        i,
+                        lease.req_id,
+                    )
+            lease.landed.add(pos)
 
     def _commit(self, lease: _Lease) -> Committed:
-        """Verify and publish a lease's chunks. Called with the lock held."""
-        assert lease.done is not None
+        """Publish a fully landed lease's good chunks. Called with the lock held."""
         stored = list(lease.have)
-        bad: list[int] = []
+        bad = set(lease.bad)
         moved = 0
-        for j, (i, slot) in enumerate(zip(lease.want, lease.slots, strict=True)):
+        for i, slot in zip(lease.want, lease.slots, strict=True):
             key, nbytes = lease.keys[i], lease.nbytes[i]
-            ok = True
-            if self.cfg.pd_verify_checksums and self.buffer.kind.value == "DRAM":
-                ok = (
-                    xxhash.xxh3_64_intdigest(self.buffer.view(slot, nbytes))
-                    == lease.done.checksums[j]
-                )
-            if not ok:
-                bad.append(i)
-                self.counters.inc("checksum_failures")
+            if i in bad or key in self._ready:  # rejected, or a concurrent lease won
                 self.buffer.free([slot])
-                log.error(
-                    "chunk %d of request %s failed its checksum: rejected, not handed on",
-                    i,
-                    lease.req_id,
-                )
+                if i not in bad:
+                    stored.append(i)
                 continue
-            if key in self._ready:  # a concurrent lease delivered it first
-                self.buffer.free([slot])
-            else:
-                self._ready[key] = _Ready(slot=slot, nbytes=nbytes)
-                if self.store is not None:
-                    self.store.put(key, self.buffer.view(slot, nbytes))
+            self._ready[key] = _Ready(slot=slot, nbytes=nbytes)
+            if self.store is not None:
+                self.store.put(key, self.buffer.view(slot, nbytes))
             stored.append(i)
             moved += nbytes
         self.counters.inc("chunks", len(lease.want) - len(bad))
         self.counters.inc("bytes", moved)
         self._forget_lease(lease)
         self._lock.notify_all()
-        return Committed(req_id=lease.req_id, stored=sorted(stored), bad=bad)
+        return Committed(req_id=lease.req_id, stored=sorted(stored), bad=sorted(bad))
 
     def _forget_lease(self, lease: _Lease) -> None:
         self._leases.pop(lease.lease, None)
@@ -437,15 +450,17 @@ class Receiver:
                 continue
             replies: list[tuple[bytes, Message]] = []
             notifs = self.transport.notifications()
+            for _peer, text in notifs:
+                parsed = parse_notif(text)
+                lease = self._leases.get(parsed[0]) if parsed else None
+                if lease is None or parsed is None:
+                    continue
+                self._verify(lease, parsed[1], parsed[2])
+                if lease.done is not None and len(lease.landed) == len(lease.want):
+                    with self._lock:
+                        replies.append((lease.identity, self._commit(lease)))
             now = time.monotonic()
             with self._lock:
-                for _peer, text in notifs:
-                    lease = self._lease_of(text)
-                    if lease is None:
-                        continue
-                    lease.notified = True
-                    if lease.done is not None:
-                        replies.append((lease.identity, self._commit(lease)))
                 for lease in [ls for ls in self._leases.values() if ls.deadline <= now]:
                     self.counters.inc("lease_expiries")
                     self._drop_lease(
@@ -477,14 +492,6 @@ class Receiver:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-
-    def _lease_of(self, text: bytes) -> _Lease | None:
-        if not text.startswith(NOTIF_PREFIX):
-            return None
-        try:
-            return self._leases.get(int(text[len(NOTIF_PREFIX) :]))
-        except ValueError:
-            return None
 
     # ------------------------------------------------------------------ engine side
     def lookup(self, keys: Sequence[bytes]) -> int:

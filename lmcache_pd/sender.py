@@ -10,8 +10,10 @@ deadline:
    and metadata); descriptor lists of the remote slots are prepared once per peer;
 2. per batch of at most the receiver's slot count: ``Offer`` -> ``Accept`` (or ``Busy``:
    wait ``retry_after`` and retry, at most ``pd_busy_max_retries`` times);
-3. one NIXL WRITE of the wanted chunks into the granted slots with a notification;
-4. ``Done{checksums}`` -> ``Committed{stored, bad}``.
+3. NIXL WRITEs of the wanted chunks into the granted slots, in groups of about
+   ``GROUP_BYTES``, each with a notification naming its chunks, so the receiver verifies
+   a group while the next is in flight;
+4. ``Done`` -> ``Committed{stored, bad}``.
 
 Failures raise :class:`HandoffError` naming the cause; a failed batch sends ``Cancel``
 so the receiver frees its slots at once (its lease TTL covers a sender that dies).
@@ -52,6 +54,8 @@ from lmcache_pd.receiver import lease_notif
 from lmcache_pd.transports.base import MemKind, Transport, TransportError
 
 log = logging.getLogger(__name__)
+
+GROUP_BYTES = 16 * 1024 * 1024  # WRITE group size: verification overlaps later groups
 
 
 class HandoffError(RuntimeError):
@@ -254,7 +258,12 @@ class Sender:
         return reply
 
     def _offer(self, peer: _Peer, req_id: str, batch: list[OutChunk]) -> Accept:
-        offer = Offer(req_id=req_id, keys=[c.key for c in batch], nbytes=[c.nbytes for c in batch])
+        offer = Offer(
+            req_id=req_id,
+            keys=[c.key for c in batch],
+            nbytes=[c.nbytes for c in batch],
+            checksums=[c.checksum or 0 for c in batch],
+        )
         for attempt in range(self.cfg.pd_busy_max_retries + 1):
             reply = self._request(peer, offer)
             if isinstance(reply, Accept):
@@ -282,20 +291,23 @@ class Sender:
         if not accept.want:
             return 0, len(accept.have), 0, 0
         wanted = [batch[i] for i in accept.want]
-        handle = None
+        per_group = max(1, GROUP_BYTES // self.buffer.slot_bytes)
+        handles: list[Any] = []
         try:
-            handle = self.transport.write(
-                self.local,
-                [c.slot for c in wanted],
-                peer.remote,
-                accept.slots,
-                lease_notif(accept.lease),
-            )
-            self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
-            done = Done(
-                req_id=req_id, lease=accept.lease, checksums=[c.checksum or 0 for c in wanted]
-            )
-            reply = self._request(peer, done)
+            for first in range(0, len(wanted), per_group):
+                group = wanted[first : first + per_group]
+                handles.append(
+                    self.transport.write(
+                        self.local,
+                        [c.slot for c in group],
+                        peer.remote,
+                        accept.slots[first : first + per_group],
+                        lease_notif(accept.lease, first, len(group)),
+                    )
+                )
+            for handle in handles:
+                self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
+            reply = self._request(peer, Done(req_id=req_id, lease=accept.lease))
         except TransportError as exc:
             self.counters.inc("transfer_errors")
             self._cancel(peer, req_id, accept.lease, str(exc))
@@ -307,7 +319,7 @@ class Sender:
                 self._cancel(peer, req_id, accept.lease, str(exc))
             raise
         finally:
-            if handle is not None:
+            for handle in handles:
                 self.transport.release(handle)
         if not isinstance(reply, Committed):
             raise HandoffError(f"unexpected reply to Done: {type(reply).__name__}")

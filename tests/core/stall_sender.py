@@ -30,7 +30,8 @@ def main() -> None:
     ack, _ = client.request(hello, [transport.metadata()], 10)
     assert isinstance(ack, HelloAck), ack
     keys = [bytes([i]) * 16 for i in range(n)]
-    offer = Offer(req_id="stall", keys=keys, nbytes=[layout.bytes_per_chunk(chunk_size)] * n)
+    nbytes = [layout.bytes_per_chunk(chunk_size)] * n
+    offer = Offer(req_id="stall", keys=keys, nbytes=nbytes, checksums=[0] * n)
     accept, _ = client.request(offer, (), 10)
     assert isinstance(accept, Accept), accept
     print(f"ACCEPTED {len(accept.slots)}", flush=True)
