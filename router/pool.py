@@ -14,8 +14,9 @@ import logging
 from collections.abc import Sequence
 
 from lmcache_pd.router.metrics import ProxyMetrics
-from lmcache_pd.router.policy import Choice, Engine, EngineState, Policy, Role
+from lmcache_pd.router.policy import Choice, Engine, EngineState, Policy, Role, RouteReason
 from lmcache_pd.router.upstream import Upstream, UpstreamError
+from prometheus_client import Counter
 
 log = logging.getLogger("lmcache_pd.router")
 
@@ -38,6 +39,9 @@ class EnginePool:
             self.engines.append(
                 Engine(url=url.rstrip("/"), role=role, index=i, kv_host=host, kv_port=port)
             )
+        # label children resolved once: the hot path only calls .set()/.inc()
+        self._inflight = {e.index: metrics.inflight.labels(role.value, e.url) for e in self.engines}
+        self._routed: dict[RouteReason, Counter] = {}
         for e in self.engines:
             self._gauges(e)
 
@@ -51,18 +55,23 @@ class EnginePool:
     def choose(self, keys: Sequence[bytes] = (), exclude: frozenset = frozenset()) -> Choice | None:
         choice = self.policy.choose(self.engines, keys, exclude)
         if choice is not None:
-            self.metrics.routed.labels(self.role.value, choice.reason.value).inc()
+            counter = self._routed.get(choice.reason)
+            if counter is None:
+                counter = self._routed[choice.reason] = self.metrics.routed.labels(
+                    self.role.value, choice.reason.value
+                )
+            counter.inc()
         return choice
 
     def acquire(self, e: Engine, keys: Sequence[bytes] = ()) -> None:
         e.inflight += 1
         e.served += 1
         self.policy.record(e, keys)
-        self.metrics.inflight.labels(self.role.value, e.url).set(e.inflight)
+        self._inflight[e.index].set(e.inflight)
 
     def release(self, e: Engine) -> None:
         e.inflight -= 1
-        self.metrics.inflight.labels(self.role.value, e.url).set(e.inflight)
+        self._inflight[e.index].set(e.inflight)
 
     def eject(self, e: Engine, reason: str) -> None:
         e.last_error = reason
