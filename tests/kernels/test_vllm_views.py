@@ -100,3 +100,33 @@ def test_gpu_backend_views_every_stride_layout(layout_name: str) -> None:
                 b, n = divmod(s, BLOCK)
                 assert torch.equal(bits(chunk[layer, 0, i]), bits(key[b, n])), (layer, s)
                 assert torch.equal(bits(chunk[layer, 1, i]), bits(value[b, n])), (layer, s)
+
+
+def test_mla_views() -> None:
+    """vLLM's MLA cache is [B, 1, N, 576]; cpu_mla reads it as rows ``view(-1, 576)``."""
+    spec = kv_iface.MLAAttentionSpec(
+        block_size=BLOCK, num_kv_heads=1, head_size=576, dtype=torch.bfloat16
+    )
+    page = spec.page_size_bytes
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+    tensor = kv_iface.KVCacheTensor(
+        size=page * BLOCKS * LAYERS, layers=names, layer_stride=page * BLOCKS, block_stride=page
+    )
+    raw = torch.randint(-128, 128, (tensor.size,), generator=torch.Generator()).to(torch.int8)
+    caches = kv_iface.create_kv_cache_views(
+        raw, spec, BLOCKS, kv_layout_mod.KVCacheLayout.LBHNC, tensor
+    )
+    layout = make_layout(LAYERS, 1, 576, "bfloat16", BLOCK, mla=True)
+    assert tuple(caches[0].shape) == (BLOCKS, 1, BLOCK, 576)
+    assert detect_format(caches[0], layout) is PagedFormat.MLA
+    slots = [s for s in SLOTS if s >= 0]
+    chunk = gather(
+        caches,
+        torch.tensor(slots),
+        torch.empty(layout.chunk_shape(len(slots)), dtype=torch.bfloat16),
+        layout,
+    )
+    for layer, cache in enumerate(caches):
+        flat = cache.view(-1, 576)  # exactly how vLLM's cpu_mla addresses slots
+        for i, s in enumerate(slots):
+            assert torch.equal(bits(chunk[layer, 0, i, 0]), bits(flat[s]))
