@@ -521,9 +521,10 @@ class Receiver:
 
     def acquire(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]:
         """Pin and return the bytes of each key (None where not held). Buffer-resident
-        chunks are returned as views and stay pinned until :meth:`release`; store
-        chunks as the store returns them."""
+        chunks are returned as views and stay pinned until :meth:`release`; the rest are
+        read from the store (outside the lock: a disk read never blocks the receiver)."""
         out: list[memoryview | bytes | None] = []
+        from_store: list[int] = []
         with self._lock:
             for key in keys:
                 entry = self._ready.get(key)
@@ -531,10 +532,12 @@ class Receiver:
                     entry.pins += 1
                     self._ready.move_to_end(key)
                     out.append(self.buffer.view(entry.slot, entry.nbytes))
-                elif self.store is not None:
-                    out.append(self.store.get(key))
                 else:
+                    from_store.append(len(out))
                     out.append(None)
+        if self.store is not None:
+            for i in from_store:
+                out[i] = self.store.get(keys[i])
         return out
 
     def release(self, keys: Sequence[bytes]) -> None:
