@@ -18,11 +18,13 @@ and the torch path is used; :func:`unavailable_reason` says why.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import tempfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,28 +246,44 @@ def load_binary(arch: str, cubin: bool = True) -> bytes:
 
 
 class _DeviceKernels:
-    """The loaded module and function handles for one CUDA device."""
+    """The loaded module and function handles for one CUDA device.
+
+    Everything runs in the device's primary context (the one torch's runtime uses),
+    made current around each call when the calling thread has another or none, so
+    launches from worker threads and multi-GPU processes work.
+    """
 
     def __init__(self, device: int) -> None:
         driver, _ = _bindings()
+        self.driver = driver
         _check(driver.cuInit(0), "cuInit")
         torch.cuda.init()
-        with torch.cuda.device(device):
-            torch.cuda.current_stream(device)  # makes the primary context current
-            ctx = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
-            if int(ctx) == 0:
-                dev = _check(driver.cuDeviceGet(device), "cuDeviceGet")
-                ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-                _check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-            major, minor = torch.cuda.get_device_capability(device)
-            arch, cubin = target_for(major * 10 + minor)
-            self.module = _check(driver.cuModuleLoadData(load_binary(arch, cubin)), "load")
+        dev = _check(driver.cuDeviceGet(device), "cuDeviceGet")
+        self.ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+        major, minor = torch.cuda.get_device_capability(device)
+        arch, cubin = target_for(major * 10 + minor)
+        binary = load_binary(arch, cubin)
+        with self.current():
+            self.module = _check(driver.cuModuleLoadData(binary), "cuModuleLoadData")
             self.functions = {
                 name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"get {name}")
                 for name in kernel_names()
             }
         self.ptr_tables: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.device = device
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        """Make this device's primary context current for the block (if it is not)."""
+        cur = _check(self.driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        if int(cur) == int(self.ctx):
+            yield
+            return
+        _check(self.driver.cuCtxPushCurrent(self.ctx), "cuCtxPushCurrent")
+        try:
+            yield
+        finally:
+            self.driver.cuCtxPopCurrent()
 
     def pointer_table(self, ptrs: tuple[int, ...]) -> torch.Tensor:
         """Device int64 tensor of layer base addresses (cached: vLLM's never move)."""
@@ -381,9 +399,10 @@ def launch(
     )  # fmt: skip
     stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
     name = f"{op}_v{p.width}"
-    _check(
-        driver.cuLaunchKernel(
-            kernels.functions[name], *p.grid, *p.block, 0, stream, (args, _ARG_TYPES), 0
-        ),
-        f"cuLaunchKernel {name}",
-    )
+    with kernels.current():
+        _check(
+            driver.cuLaunchKernel(
+                kernels.functions[name], *p.grid, *p.block, 0, stream, (args, _ARG_TYPES), 0
+            ),
+            f"cuLaunchKernel {name}",
+        )
