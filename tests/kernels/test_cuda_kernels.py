@@ -250,3 +250,26 @@ def test_kernel_address_math_matches_torch_path(fmt: PagedFormat, dtype: str) ->
         scatter(got, ref, valid, layout, fmt)
         for a, b in zip(fresh, ref, strict=True):
             assert torch.equal(bits(a), bits(b)), variant
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_launch_from_worker_thread() -> None:
+    """Connectors gather on their own threads: the kernel must launch there too."""
+    import threading
+
+    layout = make_layout(2, 2, 64, "float16", 16, mla=False)
+    caches = [c.cuda() for c in make_caches(PagedFormat.FLASH_ATTN, layout, 4, torch.Generator())]
+    slots = torch.arange(40, device="cuda")
+    results: dict[str, torch.Tensor] = {}
+
+    def work() -> None:
+        out = torch.empty(40 * layout.bytes_per_token, dtype=torch.uint8, device="cuda")
+        results["cuda"] = gather(caches, slots, out, layout, backend="cuda")
+        torch.cuda.synchronize()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=60)
+    want = gather(caches, slots, torch.empty_like(results["cuda"]), layout, backend="torch")
+    assert torch.equal(bits(results["cuda"]), bits(want))
