@@ -120,3 +120,17 @@ def test_10000_requests_leave_memory_flat(tmp_path) -> None:
     assert state["prefix_map"] <= 2000
     grown = (rss_end - rss_warm) / 2**20
     assert grown < 16, f"RSS grew {grown:.1f} MiB over 8000 requests after warm-up"
+
+
+def test_lmcache_pd_cli_reaches_the_proxy() -> None:
+    cmd = [
+        sys.executable,
+        "-c",
+        "from lmcache_pd.cli import app; app()",
+        "proxy",
+        "--prefiller",
+        "http://127.0.0.1:1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "decoders: at least one --decoder URL is required" in done.stderr
