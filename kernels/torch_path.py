@@ -40,7 +40,7 @@ class _Segment:
     t0: int
     t1: int
     r: int
-    idx: list[torch.Tensor]
+    idx: torch.Tensor  # [kv_factor, rows in the segment], in units of r*row elements
 
 
 def _unit(geom: Geometry, es: int, offsets: list[int], widest: int) -> int:
@@ -68,28 +68,33 @@ def _run_length(geom: Geometry, slots: torch.Tensor) -> int:
         if geom.stride_b % row_len or (geom.kv_factor > 1 and geom.stride_k % row_len):
             continue
         s = slots[: (n // r) * r].view(-1, r)
-        if bool((s[:, 0] % r == 0).all()) and bool((s[:, 1:] - s[:, :-1] == 1).all()):
+        # aligned start and consecutive slots <=> each run equals its aligned base + 0..r-1
+        expected = torch.div(s[:, :1], r, rounding_mode="floor") * r + _arange(r, s.device)
+        if bool((s == expected).all()):
             return r
     return 1
 
 
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device, dtype=torch.int64)
+
+
 def _segment(geom: Geometry, slots: torch.Tensor, t0: int, t1: int, r: int) -> _Segment:
     starts = slots[t0:t1:r]
-    row_len = r * geom.row
     blocks = torch.div(starts, geom.block_size, rounding_mode="floor")
-    offsets = starts - blocks * geom.block_size
-    base = blocks * geom.stride_b + offsets * geom.stride_n
-    heads = torch.arange(geom.rows, device=slots.device, dtype=torch.int64) * geom.stride_h
-    base = (base[:, None] + heads[None, :]).reshape(-1)
-    idx = [torch.div(base + k * geom.stride_k, row_len, rounding_mode="floor")
-           for k in range(geom.kv_factor)]  # fmt: skip
+    base = blocks * (geom.stride_b - geom.block_size * geom.stride_n) + starts * geom.stride_n
+    if geom.rows > 1:
+        heads = _arange(geom.rows, slots.device) * geom.stride_h
+        base = (base[:, None] + heads[None, :]).reshape(-1)
+    k_off = _arange(geom.kv_factor, slots.device) * geom.stride_k
+    idx = torch.div(k_off[:, None] + base[None, :], r * geom.row, rounding_mode="floor")
     return _Segment(t0, t1, r, idx)
 
 
-def _plan(geom: Geometry, slots: torch.Tensor) -> list[_Segment]:
+def _plan(geom: Geometry, slots: torch.Tensor, nonneg: bool) -> list[_Segment]:
     """Split tokens into a run-merged main segment and a per-token tail."""
     n = slots.numel()
-    r = _run_length(geom, slots) if bool((slots >= 0).all()) else 1
+    r = _run_length(geom, slots) if nonneg else 1
     main = (n // r) * r
     segs = [_segment(geom, slots, 0, main, r)] if main else []
     if main < n:
@@ -133,13 +138,18 @@ def _setup(
     return es, unit, chunk.reshape(-1).view(torch.uint8)
 
 
-def check_bounds(slots: torch.Tensor, geom: Geometry) -> None:
-    """Raise ``ValueError`` for a slot beyond the cache (costs a sync on GPU)."""
-    if slots.numel() and int(slots.max()) >= geom.num_slots:
+def check_slots(slots: torch.Tensor, geom: Geometry) -> bool:
+    """Raise ``ValueError`` for a slot beyond the cache; return whether any is negative.
+
+    One reduction (a sync on GPU) for both facts.
+    """
+    lo, hi = (int(v) for v in torch.aminmax(slots))
+    if hi >= geom.num_slots:
         raise ValueError(
-            f"slot {int(slots.max())} out of range: the cache has {geom.num_blocks} blocks "
+            f"slot {hi} out of range: the cache has {geom.num_blocks} blocks "
             f"x {geom.block_size} = {geom.num_slots} slots"
         )
+    return lo < 0
 
 
 def _fused_rows(
@@ -172,17 +182,18 @@ def _fused_rows(
 
 def _fused_index(seg: _Segment, num_layers: int, layer_step: int) -> torch.Tensor:
     """Row ids in chunk order ``[layer, kv, token-row]`` over the fused view."""
-    per_layer = torch.stack(seg.idx)  # [kv, rows]
-    steps = torch.arange(num_layers, device=per_layer.device, dtype=torch.int64) * layer_step
-    return (steps[:, None, None] + per_layer[None]).reshape(-1)
+    if num_layers == 1:
+        return seg.idx.reshape(-1)
+    steps = _arange(num_layers, seg.idx.device) * layer_step
+    return (steps[:, None, None] + seg.idx[None]).reshape(-1)
 
 
 def _copy(
     op: str, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
-    chunk: torch.Tensor,
+    chunk: torch.Tensor, nonneg: bool,
 ) -> None:  # fmt: skip
     tokens = slots.numel()
-    segs = _plan(geom, slots)
+    segs = _plan(geom, slots, nonneg)
     # index_select is fastest on int64 rows, index_copy_ on 16-byte elements (measured).
     es, unit, chunk_bytes = _setup(layers, geom, chunk, 8 if op == "gather" else 16)
     if len(segs) == 1:
@@ -211,22 +222,20 @@ def gather(
     layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor, chunk: torch.Tensor
 ) -> None:
     """Paged KV at ``slots`` -> ``chunk`` (chunk format); negative slots give zeros."""
-    check_bounds(slots, geom)
-    neg = slots < 0
-    has_neg = bool(neg.any())
-    _copy("gather", layers, geom, slots.clamp_min(0) if has_neg else slots, chunk)
-    if has_neg:
-        chunk.view(_UNIT_DTYPES[chunk.element_size()])[:, :, neg] = 0
+    if not check_slots(slots, geom):
+        _copy("gather", layers, geom, slots, chunk, nonneg=True)
+        return
+    _copy("gather", layers, geom, slots.clamp_min(0), chunk, nonneg=False)
+    chunk.view(_UNIT_DTYPES[chunk.element_size()])[:, :, slots < 0] = 0
 
 
 def scatter(
     chunk: torch.Tensor, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor
 ) -> None:
     """``chunk`` -> paged KV at ``slots``; negative slots are skipped."""
-    check_bounds(slots, geom)
-    keep = slots >= 0
-    if not bool(keep.all()):
+    if check_slots(slots, geom):
+        keep = slots >= 0
         chunk = chunk.view(_UNIT_DTYPES[chunk.element_size()])[:, :, keep].contiguous()
         slots = slots[keep]
     if slots.numel():
-        _copy("scatter", layers, geom, slots, chunk)
+        _copy("scatter", layers, geom, slots, chunk, nonneg=True)
