@@ -59,12 +59,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--png", type=Path, help="draw GB/s vs tokens here (matplotlib, Agg)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--reps", type=int, default=0, help="repetitions (default 10)")
+    p.add_argument("--tokens", type=int, nargs="+", help="override the token counts")
+    p.add_argument("--layers", type=int, default=0, help="cap every layout's layers")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--budget-s", type=float, default=3.0, help="time cap per measurement")
     return p.parse_args(argv)
 
 
-def _cases(device: str, quick: bool) -> list[tuple[str, KVLayout, PagedFormat]]:
+def _cases(device: str, quick: bool, layer_cap: int) -> list[tuple[str, KVLayout, PagedFormat]]:
     kv_fmts = (
         [PagedFormat.CPU_VLLM, PagedFormat.FLASH_ATTN]
         if device == "cpu"
@@ -73,8 +75,9 @@ def _cases(device: str, quick: bool) -> list[tuple[str, KVLayout, PagedFormat]]:
     out = []
     for name, fmts in (("llama-8b", kv_fmts), ("deepseek-mla", [PagedFormat.MLA])):
         layout = preset(name)
-        if quick:
-            layout = KVLayout(**{**_fields(layout), "num_layers": QUICK_LAYER_CAP[name]})
+        cap = layer_cap or (QUICK_LAYER_CAP[name] if quick else 0)
+        if cap:
+            layout = KVLayout(**{**_fields(layout), "num_layers": min(cap, layout.num_layers)})
         out += [(name, layout, f) for f in fmts]
     return out
 
@@ -224,12 +227,12 @@ def main(argv: list[str]) -> int:
     reps = args.reps or 10
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokens_list = QUICK_TOKENS if args.quick else FULL_TOKENS
+    tokens_list = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
     backend = "torch"
     if device == "cuda":
         backend = "cuda" if cuda_kernels.available() else "torch (cuda-python missing)"
     rows = []
-    for name, layout, fmt in _cases(device, args.quick):
+    for name, layout, fmt in _cases(device, args.quick, args.layers):
         for tokens in tokens_list:
             rows.append(_measure(name, layout, fmt, tokens, device, reps, args.budget_s))
     target = TARGETS[device]
