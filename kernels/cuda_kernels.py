@@ -54,17 +54,18 @@ __device__ __forceinline__ void copy_token(
     if (!TO_CHUNK && !valid) return;
     const char* base = reinterpret_cast<const char*>(layer_ptrs[layer]);
     if (valid) base += (slot / block_size) * stride_b + (slot % block_size) * stride_n;
-    const long long units = row_bytes / (long long)sizeof(V);
-    const long long total = (long long)kv_factor * rows * units;
+    // Per-token indices fit in 32 bits (64-bit division is slow on GPUs).
+    const int units = (int)(row_bytes / (long long)sizeof(V));
+    const int total = kv_factor * rows * units;
     const long long tok_bytes = (long long)rows * row_bytes;
     char* chunk_tok = chunk + ((long long)layer * kv_factor * num_tokens + t) * tok_bytes;
     const long long kv_step = (long long)num_tokens * tok_bytes;
-    for (long long i = threadIdx.x; i < total; i += blockDim.x) {
-        const long long r = i / units;
-        const long long u = i - r * units;
-        const long long k = r / rows;
-        const long long h = r - k * rows;
-        const long long off = u * (long long)sizeof(V);
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+        const int r = i / units;
+        const int u = i - r * units;
+        const int k = r / rows;
+        const int h = r - k * rows;
+        const long long off = (long long)u * (long long)sizeof(V);
         V* c = reinterpret_cast<V*>(chunk_tok + k * kv_step + h * row_bytes + off);
         const long long cache_off = k * stride_k + h * stride_h + off;
         if (TO_CHUNK) {
