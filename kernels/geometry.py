@@ -254,6 +254,11 @@ def view_chunk(buf: torch.Tensor, layout: KVLayout, tokens: int) -> torch.Tensor
                 f"flat chunk buffer holds {buf.numel()} bytes, {tokens} tokens need "
                 f"{need} bytes ({layout.bytes_per_token} per token)"
             )
+        if (buf.storage_offset() * buf.element_size()) % layout.dtype_size:
+            raise ValueError(
+                f"flat chunk buffer starts at byte offset {buf.storage_offset()}, not a "
+                f"multiple of the {layout.dtype} element size {layout.dtype_size}"
+            )
         return buf[:need].view(dtype).view(shape)
     if tuple(buf.shape) != shape or buf.dtype not in _accepted_dtypes(layout):
         raise ValueError(

@@ -68,6 +68,8 @@ def test_chunk_shape_dtype_and_size() -> None:
         gather(caches(), SLOTS, buf(2), LAYOUT)
     with pytest.raises(ValueError, match="must be contiguous"):
         gather(caches(), SLOTS, buf(6)[::2], LAYOUT)
+    with pytest.raises(ValueError, match="not a multiple of the bfloat16 element size 2"):
+        gather(caches(), SLOTS, buf(4)[1:], LAYOUT)
 
 
 def test_slot_checks() -> None:
