@@ -51,6 +51,7 @@ class VLLMServer:
         max_model_len: int = 512,
         kv_cache_space_gb: int = 1,
         name: str = "engine",
+        dtype: str = "float32",
     ) -> None:
         self.model = str(model)
         self.log_path = Path(log_path)
@@ -61,6 +62,7 @@ class VLLMServer:
         self.max_model_len = max_model_len
         self.kv_cache_space_gb = kv_cache_space_gb
         self.name = name
+        self.dtype = dtype
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
 
@@ -82,7 +84,7 @@ class VLLMServer:
             "--max-model-len",
             str(self.max_model_len),
             "--dtype",
-            "float32",
+            self.dtype,
             "--enforce-eager",
             "--served-model-name",
             "tiny",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lmcache_pd.chunks import ChunkHasher
-from lmcache_pd.config import Config, LoadFailurePolicy
+from lmcache_pd.config import Config
 from lmcache_pd.integration.vllm.common import (
     PARAM_CHUNKS,
     PARAM_SENT,
@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmcache_pd.vllm")
 
+# A request whose load failed comes back with nothing computed; after this many load
+# attempts it is recomputed without asking the tiers again (no retry loops).
+MAX_LOAD_ATTEMPTS = 2
+
 
 @dataclass
 class _ReqState:
@@ -55,6 +59,7 @@ class _ReqState:
     target: SendTarget | None = None
     logged: bool = False
     save_done: bool = False
+    load_attempts: int = 0
 
 
 def send_target(params: dict[str, Any] | None) -> SendTarget | None:
@@ -125,6 +130,8 @@ class SchedulerSide:
         st = self._state(request)
         if self.role is KVRole.PRODUCER or not st.keys:
             return 0, False
+        if st.load_attempts >= MAX_LOAD_ATTEMPTS:
+            return 0, False  # earlier loads of this request failed: recompute it
         n = len(st.tokens)
         held = self.lookup_client.lookup(st.keys)
         target = held
@@ -132,8 +139,16 @@ class SchedulerSide:
         params = request.kv_transfer_params or {}
         if self.role is KVRole.CONSUMER and params.get("do_remote_prefill"):
             announced = min(int(params.get(PARAM_CHUNKS, 0) or 0), len(st.keys))
-            if announced > held and params.get(PARAM_SENT, True):
-                # a transfer may still be landing: wait for it in the worker, bounded
+            # With a proxy that waited for HandoffDone (proxy_notify set) the transfer
+            # is over: load what is held. Without one, chunks may still be landing:
+            # wait for them in the worker, bounded by pd_transfer_timeout_s.
+            first_try = st.load_attempts == 0
+            if (
+                first_try
+                and announced > held
+                and params.get(PARAM_SENT)
+                and not params.get("proxy_notify")
+            ):
                 target = announced
                 wait_s = self.cfg.pd_transfer_timeout_s
             st.transfer_id = str(params.get("req_id")) if params.get("req_id") else None
@@ -180,10 +195,11 @@ class SchedulerSide:
             num_external_tokens,
             start,
             end,
-            "tiers" if st.load_wait_s == 0 else "transfer",
+            "held" if st.load_wait_s == 0 else "transfer",
             len(st.tokens) - end,
         )
         st.load_end = 0
+        st.load_attempts += 1
 
     def build_connector_meta(self, so: SchedulerOutput) -> PDConnectorMetadata:
         meta = PDConnectorMetadata(loads=self._pending_loads)
@@ -269,7 +285,3 @@ class SchedulerSide:
 
     def shutdown(self) -> None:
         self.lookup_client.close()
-
-
-def policy_name(cfg: Config) -> str:
-    return "recompute" if cfg.load_failure_policy is LoadFailurePolicy.RECOMPUTE else "fail"

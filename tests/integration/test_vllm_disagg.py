@@ -1,0 +1,225 @@
+"""1P1D with real vLLM engines: prefiller -> our handoff -> decoder, through our proxy.
+
+One prefiller (kv_producer), one decoder (kv_consumer) and one plain engine (the
+reference) share this module; the proxy runs as a child process and waits for the
+prefiller's ``HandoffDone`` before sending the decoder the request. Greedy tokens must
+equal the plain engine's, the decoder must compute at most the last partial chunk, a
+missing or dead prefiller costs a recompute (or a clear error with policy ``fail``)
+within the deadline without leaking blocks, and mismatched layouts are refused at Hello.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from lmcache_pd.router.proxy import spawn
+
+from lmcache_pd.integration.vllm.common import PARAM_CHUNKS, PARAM_SENT
+from lmcache_pd.integration.vllm.launch import VLLMServer, free_port, metric_value
+from tests.integration.helpers import connector_config, load_lines, start_servers
+
+CHUNK = 64
+MAX_TOKENS = 12
+TRANSFER_TIMEOUT_S = 4.0
+# prompt lengths in tokens: shorter than a chunk, exact multiples, ragged
+LENGTHS = [5, 17, 63, 64, 65, 100, 127, 128, 129, 150, 191, 192]
+LENGTHS += [193, 230, 255, 256, 257, 300, 320, 333, 383, 384, 400, 450]
+
+
+def producer_config() -> dict[str, Any]:
+    return connector_config("kv_producer", chunk_size=CHUNK, pd_buffer_size=8 << 20)
+
+
+def consumer_config(port: int, policy: str = "recompute") -> dict[str, Any]:
+    return connector_config(
+        "kv_consumer",
+        chunk_size=CHUNK,
+        pd_buffer_size=8 << 20,
+        pd_peer_init_port=port,
+        max_local_cpu_size=0.05,
+        pd_transfer_timeout_s=TRANSFER_TIMEOUT_S,
+        pd_lease_ttl_s=3.0,
+        load_failure_policy=policy,
+    )
+
+
+def token_prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
+
+
+@dataclass
+class PD:
+    plain: VLLMServer
+    prefiller: VLLMServer
+    decoder: VLLMServer
+    kv_port: int
+    proxy: subprocess.Popen[bytes]
+    proxy_url: str
+
+    def via_proxy(self, prompt: list[int] | str, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+        body = {
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+        }
+        resp = httpx.post(f"{self.proxy_url}/v1/completions", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+
+@pytest.fixture(scope="module")
+def pd(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
+    work = tmp_path_factory.mktemp("disagg")
+    kv_port = free_port()
+    plain = VLLMServer(tiny_model, work / "plain.log", name="plain")
+    prefiller = VLLMServer(
+        tiny_model, work / "prefiller.log", name="prefiller", kv_transfer_config=producer_config()
+    )
+    decoder = VLLMServer(
+        tiny_model,
+        work / "decoder.log",
+        name="decoder",
+        kv_transfer_config=consumer_config(kv_port),
+    )
+    start_servers([plain, prefiller, decoder])
+    proxy = None
+    try:
+        proxy, url = spawn(
+            [
+                "--prefiller",
+                prefiller.url,
+                "--decoder",
+                decoder.url,
+                "--decoder-kv",
+                f"127.0.0.1:{kv_port}",
+                "--handoff-port",
+                "0",
+            ]
+        )
+        yield PD(plain, prefiller, decoder, kv_port, proxy, url)
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(10)
+        for s in (decoder, prefiller, plain):
+            s.stop()
+
+
+def _usage(server: VLLMServer) -> float:
+    value = metric_value(server.metrics(), "vllm:kv_cache_usage_perc")
+    assert value is not None
+    return value
+
+
+def test_disagg_identical_tokens_and_decoder_computes_only_the_tail(pd: PD) -> None:
+    prompts = token_prompts(LENGTHS, seed=21)
+    start = len(load_lines(pd.decoder.log_text()))
+    for prompt in prompts:
+        want = pd.plain.completion(prompt, MAX_TOKENS)["choices"][0]["text"]
+        got = pd.via_proxy(prompt)["choices"][0]["text"]
+        assert got == want, f"prompt of {len(prompt)} tokens"
+    loads = load_lines(pd.decoder.log_text())[start:]
+    long_enough = [p for p in prompts if len(p) >= CHUNK]
+    assert len(loads) == len(long_enough), loads
+    for prompt, load in zip(long_enough, loads, strict=True):
+        n = len(prompt)
+        assert load["prompt"] == n
+        # everything but the last partial chunk came from the prefiller
+        assert load["computing"] <= max(n % CHUNK, 1), load
+    pushed = pd.prefiller.log_text().count("pushed ")
+    assert pushed >= len(long_enough)
+
+
+def test_missing_chunks_recompute_within_deadline(pd: PD) -> None:
+    """Chunks announced by a prefiller that never delivers: the decoder waits at most
+    pd_transfer_timeout_s, recomputes, answers correctly and frees every block."""
+    before = _usage(pd.decoder)
+    prompt = token_prompts([200], seed=22)[0]
+    want = pd.plain.completion(prompt, MAX_TOKENS)["choices"][0]["text"]
+    params = {"do_remote_prefill": True, "req_id": "ghost-1", PARAM_CHUNKS: 3, PARAM_SENT: True}
+    t0 = time.monotonic()
+    got = pd.decoder.completion(prompt, MAX_TOKENS, kv_transfer_params=params)
+    elapsed = time.monotonic() - t0
+    assert got["choices"][0]["text"] == want
+    assert TRANSFER_TIMEOUT_S - 0.5 <= elapsed <= TRANSFER_TIMEOUT_S + 15, elapsed
+    log_text = pd.decoder.log_text()
+    assert "only 0 of 3 chunks arrived" in log_text
+    assert "reporting" in log_text and "invalid" in log_text
+    deadline = time.monotonic() + 10
+    while _usage(pd.decoder) > before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _usage(pd.decoder) <= before
+
+
+def test_fail_policy_returns_clear_error(tiny_model: Path, server_factory: Any, pd: PD) -> None:
+    decoder = server_factory(
+        "decoder-fail",
+        tiny_model,
+        kv_transfer_config=consumer_config(free_port(), policy="fail"),
+    )
+    with decoder:
+        before = _usage(decoder)
+        prompt = token_prompts([200], seed=23)[0]
+        params = {"do_remote_prefill": True, "req_id": "ghost-2", PARAM_CHUNKS: 3, PARAM_SENT: True}
+        body = {
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "kv_transfer_params": params,
+        }
+        t0 = time.monotonic()
+        resp = httpx.post(f"{decoder.url}/v1/completions", json=body, timeout=60)
+        elapsed = time.monotonic() - t0
+        assert elapsed <= TRANSFER_TIMEOUT_S + 15
+        failed = resp.status_code >= 400 or any(
+            c.get("finish_reason") not in ("length", "stop") for c in resp.json()["choices"]
+        )
+        assert failed, resp.text
+        assert "load_failure_policy=fail" in decoder.log_text()
+        assert _usage(decoder) <= before
+
+
+def test_layout_mismatch_refused_at_hello(tiny_model: Path, server_factory: Any, pd: PD) -> None:
+    """A bf16 prefiller cannot push into the fp32 decoder: Hello names the field."""
+    bf16 = server_factory(
+        "prefiller-bf16", tiny_model, kv_transfer_config=producer_config(), dtype="bfloat16"
+    )
+    with bf16:
+        prompt = token_prompts([150], seed=24)[0]
+        params = {
+            "do_remote_decode": True,
+            "req_id": "mismatch-1",
+            "decoder_host": "127.0.0.1",
+            "decoder_init_port": pd.kv_port,
+        }
+        bf16.completion(prompt, 1, kv_transfer_params=params)
+        deadline = time.monotonic() + 30
+        while "push to" not in bf16.log_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        failure = [ln for ln in bf16.log_text().splitlines() if "push to" in ln]
+        assert failure and "failed" in failure[0], failure
+        assert "dtype" in failure[0], failure[0]
+
+
+def test_dead_prefiller_falls_back_to_decoder(pd: PD) -> None:
+    """Runs last: kills the prefiller. The proxy falls back, the decoder recomputes."""
+    pd.prefiller.kill()
+    for prompt in token_prompts([90, 200], seed=25):
+        want = pd.plain.completion(prompt, MAX_TOKENS)["choices"][0]["text"]
+        t0 = time.monotonic()
+        got = pd.via_proxy(prompt)["choices"][0]["text"]
+        assert got == want
+        assert time.monotonic() - t0 < 60
+    assert _usage(pd.decoder) == 0.0 or _usage(pd.decoder) < 0.01
