@@ -22,7 +22,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -497,19 +497,3 @@ class Router:
             self.metrics.table_size.set(len(self.table))
 
         return close
-
-
-async def first_of(work: Awaitable[Response], disconnected: Awaitable[None]) -> Response | None:
-    """``work``'s result, or None (``work`` cancelled) if ``disconnected`` finishes first."""
-    w = asyncio.ensure_future(work)
-    d = asyncio.ensure_future(disconnected)
-    try:
-        await asyncio.wait((w, d), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not w.done():
-            w.cancel()
-            await asyncio.gather(w, return_exceptions=True)
-            d.cancel()
-        else:
-            d.cancel()
-    return None if w.cancelled() else w.result()

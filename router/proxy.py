@@ -32,13 +32,13 @@ from lmcache_pd.router.flow import (
     ProxyError,
     Router,
     UpstreamAnswer,
-    first_of,
     reply_response,
     validate,
 )
 from lmcache_pd.router.handoff import HandoffListener
 from lmcache_pd.router.metrics import ErrorKind, ProxyMetrics
 from lmcache_pd.router.pool import HealthChecker
+from lmcache_pd.router.relay import first_of
 from lmcache_pd.router.settings import ProxySettings, settings_from_args
 from lmcache_pd.router.upstream import Upstream, UpstreamError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,11 +61,6 @@ def _auth_secret(settings: ProxySettings) -> bytes:
     if settings.config_file:
         return load_file(settings.config_file)[1].auth_secret()
     return load_config(None).auth_secret()
-
-
-async def _disconnected(receive: Any) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def create_app(settings: ProxySettings) -> FastAPI:
@@ -145,7 +140,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
             for name, value in raw_headers:
                 if name.lower() in _FORWARD_HEADERS:
                     headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-            resp = await first_of(router.serve(endpoint, payload, headers), _disconnected(receive))
+            resp = await first_of(router.serve(endpoint, payload, headers), receive)
         except ProxyError as exc:
             if exc.kind is ErrorKind.BAD_REQUEST:
                 metrics.errors.labels(exc.kind.value).inc()

@@ -9,10 +9,9 @@ client disconnects), whether or not the engine is producing bytes at that moment
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from lmcache_pd.router.table import RequestState
@@ -20,11 +19,45 @@ from lmcache_pd.router.upstream import Stream, UpstreamError
 from starlette.responses import Response
 
 log = logging.getLogger("lmcache_pd.router")
+T = TypeVar("T")
 
 
 def _sse_error(message: str) -> bytes:
     body = {"error": {"message": message, "type": "upstream_error", "code": 502}}
     return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+
+async def first_of(work: Awaitable[T], receive: Any) -> T | None:
+    """``work``'s result, or None if the client disconnects first (ASGI ``receive`` says
+    ``http.disconnect``; ``work`` is then cancelled, which closes its upstream
+    connections: the engines abort).
+
+    ``work`` runs in the calling task; only the watcher is a task of its own (one task a
+    request instead of two: ~30 us less per request here).
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11 counts cancels
+        if uncancel is not None:
+            uncancel()
+        return None
+    finally:
+        watcher.cancel()
 
 
 class RelayResponse(Response):
@@ -54,21 +87,11 @@ class RelayResponse(Response):
         return state, error
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        async def disconnected() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
         state, error = RequestState.CANCELLED, "client disconnected"
-        copy = asyncio.ensure_future(self._copy(send))
-        watch = asyncio.ensure_future(disconnected())
         try:
-            await asyncio.wait((copy, watch), return_when=asyncio.FIRST_COMPLETED)
-            if copy.done() and not copy.cancelled() and copy.exception() is None:
-                state, error = copy.result()
+            result = await first_of(self._copy(send), receive)
+            if result is not None:
+                state, error = result
         finally:
             self.on_close(state, error)
-            copy.cancel()
-            watch.cancel()
             self.upstream.close()
-            with contextlib.suppress(BaseException):
-                await asyncio.gather(copy, watch, return_exceptions=True)
