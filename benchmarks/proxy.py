@@ -8,7 +8,7 @@ that answers at once; it is the baseline. In the same run, against the same stub
 * ``proxy_2step`` — client -> proxy -> stub as prefiller (max_tokens=1) -> stub as decoder
   (the full disaggregated flow: two upstream requests per client request).
 
-plus ``engine_like``: direct vs proxy against a stub that takes 20 ms a request
+plus ``engine_like``: direct vs proxy against a stub that takes 20 ms +- 50 % a request
 (JSON, concurrency 16), i.e. when the engine and not the proxy is the bottleneck.
 
 Each at concurrency 1, 16, 64, streaming (SSE, 4 events) and not. Every cell is bounded
@@ -41,6 +41,7 @@ from lmcache_pd.router.proxy import free_port, spawn
 CONCURRENCY = (1, 16, 64)
 TARGETS = ("direct", "proxy", "proxy_2step")
 ENGINE_MS = 20.0
+ENGINE_JITTER = 0.5  # 10..30 ms: requests do not finish in lockstep
 BODY = {"model": "stub", "prompt": "hello " * 64, "max_tokens": 4, "temperature": 0}
 
 
@@ -129,10 +130,11 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] * 1000
 
 
-def _start_stub(delay_ms: float = 0.0) -> tuple[subprocess.Popen[bytes], int]:
+def _start_stub(delay_ms: float = 0.0, jitter: float = 0.0) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cmd = [sys.executable, "-m", "lmcache_pd.router.stub", "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "--stream-chunks", "4", "--delay-ms", str(delay_ms)])
+    cmd += ["--stream-chunks", "4", "--delay-ms", str(delay_ms), "--jitter", str(jitter)]
+    proc = subprocess.Popen(cmd)
     import socket
 
     for _ in range(300):
@@ -188,9 +190,9 @@ def run(quick: bool) -> dict[str, object]:
                         f"p99 {cell.p99_ms:7.3f} ms  errors {errors}",
                         flush=True,
                     )
-        # an engine-like stub (fixed service time): what the proxy costs when the engine
+        # an engine-like stub (20 ms +- 50 % a request): what the proxy costs when the engine
         # is the bottleneck, as real engines are
-        slow, slow_port = _start_stub(ENGINE_MS)
+        slow, slow_port = _start_stub(ENGINE_MS, ENGINE_JITTER)
         procs.append(slow)
         via, via_url = spawn(["--decoder", f"http://127.0.0.1:{slow_port}"])
         procs.append(via)
@@ -222,6 +224,7 @@ def run(quick: bool) -> dict[str, object]:
     d, p = engine_like
     result["engine_like"] = {
         "service_ms": ENGINE_MS,
+        "jitter": ENGINE_JITTER,
         "cells": [asdict(x) for x in engine_like],
         "added_p50_ms": round(p.p50_ms - d.p50_ms, 3),
         "throughput_ratio": round(p.rps / d.rps, 3),
@@ -280,8 +283,8 @@ def _table(result: dict[str, object]) -> str:
     )
     eng: dict[str, object] = result["engine_like"]  # type: ignore[assignment]
     rows.append(
-        f"engine-like stub ({eng['service_ms']} ms a request), json, c=16: added_p50_ms "
-        f"{eng['added_p50_ms']}, throughput_ratio {eng['throughput_ratio']}"
+        f"engine-like stub ({eng['service_ms']} ms +- {eng['jitter']:.0%}), json, c=16: "
+        f"added_p50_ms {eng['added_p50_ms']}, throughput_ratio {eng['throughput_ratio']}"
     )
     return "\n".join(rows)
 

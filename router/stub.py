@@ -4,7 +4,7 @@ Used by the proxy tests (as prefiller / decoder stand-ins that record what they 
 and by ``benchmarks/proxy.py`` (as the baseline server). It is a plain ASGI app served
 by uvicorn, answering ``/v1/completions``, ``/v1/chat/completions`` (JSON or SSE),
 ``/tokenize`` (one deterministic id per whitespace-separated word), ``/v1/models`` and
-``/health``. Knobs: ``delay_s`` before answering, ``stream_chunks`` /
+``/health``. Knobs: ``delay_s`` (and ``jitter``) before answering, ``stream_chunks`` /
 ``stream_interval_s`` for SSE, ``healthy``, ``fail_status``. A client that goes away
 mid-answer is recorded in ``cancelled``.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import threading
 import time
 import zlib
@@ -56,6 +57,8 @@ class StubEngine:
         self.stream_chunks = stream_chunks
         self.stream_interval_s = 0.0
         self.delay_s = 0.0
+        self.jitter = 0.0  # delay is uniform in delay_s * [1 - jitter, 1 + jitter]
+        self._rng = random.Random(0)
         self.healthy = True
         self.fail_status = 0
         self.requests: deque[tuple[str, dict[str, Any]]] = deque(maxlen=record)
@@ -159,7 +162,8 @@ class StubEngine:
         if self.on_request is not None:
             self.on_request(path, body)
         tag = str((body.get("kv_transfer_params") or {}).get("req_id", self.served))
-        if self.delay_s and not await self._sleep_or_disconnect(receive, self.delay_s, tag):
+        delay = self.delay_s * (1 + self.jitter * (2 * self._rng.random() - 1))
+        if delay > 0 and not await self._sleep_or_disconnect(receive, delay, tag):
             return
         if self.fail_status:
             return await self._reply(send, self.fail_status, b'{"error": {"message": "stub"}}')
@@ -232,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="stub")
     p.add_argument("--stream-chunks", type=int, default=4)
     p.add_argument("--delay-ms", type=float, default=0.0, help="service time per request")
+    p.add_argument("--jitter", type=float, default=0.0, help="service time +- this fraction")
     args = p.parse_args(argv)
     import uvicorn
 
     engine = StubEngine(args.name, args.stream_chunks, record=1)
     engine.delay_s = args.delay_ms / 1000
+    engine.jitter = args.jitter
     uvicorn.run(
         engine, host=args.host, port=args.port, log_level="error", access_log=False, lifespan="off"
     )
