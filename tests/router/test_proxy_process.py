@@ -119,6 +119,10 @@ def test_10000_requests_leave_memory_flat(tmp_path) -> None:
     assert state["finished_kept"] == 256
     assert state["prefix_map"] <= 2000
     grown = (rss_end - rss_warm) / 2**20
+    print(
+        f"proxy RSS {rss_warm / 2**20:.1f} MiB after 2,000 requests, "
+        f"+{grown:.2f} MiB after 8,000 more"
+    )
     assert grown < 16, f"RSS grew {grown:.1f} MiB over 8000 requests after warm-up"
 
 
