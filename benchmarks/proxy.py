@@ -12,7 +12,9 @@ plus ``engine_like``: direct vs proxy against a stub that takes 20 ms +- 50 % a 
 (JSON, concurrency 16), i.e. when the engine and not the proxy is the bottleneck.
 
 Each at concurrency 1, 16, 64, streaming (SSE, 4 events) and not. Every cell is bounded
-in requests and seconds. The load generator is a small keep-alive HTTP/1.1 client (one
+in requests and seconds, and repeated (2x quick, 3x full) interleaved with the other
+targets; the repeat with the most requests/s is kept (other tenants of a shared host can
+only slow a run down). The load generator is a small keep-alive HTTP/1.1 client (one
 connection per worker) so that it costs less than the servers it measures.
 
 Summary ratios (non-streaming, concurrency 16, the issue's targets):
@@ -40,6 +42,8 @@ from lmcache_pd.router.proxy import free_port, spawn
 
 CONCURRENCY = (1, 16, 64)
 TARGETS = ("direct", "proxy", "proxy_2step")
+REPEATS_QUICK = 2
+REPEATS_FULL = 3
 ENGINE_MS = 20.0
 ENGINE_JITTER = 0.5  # 10..30 ms: requests do not finish in lockstep
 BODY = {"model": "stub", "prompt": "hello " * 64, "max_tokens": 4, "temperature": 0}
@@ -147,9 +151,37 @@ def _start_stub(delay_ms: float = 0.0, jitter: float = 0.0) -> tuple[subprocess.
     raise RuntimeError("stub engine did not start")
 
 
+def _measure(
+    port: int, stream: bool, c: int, target: str, max_requests: int, max_seconds: float
+) -> Cell:
+    lat, ttfb, errors, secs = asyncio.run(
+        _cell("127.0.0.1", port, stream, c, max_requests, max_seconds)
+    )
+    return Cell(
+        target,
+        stream,
+        c,
+        len(lat),
+        errors,
+        round(secs, 3),
+        round(len(lat) / secs, 1),
+        round(_pct(lat, 0.5), 3),
+        round(_pct(lat, 0.99), 3),
+        round(_pct(ttfb, 0.5), 3),
+    )
+
+
+def _best(runs: list[Cell]) -> Cell:
+    """The repeat with the most requests/s (others on a shared host only slow us down)."""
+    best = max(runs, key=lambda x: x.rps)
+    best.errors = sum(x.errors for x in runs)
+    return best
+
+
 def run(quick: bool) -> dict[str, object]:
-    max_requests = 1200 if quick else 6000
-    max_seconds = 1.6 if quick else 8.0
+    max_requests = 800 if quick else 6000
+    max_seconds = 0.8 if quick else 5.0
+    repeats = REPEATS_QUICK if quick else REPEATS_FULL
     procs: list[subprocess.Popen[bytes]] = []
     try:
         stub, stub_port = _start_stub()
@@ -167,27 +199,19 @@ def run(quick: bool) -> dict[str, object]:
         cells: list[Cell] = []
         for stream in (False, True):
             for c in CONCURRENCY:
-                for target in TARGETS:  # interleaved: the three see the same box state
-                    lat, ttfb, errors, secs = asyncio.run(
-                        _cell("127.0.0.1", ports[target], stream, c, max_requests, max_seconds)
-                    )
-                    cell = Cell(
-                        target,
-                        stream,
-                        c,
-                        len(lat),
-                        errors,
-                        round(secs, 3),
-                        round(len(lat) / secs, 1),
-                        round(_pct(lat, 0.5), 3),
-                        round(_pct(lat, 0.99), 3),
-                        round(_pct(ttfb, 0.5), 3),
-                    )
+                runs: dict[str, list[Cell]] = {t: [] for t in TARGETS}
+                for _ in range(repeats):
+                    for target in TARGETS:  # interleaved: the three see the same box state
+                        runs[target].append(
+                            _measure(ports[target], stream, c, target, max_requests, max_seconds)
+                        )
+                for target in TARGETS:
+                    cell = _best(runs[target])
                     cells.append(cell)
                     print(
                         f"  {target:12s} stream={stream!s:5s} c={c:<3d} "
                         f"{cell.rps:8.1f} req/s  p50 {cell.p50_ms:7.3f} ms  "
-                        f"p99 {cell.p99_ms:7.3f} ms  errors {errors}",
+                        f"p99 {cell.p99_ms:7.3f} ms  errors {cell.errors}",
                         flush=True,
                     )
         # an engine-like stub (20 ms +- 50 % a request): what the proxy costs when the engine
@@ -198,21 +222,7 @@ def run(quick: bool) -> dict[str, object]:
         procs.append(via)
         engine_like: list[Cell] = []
         for target, port in (("direct", slow_port), ("proxy", int(via_url.rsplit(":", 1)[1]))):
-            lat, ttfb, errors, secs = asyncio.run(
-                _cell("127.0.0.1", port, False, 16, max_requests, max_seconds * 2)
-            )
-            x = Cell(
-                target,
-                False,
-                16,
-                len(lat),
-                errors,
-                round(secs, 3),
-                round(len(lat) / secs, 1),
-                round(_pct(lat, 0.5), 3),
-                round(_pct(lat, 0.99), 3),
-                round(_pct(ttfb, 0.5), 3),
-            )
+            x = _measure(port, False, 16, target, max_requests, max_seconds * 2)
             engine_like.append(x)
             print(f"  engine-like {target:7s} c=16 {x.rps:8.1f} req/s  p50 {x.p50_ms:7.3f} ms")
     finally:
@@ -221,6 +231,7 @@ def run(quick: bool) -> dict[str, object]:
         for p in procs:
             p.wait(10)
     result = _summarize(cells, quick)
+    result["repeats"] = repeats
     d, p = engine_like
     result["engine_like"] = {
         "service_ms": ENGINE_MS,
