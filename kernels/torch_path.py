@@ -163,20 +163,21 @@ def _fused_rows(
     first = layers[0]
     es = first.element_size()
     row_bytes = r * geom.row * es
-    if len(layers) == 1:
-        return _layer_rows(first, geom, unit, r), 0
-    base = first.untyped_storage().data_ptr()
-    offs = [t.storage_offset() * es for t in layers]
-    step = offs[1] - offs[0]
-    if step <= 0 or step % row_bytes:
-        return None
-    for i, t in enumerate(layers):
-        if t.untyped_storage().data_ptr() != base or offs[i] != offs[0] + i * step:
-            return None
     one = _layer_rows(first, geom, unit, r)
+    if len(layers) == 1:
+        return one, 0
+    ptrs = [t.data_ptr() for t in layers]
+    step = ptrs[1] - ptrs[0]
+    if step <= 0 or step % row_bytes or ptrs != list(range(ptrs[0], ptrs[-1] + 1, step)):
+        return None
+    # Evenly spaced: fuse only if every layer lies inside layer 0's allocation.
+    storage = first.untyped_storage()
     nbytes = (len(layers) - 1) * step + one.numel() * unit
+    start = first.storage_offset() * es
+    if start + nbytes > storage.nbytes():
+        return None
     flat = torch.empty(0, dtype=torch.uint8, device=first.device)
-    flat.set_(first.untyped_storage(), offs[0], (nbytes,), (1,))
+    flat.set_(storage, start, (nbytes,), (1,))
     return flat.view(_UNIT_DTYPES[unit]).view(-1, row_bytes // unit), step // row_bytes
 
 
