@@ -164,3 +164,23 @@ def test_fp8_layout_accepts_uint8_caches() -> None:
     assert torch.equal(
         bits(out), bits(ref_gather(PagedFormat.FLASHINFER, caches, [47, 0, 16], layout))
     )
+
+
+@pytest.mark.parametrize("pick", [[2, 1, 0], [0, 1, 3], [0, 2, 4]], ids=str)
+def test_layers_of_one_buffer_in_any_spacing(pick: list[int]) -> None:
+    """Reversed or unevenly spaced views of one buffer take the per-layer path, evenly
+    spaced ones the fused path; both give the reference bytes."""
+    layout = make_layout(3, 2, 8, "float16", 16, mla=False)
+    big = make_layout(5, 2, 8, "float16", 16, mla=False)
+    gen = torch.Generator().manual_seed(5)
+    whole = make_caches(PagedFormat.FLASHINFER, big, 4, gen, "shared")
+    caches = [whole[i] for i in pick]
+    slots = torch.tensor([32, 33, 34, 35, 0, 1, 2, 3, -1, 60])
+    out = torch.empty(10 * layout.bytes_per_token, dtype=torch.uint8)
+    got = gather(caches, slots, out, layout)
+    want = ref_gather(PagedFormat.FLASHINFER, caches, slots.tolist(), layout)
+    assert torch.equal(bits(got), bits(want))
+    fresh_whole = [torch.zeros_like(c) for c in whole]
+    fresh = [fresh_whole[i] for i in pick]
+    scatter(got, fresh, slots, layout)
+    assert torch.equal(bits(gather(fresh, slots, torch.empty_like(out), layout)), bits(got))
