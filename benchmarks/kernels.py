@@ -249,7 +249,8 @@ def main(argv: list[str]) -> int:
     dev_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     title = (
         f"lmcache-pd kernels on {device} ({dev_name}, backend {backend}"
-        f"{', quick' if args.quick else ''})"
+        f"{f', {torch.get_num_threads()} thread(s)' if device == 'cpu' else ''}"
+        f"{', quick' if args.quick else ''}; best of {reps} interleaved reps)"
     )
     _print_table(rows, title)
     print(
