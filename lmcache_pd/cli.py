@@ -22,7 +22,7 @@ check_app = typer.Typer(help="Self-tests: transport (default) and kernels.")
 app.add_typer(config_app, name="config")
 app.add_typer(check_app, name="check")
 console = Console()
-PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -75,8 +75,12 @@ def bench(
 ) -> None:
     """Run benchmarks/NAME.py with the remaining arguments (--quick --json F --png P)."""
     script = BENCH_DIR / f"{name}.py"
+    known = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+    if name in ("-h", "--help"):
+        console.print("usage: lmcache-pd bench NAME [--quick] [--json F] [--png P]")
+        console.print(f"benchmarks: {', '.join(known)}  (lmcache-pd bench NAME --help)")
+        raise typer.Exit(0)
     if not script.exists():
-        known = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
         console.print(f"[red]no benchmark {name!r}[/red]; available: {', '.join(known)}")
         raise typer.Exit(2)
     sys.argv = [str(script), *ctx.args]
