@@ -32,7 +32,8 @@ def test_import_pulls_no_torch_numpy_nixl_vllm_and_is_fast() -> None:
         best = min(best, float(out[0]))
         if best < 1.0:
             break
-    assert best < 2.5, f"import took {best:.2f} s (about 0.45 s on an idle 2-core box)"
+    # a coarse bound (timing belongs in benchmarks); importing torch alone would exceed it
+    assert best < 5.0, f"import took {best:.2f} s (about 0.45 s on an idle 2-core box)"
 
 
 def test_process_starts_in_about_a_second(stubs) -> None:
