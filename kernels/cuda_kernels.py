@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import tempfile
 from collections import OrderedDict
@@ -32,6 +33,8 @@ from typing import Any
 import torch
 
 from .geometry import Geometry
+
+log = logging.getLogger(__name__)
 
 KERNEL_NAME_PREFIXES = ("gather", "scatter")
 VECTOR_WIDTHS = (16, 8, 4, 2, 1)
@@ -302,10 +305,37 @@ class _DeviceKernels:
 _DEVICES: dict[int, _DeviceKernels] = {}
 
 
+_FAILED: dict[int, str] = {}
+
+
 def _kernels_for(device: int) -> _DeviceKernels:
     if device not in _DEVICES:
         _DEVICES[device] = _DeviceKernels(device)
     return _DEVICES[device]
+
+
+def ready(device: int) -> bool:
+    """Whether the kernels load on ``device``; a failure is logged once and remembered.
+
+    ``backend="auto"`` uses this to fall back to the torch path (say, libnvrtc missing
+    on a GPU host) instead of failing every request.
+    """
+    if device in _DEVICES:
+        return True
+    if device in _FAILED or not available():
+        return False
+    try:
+        _kernels_for(device)
+    except Exception as exc:
+        _FAILED[device] = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "lmcache-pd CUDA kernels unavailable on cuda:%d (%s); using the torch path. "
+            "Run `lmcache-pd check kernels` for details.",
+            device,
+            _FAILED[device],
+        )
+        return False
+    return True
 
 
 def vector_width(values: list[int]) -> int:

@@ -73,11 +73,11 @@ def _use_cuda(dev: torch.device, backend: str) -> bool:
         return False
     from . import cuda_kernels
 
-    if cuda_kernels.available():
-        return True
     if backend == "cuda":
-        raise RuntimeError(f"CUDA kernels unavailable: {cuda_kernels.unavailable_reason()}")
-    return False
+        if not cuda_kernels.available():
+            raise RuntimeError(f"CUDA kernels unavailable: {cuda_kernels.unavailable_reason()}")
+        return True  # load errors surface from launch
+    return cuda_kernels.ready(dev.index if dev.index is not None else 0)
 
 
 def gather(

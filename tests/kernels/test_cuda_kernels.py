@@ -104,6 +104,26 @@ def test_launch_shape_covers_every_token(fmt: PagedFormat, tokens: int) -> None:
     assert p.row_bytes % p.width == 0
 
 
+def test_auto_backend_falls_back_once_when_kernels_fail_to_load(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = []
+
+    def broken(device: int) -> None:
+        calls.append(device)
+        raise OSError("libnvrtc.so.12: cannot open shared object file")
+
+    monkeypatch.setattr(cuda_kernels, "available", lambda: True)
+    monkeypatch.setattr(cuda_kernels, "_DeviceKernels", broken)
+    monkeypatch.setattr(cuda_kernels, "_FAILED", {})
+    monkeypatch.setattr(cuda_kernels, "_DEVICES", {})
+    with caplog.at_level("WARNING"):
+        assert not cuda_kernels.ready(0)
+        assert not cuda_kernels.ready(0)
+    assert calls == [0]
+    assert "libnvrtc" in caplog.text and "using the torch path" in caplog.text
+
+
 def test_check_cli_compiles_or_skips(capsys: pytest.CaptureFixture[str]) -> None:
     rc = check_cli.main(["--arch", "sm_90"])
     out = capsys.readouterr().out
