@@ -18,6 +18,13 @@ slots, ``scatter`` leaves one of the written values (which one is unspecified).
 
 Copies go by element width (fp8/fp16/bf16/fp32 as same-width integers): round trips
 are bit-exact, NaN payloads included.
+
+From a vLLM connector: pass the ``{layer_name: tensor}`` dict that
+``register_kv_caches`` received (layer order) and a ``KVLayout`` whose ``block_size``
+is the tensors' block axis (vLLM's kernel block size, which can differ from the
+scheduler's); ``detect_format`` then picks ``CPU_VLLM`` on vLLM's CPU backend and
+``VLLM_4D``/``FLASH_ATTN``/``FLASHINFER``/``MLA`` on GPU backends. The slot ids are
+the ones vLLM's attention metadata uses for the same block size.
 """
 
 from __future__ import annotations
