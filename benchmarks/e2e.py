@@ -1,0 +1,480 @@
+"""End-to-end benchmark with real vLLM engines: TTFT/TPOT of 1P1D vs one engine, and
+prefix reuse through the kv_both tiers.
+
+    python benchmarks/e2e.py [--quick] --json F --png P
+    lmcache-pd bench e2e [--quick] --json F --png P
+
+All in one run, on a random-weight Llama built locally (big enough that prefill
+dominates on CPU), with fresh random prompts and vLLM's prefix cache off everywhere:
+
+* ``single``: one plain engine;
+* ``ours``: prefiller (kv_producer) + decoder (kv_consumer) with LMCachePDConnector,
+  through the lmcache-pd proxy (which waits for HandoffDone);
+* ``nixl``: the same two-step flow with vLLM's own ``NixlConnector``
+  (``kv_buffer_device: cpu``), through the same proxy in HTTP-only mode;
+* ``reuse``: one kv_both engine (CPU tier), TTFT of a prompt whose prefix of L tokens is
+  held (warm) vs the same prompt shape with a fresh prefix (cold), L growing.
+
+TTFT = time to the first streamed token; TPOT = mean gap between later tokens. Engines
+run one configuration at a time (this box has 2 cores) and are always stopped. The idle
+CPU of every engine process group is measured over a few seconds before its requests.
+Figures on a shared CPU box are noisy: compare rows of the same run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from lmcache_pd.integration.vllm.launch import VLLMServer, free_port
+from lmcache_pd.integration.vllm.tiny_model import TinySpec, make_tiny_model
+
+CONNECTOR = {
+    "kv_connector": "LMCachePDConnector",
+    "kv_connector_module_path": "lmcache_pd.integration.vllm",
+}
+
+
+def _cc(role: str, **extra: Any) -> dict[str, Any]:
+    return {**CONNECTOR, "kv_role": role, "kv_connector_extra_config": extra}
+
+
+def stream_completion(url: str, prompt: list[int], max_tokens: int) -> dict[str, float]:
+    """One streamed greedy completion: ttft_s, tpot_s, e2e_s."""
+    body = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:300]!r}")
+        for line in resp.iter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            payload = json.loads(line[5:])
+            if payload.get("choices") and payload["choices"][0].get("text") is not None:
+                stamps.append(time.perf_counter())
+    if not stamps:
+        raise RuntimeError("no tokens streamed")
+    ttft = stamps[0] - t0
+    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
+    return {"ttft_s": ttft, "tpot_s": tpot, "e2e_s": stamps[-1] - t0}
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    data = sorted(values)
+    if not data:
+        return float("nan")
+    k = (len(data) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
+    ttft = [r["ttft_s"] for r in rows]
+    tpot = [r["tpot_s"] for r in rows]
+    return {
+        "requests": len(rows),
+        "ttft_p50_s": pct(ttft, 0.5),
+        "ttft_p99_s": pct(ttft, 0.99),
+        "tpot_p50_s": pct(tpot, 0.5),
+        "tpot_p99_s": pct(tpot, 0.99),
+        "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
+    }
+
+
+def idle_cpu_pct(servers: Sequence[VLLMServer], seconds: float) -> dict[str, float]:
+    """CPU (% of one core) each server's whole process group burns while idle."""
+    procs: dict[str, list[psutil.Process]] = {}
+    for s in servers:
+        assert s.proc is not None
+        root = psutil.Process(s.proc.pid)
+        group = [root, *root.children(recursive=True)]
+        for p in group:
+            with contextlib.suppress(psutil.Error):
+                p.cpu_percent(None)
+        procs[s.name] = group
+    time.sleep(seconds)
+    out: dict[str, float] = {}
+    for name, group in procs.items():
+        total = 0.0
+        for p in group:
+            with contextlib.suppress(psutil.Error):
+                total += p.cpu_percent(None)
+        out[name] = round(total, 1)
+    return out
+
+
+@contextlib.contextmanager
+def running(servers: Sequence[VLLMServer], timeout_s: float = 600) -> Iterator[None]:
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_ready(timeout_s)
+        yield
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@contextlib.contextmanager
+def proxy(args: list[str]) -> Iterator[str]:
+    from lmcache_pd.router.proxy import spawn
+
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        proc, url = spawn(args, timeout_s=30)
+        yield url
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, model: Path, work: Path) -> None:
+        self.a = args
+        self.model = model
+        self.work = work
+        self.rng = random.Random(args.seed)
+        self.idle: dict[str, float] = {}
+        self.log = print if not args.quiet else (lambda *a, **k: None)
+
+    def prompt(self, n: int) -> list[int]:
+        return [self.rng.randrange(3, self.a.vocab) for _ in range(n)]
+
+    def bind(self, core: int) -> dict[str, str]:
+        """Pin a disaggregated engine's compute threads to one core (prefiller 0,
+        decoder 1). By default every vLLM CPU engine computes on core 0, and an engine
+        busy-polls its queue for a second after each step: two engines on one core
+        then slow each other down by that much."""
+        if self.a.no_bind or (os.cpu_count() or 1) < 2:
+            return {}
+        return {"VLLM_CPU_OMP_THREADS_BIND": str(core % (os.cpu_count() or 1))}
+
+    def server(self, name: str, **kw: Any) -> VLLMServer:
+        extra = ["--no-enable-prefix-caching", *kw.pop("extra_args", [])]
+        return VLLMServer(
+            self.model,
+            self.work / f"{name}.log",
+            name=name,
+            max_model_len=self.a.max_model_len,
+            kv_cache_space_gb=2,
+            extra_args=extra,
+            **kw,
+        )
+
+    def measure(self, url: str, label: str, n: int) -> list[dict[str, float]]:
+        stream_completion(url, self.prompt(self.a.prompt_tokens), 4)  # warm-up
+        rows = []
+        for i in range(n):
+            row = stream_completion(url, self.prompt(self.a.prompt_tokens), self.a.output_tokens)
+            row.update({"mode": label, "i": i, "prompt_tokens": self.a.prompt_tokens})
+            rows.append(row)
+            self.log(f"  {label} #{i}: ttft {row['ttft_s'] * 1e3:.0f} ms")
+        return rows
+
+    def single(self) -> list[dict[str, float]]:
+        s = self.server("single")
+        with running([s]):
+            self.idle.update(idle_cpu_pct([s], self.a.idle_s))
+            return self.measure(s.url, "single", self.a.requests)
+
+    def ours(self) -> list[dict[str, float]]:
+        kv_port = free_port()
+        common = {"chunk_size": self.a.chunk_size, "pd_buffer_size": 256 << 20}
+        p = self.server(
+            "ours-prefiller", kv_transfer_config=_cc("kv_producer", **common), env=self.bind(0)
+        )
+        d = self.server(
+            "ours-decoder",
+            env=self.bind(1),
+            kv_transfer_config=_cc(
+                "kv_consumer", pd_peer_init_port=kv_port, max_local_cpu_size=0.5, **common
+            ),
+        )
+        with running([p, d]):
+            self.idle.update(idle_cpu_pct([p, d], self.a.idle_s))
+            argv = ["--prefiller", p.url, "--decoder", d.url]
+            argv += ["--decoder-kv", f"127.0.0.1:{kv_port}", "--handoff-port", "0"]
+            with proxy(argv) as url:
+                return self.measure(url, "ours", self.a.requests)
+
+    def nixl_shim(self) -> str:
+        """vLLM imports ``nixl._api``; the ``nixl-cu12`` wheel alone installs it as
+        ``nixl_cu12``. A three-file alias package on PYTHONPATH (engines of this phase
+        only) bridges the names, as the ``nixl`` meta package would."""
+        try:
+            import nixl._api  # noqa: F401
+
+            return ""
+        except ImportError:
+            pass
+        pkg = self.work / "nixl_shim" / "nixl"
+        pkg.mkdir(parents=True, exist_ok=True)
+        (pkg / "__init__.py").write_text("from nixl_cu12 import *  # noqa: F403\n")
+        (pkg / "_api.py").write_text("from nixl_cu12._api import *  # noqa: F403\n")
+        (pkg / "_bindings.py").write_text("from nixl_cu12._bindings import *  # noqa: F403\n")
+        return str(pkg.parent)
+
+    def nixl(self) -> list[dict[str, float]]:
+        cfg = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+        env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"}
+        shim = self.nixl_shim()
+        if shim:
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (shim, os.environ.get("PYTHONPATH")) if p
+            )
+        p = self.server(
+            "nixl-prefiller",
+            kv_transfer_config=cfg,
+            env={**env, **self.bind(0), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
+        )
+        d = self.server(
+            "nixl-decoder",
+            kv_transfer_config=cfg,
+            env={**env, **self.bind(1), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
+        )
+        with running([p, d]):
+            self.idle.update(idle_cpu_pct([p, d], self.a.idle_s))
+            argv = ["--prefiller", p.url, "--decoder", d.url]
+            argv += ["--decoder-kv", f"127.0.0.1:{free_port()}"]
+            with proxy(argv) as url:
+                return self.measure(url, "nixl", self.a.nixl_requests)
+
+    def reuse(self) -> list[dict[str, Any]]:
+        s = self.server(
+            "reuse-kv_both",
+            kv_transfer_config=_cc(
+                "kv_both",
+                chunk_size=self.a.chunk_size,
+                local_cpu=True,
+                max_local_cpu_size=1.0,
+            ),
+        )
+        rows: list[dict[str, Any]] = []
+        suffix = 16
+        with running([s]):
+            self.idle.update(idle_cpu_pct([s], self.a.idle_s))
+            stream_completion(s.url, self.prompt(64), 2)  # warm-up
+            for length in self.a.reuse_lengths:
+                cold, warm = [], []
+                for _ in range(self.a.reuse_reps):
+                    prefix = self.prompt(length)
+                    # cold: a fresh prefix is computed (and stored in the tier)
+                    cold.append(stream_completion(s.url, prefix + self.prompt(suffix), 2)["ttft_s"])
+                    # warm: the same prefix with another suffix is loaded from the tier
+                    warm.append(stream_completion(s.url, prefix + self.prompt(suffix), 2)["ttft_s"])
+                row = {
+                    "prefix_tokens": length,
+                    "cold_ttft_s": statistics.median(cold),
+                    "warm_ttft_s": statistics.median(warm),
+                }
+                row["speedup"] = row["cold_ttft_s"] / row["warm_ttft_s"]
+                rows.append(row)
+                self.log(
+                    f"  reuse {length}: cold {row['cold_ttft_s'] * 1e3:.0f} ms, "
+                    f"warm {row['warm_ttft_s'] * 1e3:.0f} ms, x{row['speedup']:.2f}"
+                )
+        return rows
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    modes = [m for m in ("single", "ours", "nixl") if m in result["summary"]]
+    xs = range(len(modes))
+    p50 = [result["summary"][m]["ttft_p50_s"] * 1e3 for m in modes]
+    p99 = [result["summary"][m]["ttft_p99_s"] * 1e3 for m in modes]
+    ax1.bar([x - 0.2 for x in xs], p50, 0.4, label="TTFT p50")
+    ax1.bar([x + 0.2 for x in xs], p99, 0.4, label="TTFT p99")
+    ax1.set_xticks(list(xs), modes)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("ms (log)")
+    ax1.set_title(f"TTFT, {result['config']['prompt_tokens']}-token prompts")
+    ax1.legend()
+    reuse = result.get("reuse", [])
+    if reuse:
+        lengths = [r["prefix_tokens"] for r in reuse]
+        ax2.plot(lengths, [r["cold_ttft_s"] * 1e3 for r in reuse], "o-", label="recompute")
+        ax2.plot(lengths, [r["warm_ttft_s"] * 1e3 for r in reuse], "o-", label="tier hit")
+        ax2.set_xlabel("shared prefix tokens")
+        ax2.set_ylabel("TTFT ms")
+        ax2.set_title(f"kv_both reuse (x{result['ratios'].get('reuse_ttft_speedup', 0):.1f})")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller model and fewer requests")
+    p.add_argument("--json", default=None)
+    p.add_argument("--png", default=None)
+    p.add_argument("--model-dir", default=None, help="where to build/reuse the model")
+    p.add_argument("--work-dir", default=None, help="logs (default: a temp dir)")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--prompt-tokens", type=int, default=None)
+    p.add_argument("--output-tokens", type=int, default=None)
+    p.add_argument("--requests", type=int, default=None)
+    p.add_argument("--nixl-requests", type=int, default=None)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--reuse-lengths", default=None, help="comma-separated prefix lengths")
+    p.add_argument("--reuse-reps", type=int, default=None)
+    p.add_argument("--idle-s", type=float, default=3.0)
+    p.add_argument("--skip", default="", help="comma-separated: single,ours,nixl,reuse")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bind", action="store_true", help="do not pin prefiller/decoder cores")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.hidden = a.hidden or (512 if q else 1024)
+    a.layers = a.layers or (4 if q else 8)
+    a.prompt_tokens = a.prompt_tokens or (1024 if q else 2048)
+    a.output_tokens = a.output_tokens or (16 if q else 32)
+    a.requests = a.requests or (6 if q else 16)
+    a.nixl_requests = a.nixl_requests or (2 if q else 4)
+    a.reuse_reps = a.reuse_reps or (1 if q else 3)
+    lengths = a.reuse_lengths or ("256,1024,2048" if q else "256,512,1024,2048,3584")
+    a.reuse_lengths = [int(x) for x in lengths.split(",")]
+    a.vocab = 512
+    a.skip = {x.strip() for x in a.skip.split(",") if x.strip()}
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse(argv)
+    os.environ.setdefault("LMCACHE_PD_AUTH_SECRET", secrets.token_hex(32))
+    work = Path(a.work_dir or tempfile.mkdtemp(prefix="lmcache-pd-e2e-"))
+    work.mkdir(parents=True, exist_ok=True)
+    heads = max(1, a.hidden // 64)
+    spec = TinySpec(
+        hidden=a.hidden,
+        layers=a.layers,
+        heads=heads,
+        kv_heads=max(1, heads // 4),
+        head_size=64,
+        intermediate=a.hidden * 3,
+        vocab=a.vocab,
+        max_positions=a.max_model_len,
+    )
+    model = make_tiny_model(Path(a.model_dir) if a.model_dir else work / "model", spec)
+    print(f"model {spec} in {model}; logs in {work}", flush=True)
+    bench = Bench(a, model, work)
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, dict[str, float]] = {}
+    errors: dict[str, str] = {}
+    phases: list[tuple[str, Callable[[], list[dict[str, float]]]]] = [
+        ("single", bench.single),
+        ("ours", bench.ours),
+        ("nixl", bench.nixl),
+    ]
+    t_start = time.time()
+    for name, fn in phases:
+        if name in a.skip:
+            continue
+        print(f"[{name}]", flush=True)
+        try:
+            got = fn()
+        except Exception as exc:  # one failed configuration must not lose the others
+            errors[name] = f"{type(exc).__name__}: {exc}"[:2000]
+            print(f"  {name} failed: {errors[name][:300]}", flush=True)
+            continue
+        rows.extend(got)
+        summary[name] = summarize(got)
+    reuse: list[dict[str, Any]] = []
+    if "reuse" not in a.skip:
+        print("[reuse]", flush=True)
+        try:
+            reuse = bench.reuse()
+        except Exception as exc:
+            errors["reuse"] = f"{type(exc).__name__}: {exc}"[:2000]
+            print(f"  reuse failed: {errors['reuse'][:300]}", flush=True)
+    ratios: dict[str, float] = {}
+    if "single" in summary:
+        base = summary["single"]["ttft_p50_s"]
+        for m in ("ours", "nixl"):
+            if m in summary:
+                ratios[f"{m}_ttft_p50_over_single"] = summary[m]["ttft_p50_s"] / base
+                ratios[f"{m}_tpot_p50_over_single"] = (
+                    summary[m]["tpot_p50_s"] / summary["single"]["tpot_p50_s"]
+                )
+    if "ours" in summary and "nixl" in summary:
+        ratios["nixl_ttft_p50_over_ours"] = (
+            summary["nixl"]["ttft_p50_s"] / summary["ours"]["ttft_p50_s"]
+        )
+    if reuse:
+        ratios["reuse_ttft_speedup"] = reuse[-1]["speedup"]
+    result = {
+        "benchmark": "e2e",
+        "config": {
+            "quick": a.quick,
+            "model": {
+                "hidden": a.hidden,
+                "layers": a.layers,
+                "heads": heads,
+                "kv_heads": spec.kv_heads,
+                "head_size": 64,
+            },
+            "prompt_tokens": a.prompt_tokens,
+            "output_tokens": a.output_tokens,
+            "chunk_size": a.chunk_size,
+            "max_model_len": a.max_model_len,
+            "cpus": os.cpu_count(),
+            "load_avg_at_start": os.getloadavg(),
+        },
+        "rows": rows,
+        "summary": summary,
+        "reuse": reuse,
+        "ratios": ratios,
+        "idle_cpu_pct": bench.idle,
+        "errors": errors,
+        "seconds": round(time.time() - t_start, 1),
+    }
+    print(
+        json.dumps(
+            {"summary": summary, "ratios": ratios, "idle_cpu_pct": bench.idle, "errors": errors},
+            indent=2,
+        )
+    )
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    if a.png:
+        plot(result, a.png)
+    return 0 if not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
