@@ -14,15 +14,18 @@ num_kv_heads, ``D`` = head_size); strides are read from the tensor, so permuted 
 * ``FLASH_ATTN``  ``[2, B, N, H, D]``  (vLLM flash-attn, classic)
 * ``FLASHINFER``  ``[B, 2, N, H, D]``
 * ``MLA``         ``[B, N, D]`` or ``[B, 1, N, D]``: one latent per token, no K/V split
-* ``CPU_VLLM``    ``[B, H, N, 2*D]``: vLLM's CPU backend; inside each (block, head) page
-  the ``N*2*D`` elements hold K of all ``N`` tokens, then V of all ``N`` tokens
-  (the backend views it as ``[B, H, 2*N, D]`` and splits dim 2 in halves)
+* ``CPU_VLLM``    ``[B, H, N, 2*D]``: vLLM's CPU backend with its ``vec``/``vec16``
+  attention ISAs (x86 without AMX: what CI and the CPU demo run). Each (block, head)
+  page of ``N*2*D`` elements holds K of its ``N`` tokens **transposed**, ``[D, N]``,
+  then V as ``[N, D]`` (checked against vLLM's own ``cpu_attn_reshape_and_cache``).
+  The ``amx``/``neon``/other ISAs pack blocks differently and are not this format.
 * ``VLLM_4D``     ``[B, H, N, 2*D]``: vLLM's unified 4-D view used by its GPU backends
   (flash-attn splits the last axis: K = ``[..., :D]``, V = ``[..., D:]``)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -87,6 +90,10 @@ class Geometry:
     ``k*stride_k + b*stride_b + n*stride_n + h*stride_h + d`` from the layer's first
     element. ``row`` is the contiguous run copied at once: ``head_size`` elements, or
     ``num_kv_heads*head_size`` when the heads of a token are adjacent (``rows`` = 1).
+
+    ``k_transposed`` (``CPU_VLLM`` only): K is stored ``[head_size, block_size]`` per
+    (block, head), element ``(n, d)`` of K at ``b*stride_b + h*stride_h + d*block_size
+    + n``; the strides above then describe V (which starts at ``stride_k``).
     """
 
     num_blocks: int
@@ -98,6 +105,7 @@ class Geometry:
     stride_b: int
     stride_n: int
     stride_h: int
+    k_transposed: bool = False
 
     @property
     def num_slots(self) -> int:
@@ -144,7 +152,7 @@ def _raw_geometry(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor) -> Geomet
     if fmt is PagedFormat.CPU_VLLM:
         if st[3] != 1 or (n > 1 and st[2] != 2 * d):
             raise _shape_error(fmt, layout, t, "each (block, head) page must be contiguous")
-        return Geometry(shape[0], n, 2, h, d, n * d, st[0], d, st[1])
+        return Geometry(shape[0], n, 2, h, d, n * d, st[0], d, st[1], k_transposed=True)
     return Geometry(shape[0], n, 2, h, d, d, st[0], st[2], st[1])  # VLLM_4D
 
 
@@ -156,11 +164,8 @@ def layer_geometry(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor) -> Geome
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         raise _shape_error(fmt, layout, t, "the head_size axis must have stride 1")
     # Merge the heads of a token into one row when they are adjacent in memory.
-    if g.rows > 1 and g.stride_h == g.row:
-        g = Geometry(
-            g.num_blocks, g.block_size, g.kv_factor, 1, g.rows * g.row,
-            g.stride_k, g.stride_b, g.stride_n, 0,
-        )  # fmt: skip
+    if g.rows > 1 and g.stride_h == g.row and not g.k_transposed:
+        g = dataclasses.replace(g, rows=1, row=g.rows * g.row, stride_h=0)
     for name in ("stride_k", "stride_b", "stride_n", "stride_h"):
         if getattr(g, name) % g.row:
             raise _shape_error(fmt, layout, t, f"{name} is not a multiple of the row size")

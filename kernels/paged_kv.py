@@ -71,12 +71,13 @@ def _prepare(
     return layers, geom, slots, chunk
 
 
-def _use_cuda(dev: torch.device, backend: str) -> bool:
+def _use_cuda(dev: torch.device, backend: str, geom: Geometry) -> bool:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if dev.type != "cuda" or backend == "torch":
+    if dev.type != "cuda" or backend == "torch" or geom.k_transposed:
         if backend == "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got {dev}")
+            why = "CPU_VLLM (transposed K) has no CUDA kernel" if geom.k_transposed else ""
+            raise ValueError(why or f"backend='cuda' needs CUDA tensors, got {dev}")
         return False
     from . import cuda_kernels
 
@@ -108,7 +109,7 @@ def gather(
     layers, geom, slots, chunk = _prepare(kv_caches, slot_mapping, out, layout, fmt)
     if slots.numel() == 0:
         return chunk
-    if _use_cuda(slots.device, backend):
+    if _use_cuda(slots.device, backend, geom):
         from . import cuda_kernels
 
         cuda_kernels.launch("gather", layers, geom, slots, chunk)
@@ -133,7 +134,7 @@ def scatter(
     layers, geom, slots, view = _prepare(kv_caches, slot_mapping, chunk, layout, fmt)
     if slots.numel() == 0:
         return
-    if _use_cuda(slots.device, backend):
+    if _use_cuda(slots.device, backend, geom):
         from . import cuda_kernels
 
         cuda_kernels.launch("scatter", layers, geom, slots, view)

@@ -193,6 +193,9 @@ def _copy(
     op: str, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
     chunk: torch.Tensor, nonneg: bool,
 ) -> None:  # fmt: skip
+    if geom.k_transposed:
+        _copy_k_transposed(op, layers, geom, slots, chunk)
+        return
     tokens = slots.numel()
     segs = _plan(geom, slots, nonneg)
     # index_select is fastest on int64 rows, index_copy_ on 16-byte elements (measured).
@@ -217,6 +220,53 @@ def _copy(
                     torch.index_select(cache[s.r], 0, s.idx[k], out=part)
                 else:
                     cache[s.r].index_copy_(0, s.idx[k], part)
+
+
+def _kv_views(t: torch.Tensor, geom: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of a ``k_transposed`` layer as ``[B, N, H, D]`` strided integer views."""
+    ti = t.view(_UNIT_DTYPES[t.element_size()])
+    n, d, o = geom.block_size, geom.row, ti.storage_offset()
+    shape = (geom.num_blocks, n, geom.rows, d)
+    k = torch.as_strided(ti, shape, (geom.stride_b, 1, geom.stride_h, n), o)
+    v = torch.as_strided(
+        ti, shape, (geom.stride_b, geom.stride_n, geom.stride_h, 1), o + geom.stride_k
+    )
+    return k, v
+
+
+def _copy_k_transposed(
+    op: str, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
+    chunk: torch.Tensor,
+) -> None:  # fmt: skip
+    """CPU_VLLM: whole blocks move as ``[N, H, D]`` slices (a transposing copy for K,
+    one index_select / index_copy_ per layer and half); other tokens by (block, offset)
+    advanced indexing."""
+    n = geom.block_size
+    tokens = slots.numel()
+    main = (tokens // n) * n
+    if main:
+        s = slots[:main].view(-1, n)
+        if not bool((s == s[:, :1] + _arange(n, s.device)).all()) or bool((s[:, 0] % n).any()):
+            main = 0
+    blocks = torch.div(slots[:main:n], n, rounding_mode="floor") if main else None
+    rest = slots[main:]
+    rb = torch.div(rest, n, rounding_mode="floor")
+    ro = rest - rb * n
+    ci = chunk.view(_UNIT_DTYPES[chunk.element_size()])
+    for layer, t in enumerate(layers):
+        for k, view in enumerate(_kv_views(t, geom)):
+            part = ci[layer, k]  # [T, H, D], contiguous
+            if blocks is not None:
+                whole = part[:main].view(-1, n, geom.rows, geom.row)
+                if op == "gather":
+                    torch.index_select(view, 0, blocks, out=whole)
+                else:
+                    view.index_copy_(0, blocks, whole)
+            if main < tokens:
+                if op == "gather":
+                    part[main:] = view[rb, ro]
+                else:
+                    view.index_put_((rb, ro), part[main:])
 
 
 def gather(

