@@ -74,88 +74,119 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.kill()
 
 
-def raw_nixl(n_chunks: int, reps: int) -> float:
-    """Median GB/s of one WRITE of ``n_chunks`` slots into another process's agent,
-    timed until the target reports the notification."""
-    nbytes = n_chunks * SLOT
-    target = _spawn("raw-target", "--buffer-bytes", str(nbytes))
-    a = NixlTransport("raw-initiator")
-    try:
-        meta_hex, addr = _line(target, "READY").split()
-        src = host_buffer(nbytes)  # the same allocator as our buffers
-        src[:] = 1
-        a.register(src.ctypes.data, nbytes)
-        peer = a.add_peer(bytes.fromhex(meta_hex))
-        a.connect(peer)
-        base = int(addr)
-        local = a.prep_local([(src.ctypes.data + i * SLOT, SLOT, 0) for i in range(n_chunks)])
-        remote = a.prep_remote(peer, [(base + i * SLOT, SLOT, 0) for i in range(n_chunks)])
-        idx = list(range(n_chunks))
-        times = []
-        for i in range(reps + 1):  # the first one warms the connection
-            t0 = time.perf_counter()
-            handle = a.write(local, idx, remote, idx, b"raw%d" % i)
-            a.wait(handle, 60.0)
-            _line(target, "NOTIF")
-            times.append(time.perf_counter() - t0)
-            a.release(handle)
-    finally:
-        a.close()
-        _stop(target)
-    return nbytes / statistics.median(times[1:]) / 1e9
+class RawNixl:
+    """One prepped WRITE of ``n`` slots into a bare agent in another process, timed until
+    the target reports the notification."""
 
+    def __init__(self, n: int) -> None:
+        nbytes = n * SLOT
+        self.target = _spawn("raw-target", "--buffer-bytes", str(nbytes))
+        self.agent = NixlTransport("raw-initiator")
+        meta_hex, addr = _line(self.target, "READY").split()
+        self.src = host_buffer(nbytes)  # the same allocator as our buffers
+        self.src[:] = 1
+        self.agent.register(self.src.ctypes.data, nbytes)
+        peer = self.agent.add_peer(bytes.fromhex(meta_hex))
+        self.agent.connect(peer)
+        base, src = int(addr), self.src.ctypes.data
+        self.local = self.agent.prep_local([(src + i * SLOT, SLOT, 0) for i in range(n)])
+        self.remote = self.agent.prep_remote(peer, [(base + i * SLOT, SLOT, 0) for i in range(n)])
+        self.idx = list(range(n))
+        self.count = 0
 
-def handoff(n_chunks: int, reps: int, verify: bool) -> float:
-    """Median GB/s of a full handoff of ``n_chunks`` fresh chunks to a receiver process."""
-    env = {"LMCACHE_PD_VERIFY_CHECKSUMS": "true" if verify else "false"}
-    rx = _spawn(
-        "receiver", "--layout", "llama-8b", "--chunk-size", str(CHUNK),
-        "--buffer-bytes", str(n_chunks * SLOT), "--timeout", "60", env=env,
-    )  # fmt: skip
-    cfg = load_config(
-        overrides={
-            "chunk_size": CHUNK,
-            "pd_buffer_size": n_chunks * SLOT,
-            "pd_transfer_timeout_s": 60.0,
-        }
-    )
-    tx = Sender(cfg, LAYOUT, NixlTransport("bench-tx"))
-    hasher = ChunkHasher(LAYOUT.fingerprint(), CHUNK)
-    rng = np.random.default_rng(0)
-    slots = tx.alloc(n_chunks)
-    times = []
-    try:
-        endpoint = _line(rx, "READY")
-        for s in slots:
-            np.frombuffer(tx.buffer.view(s), dtype=np.uint8)[::4096] = rng.integers(
-                0, 256, SLOT // 4096
-            )
-        sums = [tx.checksum(s, SLOT) for s in slots]  # taken at gather time in the engine
-        for rep in range(reps + 1):
-            keys = hasher.keys(
-                rng.integers(0, 32000, n_chunks * CHUNK).tolist()
-            )  # fresh: no dedupe
-            chunks = [OutChunk(k, s, SLOT, c) for k, s, c in zip(keys, slots, sums, strict=True)]
-            t0 = time.perf_counter()
-            res = tx.send(endpoint, f"bench-{rep}", chunks)
-            times.append(time.perf_counter() - t0)
-            assert res.sent == n_chunks and res.bad == 0, res
-    finally:
-        tx.free(slots)
-        tx.close()
-        _stop(rx)
-    return n_chunks * SLOT / statistics.median(times[1:]) / 1e9
-
-
-def memcpy(n_chunks: int, reps: int) -> float:
-    src, dst = host_buffer(n_chunks * SLOT), host_buffer(n_chunks * SLOT)
-    src[:] = 1
-    times = []
-    for _ in range(reps + 1):
+    def once(self) -> float:
+        self.count += 1
         t0 = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t0)
-    return src.size / statistics.median(times[1:]) / 1e9
+        handle = self.agent.write(
+            self.local, self.idx, self.remote, self.idx, b"raw%d" % self.count
+        )
+        self.agent.wait(handle, 60.0)
+        _line(self.target, "NOTIF")
+        dt = time.perf_counter() - t0
+        self.agent.release(handle)
+        return dt
+
+    def close(self) -> None:
+        self.agent.close()
+        _stop(self.target)
+
+
+class Handoff:
+    """A full handoff of ``n`` fresh chunks (no dedupe) to a receiver process."""
+
+    def __init__(self, n: int, verify: bool) -> None:
+        env = {"LMCACHE_PD_VERIFY_CHECKSUMS": "true" if verify else "false"}
+        self.rx = _spawn(
+            "receiver", "--layout", "llama-8b", "--chunk-size", str(CHUNK),
+            "--buffer-bytes", str(n * SLOT), "--timeout", "60", env=env,
+        )  # fmt: skip
+        cfg = load_config(
+            overrides={
+                "chunk_size": CHUNK,
+                "pd_buffer_size": n * SLOT,
+                "pd_transfer_timeout_s": 60.0,
+            }
+        )
+        self.tx = Sender(cfg, LAYOUT, NixlTransport("bench-tx"))
+        self.hasher = ChunkHasher(LAYOUT.fingerprint(), CHUNK)
+        self.rng = np.random.default_rng(0)
+        self.n = n
+        self.slots = self.tx.alloc(n)
+        for s in self.slots:
+            np.frombuffer(self.tx.buffer.view(s), dtype=np.uint8)[::4096] = 7
+        # checksums are taken at gather time in the engine, outside the handoff
+        self.sums = [self.tx.checksum(s, SLOT) for s in self.slots]
+        self.endpoint = _line(self.rx, "READY")
+
+    def once(self) -> float:
+        keys = self.hasher.keys(self.rng.integers(0, 32000, self.n * CHUNK).tolist())
+        chunks = [
+            OutChunk(k, s, SLOT, c) for k, s, c in zip(keys, self.slots, self.sums, strict=True)
+        ]
+        t0 = time.perf_counter()
+        res = self.tx.send(self.endpoint, "bench", chunks)
+        dt = time.perf_counter() - t0
+        assert res.sent == self.n and res.bad == 0, res
+        return dt
+
+    def close(self) -> None:
+        self.tx.free(self.slots)
+        self.tx.close()
+        _stop(self.rx)
+
+
+class Memcpy:
+    def __init__(self, n: int) -> None:
+        self.src, self.dst = host_buffer(n * SLOT), host_buffer(n * SLOT)
+        self.src[:] = 1
+
+    def once(self) -> float:
+        t0 = time.perf_counter()
+        np.copyto(self.dst, self.src)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        del self.src, self.dst
+
+
+def measure(n: int, reps: int) -> dict[str, float]:
+    """GB/s medians for ``n`` chunks. The four measurements are interleaved rep by rep,
+    so load from other processes hits them alike; the first rep of each is a warm-up."""
+    benches = {
+        "raw_nixl_gbps": RawNixl(n),
+        "handoff_gbps": Handoff(n, verify=True),
+        "handoff_noverify_gbps": Handoff(n, verify=False),
+        "memcpy_gbps": Memcpy(n),
+    }
+    times: dict[str, list[float]] = {k: [] for k in benches}
+    try:
+        for _ in range(reps + 1):
+            for key, bench in benches.items():
+                times[key].append(bench.once())
+    finally:
+        for bench in benches.values():
+            bench.close()
+    return {k: n * SLOT / statistics.median(v[1:]) / 1e9 for k, v in times.items()}
 
 
 def plot(rows: list[dict[str, float]], path: str) -> None:
@@ -192,24 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("LMCACHE_PD_AUTH_SECRET", secrets.token_hex(32))
     sizes = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or (5 if args.quick else 7)
     started = time.monotonic()
     rows = []
     for n in sizes:
-        raw = raw_nixl(n, reps)
-        full = handoff(n, reps, verify=True)
-        fast = handoff(n, reps, verify=False)
+        gbps = measure(n, reps)
         rows.append(
             {
                 "chunks": n,
                 "tokens": n * CHUNK,
                 "bytes": n * SLOT,
-                "raw_nixl_gbps": round(raw, 3),
-                "handoff_gbps": round(full, 3),
-                "handoff_noverify_gbps": round(fast, 3),
-                "memcpy_gbps": round(memcpy(n, reps), 3),
+                **{k: round(v, 3) for k, v in gbps.items()},
                 "control_overhead_us_per_chunk": round(
-                    (n * SLOT / full / 1e9 - n * SLOT / raw / 1e9) * 1e6 / n, 1
+                    (1 / gbps["handoff_gbps"] - 1 / gbps["raw_nixl_gbps"]) * SLOT / 1e3, 1
                 ),
             }
         )

@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 NOTIF_PREFIX = b"lmcpd:"
 _POLL_MIN_S = 50e-6
-_POLL_FAST_MAX_S = 1e-3
+_POLL_FAST_MAX_S = 250e-6
 _POLL_SLOW_MAX_S = 10e-3
 _FAST_WINDOW_S = 0.5
 
