@@ -10,6 +10,7 @@ within the deadline without leaking blocks, and mismatched layouts are refused a
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from lmcache_pd.router.proxy import spawn
 
@@ -49,6 +51,11 @@ def consumer_config(port: int, policy: str = "recompute") -> dict[str, Any]:
         pd_lease_ttl_s=3.0,
         load_failure_policy=policy,
     )
+
+
+def bind(core: int) -> dict[str, str]:
+    cpus = os.cpu_count() or 1
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(core % cpus)} if cpus > 1 else {}
 
 
 def token_prompts(lengths: list[int], seed: int) -> list[list[int]]:
@@ -83,14 +90,20 @@ def pd(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     work = tmp_path_factory.mktemp("disagg")
     kv_port = free_port()
     plain = VLLMServer(tiny_model, work / "plain.log", name="plain")
+    # compute on separate cores: engines busy-poll for a second after each step
     prefiller = VLLMServer(
-        tiny_model, work / "prefiller.log", name="prefiller", kv_transfer_config=producer_config()
+        tiny_model,
+        work / "prefiller.log",
+        name="prefiller",
+        kv_transfer_config=producer_config(),
+        env=bind(0),
     )
     decoder = VLLMServer(
         tiny_model,
         work / "decoder.log",
         name="decoder",
         kv_transfer_config=consumer_config(kv_port),
+        env=bind(1),
     )
     start_servers([plain, prefiller, decoder])
     proxy = None
@@ -139,6 +152,21 @@ def test_disagg_identical_tokens_and_decoder_computes_only_the_tail(pd: PD) -> N
         assert load["computing"] <= max(n % CHUNK, 1), load
     pushed = pd.prefiller.log_text().count("pushed ")
     assert pushed >= len(long_enough)
+
+
+def test_idle_engines_do_not_spin(pd: PD) -> None:
+    """No busy-polling threads: idle prefiller and decoder stay near 0 % CPU."""
+    groups = {}
+    for s in (pd.prefiller, pd.decoder):
+        assert s.proc is not None
+        root = psutil.Process(s.proc.pid)
+        groups[s.name] = [root, *root.children(recursive=True)]
+        for p in groups[s.name]:
+            p.cpu_percent(None)
+    time.sleep(5.0)  # past vLLM's own 1 s busy loop after the last step
+    for name, procs in groups.items():
+        total = sum(p.cpu_percent(None) for p in procs if p.is_running())
+        assert total < 15.0, f"{name} burns {total:.0f} % CPU while idle"
 
 
 def test_missing_chunks_recompute_within_deadline(pd: PD) -> None:

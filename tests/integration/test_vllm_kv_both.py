@@ -8,12 +8,14 @@ prefix must hit from disk.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lmcache_pd.integration.vllm.launch import VLLMServer, metric_value
+from lmcache_pd.integration.vllm.launch import ServerError, VLLMServer, metric_value
 from lmcache_pd.integration.vllm.tiny_model import prompts as make_prompts
 from tests.integration.helpers import (
     connector_config,
@@ -96,8 +98,12 @@ def test_restart_hits_from_disk(
     prompt = make_prompts(1, seed=13, min_words=110, max_words=110)[0]
     want = texts(plain, [prompt], MAX_TOKENS)
     assert texts(both, [prompt], MAX_TOKENS) == want
-    both.stop()  # flushes the disk write-behind queue on shutdown
-    assert any(disk.rglob("*")), "nothing was written to the disk tier"
+    deadline = time.monotonic() + 20  # the disk tier writes behind: let it land
+    while not any(p.is_file() for p in disk.rglob("*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    both.stop()
+    assert any(p.is_file() for p in disk.rglob("*")), "nothing was written to the disk tier"
     again = VLLMServer(
         tiny_model,
         tmp_path / "restarted.log",
@@ -112,3 +118,13 @@ def test_restart_hits_from_disk(
         assert total == n_tokens
         assert hit >= n_tokens // CHUNK * CHUNK > 0
         assert "Retrieved" in again.log_text()
+
+
+def test_bad_config_key_refuses_to_start(tiny_model: Path, server_factory: Any) -> None:
+    """A misspelt key stops the engine with our message naming the closest key."""
+    bad = connector_config("kv_both", chunk_sise=64)
+    server = server_factory("bad-config", tiny_model, kv_transfer_config=bad)
+    server.start()
+    with pytest.raises(ServerError):
+        server.wait_ready(240)
+    assert "chunk_sise: unknown config key; did you mean 'chunk_size'?" in server.log_text()
