@@ -222,51 +222,76 @@ def _copy(
                     cache[s.r].index_copy_(0, s.idx[k], part)
 
 
-def _kv_views(t: torch.Tensor, geom: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of a ``k_transposed`` layer as ``[B, N, H, D]`` strided integer views."""
+def _k_view(t: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    """K of a ``k_transposed`` layer as a ``[B, N, H, D]`` strided integer view."""
     ti = t.view(_UNIT_DTYPES[t.element_size()])
-    n, d, o = geom.block_size, geom.row, ti.storage_offset()
-    shape = (geom.num_blocks, n, geom.rows, d)
-    k = torch.as_strided(ti, shape, (geom.stride_b, 1, geom.stride_h, n), o)
-    v = torch.as_strided(
-        ti, shape, (geom.stride_b, geom.stride_n, geom.stride_h, 1), o + geom.stride_k
-    )
-    return k, v
+    n = geom.block_size
+    shape = (geom.num_blocks, n, geom.rows, geom.row)
+    return torch.as_strided(ti, shape, (geom.stride_b, 1, geom.stride_h, n), ti.storage_offset())
+
+
+def _full_block_prefix(slots: torch.Tensor, n: int) -> int:
+    """Length of the longest prefix made of whole blocks (aligned runs of ``n``)."""
+    main = (slots.numel() // n) * n
+    if main:
+        s = slots[:main].view(-1, n)
+        expected = torch.div(s[:, :1], n, rounding_mode="floor") * n + _arange(n, s.device)
+        if not bool((s == expected).all()):
+            return 0
+    return main
 
 
 def _copy_k_transposed(
     op: str, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
     chunk: torch.Tensor,
 ) -> None:  # fmt: skip
-    """CPU_VLLM: whole blocks move as ``[N, H, D]`` slices (a transposing copy for K,
-    one index_select / index_copy_ per layer and half); other tokens by (block, offset)
-    advanced indexing."""
-    n = geom.block_size
+    """CPU_VLLM. V: rows of ``head_size`` like any format. K (``[D, N]`` per block and
+    head): whole blocks move as contiguous ``D*N`` pages through a transposing copy, the
+    remaining tokens by (block, offset) advanced indexing."""
+    n, h, d = geom.block_size, geom.rows, geom.row
+    es = layers[0].element_size()
     tokens = slots.numel()
-    main = (tokens // n) * n
+    _, unit, chunk_bytes = _setup(layers, geom, chunk, 8 if op == "gather" else 16)
+    v_idx = _segment(geom, slots, 0, tokens, 1).idx[1]
+    main = _full_block_prefix(slots, n)
+    page = n * d
+    paged_k = main > 0 and geom.stride_b % page == 0 and geom.stride_h % page == 0
+    if not paged_k:
+        main = 0
     if main:
-        s = slots[:main].view(-1, n)
-        if not bool((s == s[:, :1] + _arange(n, s.device)).all()) or bool((s[:, 0] % n).any()):
-            main = 0
-    blocks = torch.div(slots[:main:n], n, rounding_mode="floor") if main else None
-    rest = slots[main:]
-    rb = torch.div(rest, n, rounding_mode="floor")
-    ro = rest - rb * n
-    ci = chunk.view(_UNIT_DTYPES[chunk.element_size()])
+        blocks = torch.div(slots[:main:n], n, rounding_mode="floor")
+        heads = _arange(h, slots.device) * geom.stride_h
+        page_idx = torch.div(
+            (blocks * geom.stride_b)[:, None] + heads[None, :], page, rounding_mode="floor"
+        ).reshape(-1)
+    rb = torch.div(slots[main:], n, rounding_mode="floor")
+    ro = slots[main:] - rb * n
+    elem = _UNIT_DTYPES[es]
+    ci = chunk.view(elem)
     for layer, t in enumerate(layers):
-        for k, view in enumerate(_kv_views(t, geom)):
-            part = ci[layer, k]  # [T, H, D], contiguous
-            if blocks is not None:
-                whole = part[:main].view(-1, n, geom.rows, geom.row)
-                if op == "gather":
-                    torch.index_select(view, 0, blocks, out=whole)
-                else:
-                    view.index_copy_(0, blocks, whole)
-            if main < tokens:
-                if op == "gather":
-                    part[main:] = view[rb, ro]
-                else:
-                    view.index_put_((rb, ro), part[main:])
+        v_rows = _layer_rows(t, geom, unit, 1)
+        v_part = _chunk_rows(
+            chunk_bytes, geom, es, unit, tokens, layer, 1, _Segment(0, tokens, 1, v_idx)
+        )
+        k_part = ci[layer, 0]  # [T, H, D]
+        if op == "gather":
+            torch.index_select(v_rows, 0, v_idx, out=v_part)
+        else:
+            v_rows.index_copy_(0, v_idx, v_part)
+        k_view = _k_view(t, geom)
+        if main:
+            whole = k_part[:main].view(-1, n, h, d)
+            if op == "gather":  # one strided pass beats pages + transpose here (measured)
+                torch.index_select(k_view, 0, blocks, out=whole)
+            else:  # transpose into page order, then whole D*N pages with index_copy_
+                pages = _layer_rows(t, geom, unit, n)  # rows of D*N elements
+                tmp = whole.permute(0, 2, 3, 1).contiguous().view(_UNIT_DTYPES[unit])
+                pages.index_copy_(0, page_idx, tmp.view(-1, pages.shape[1]))
+        if main < tokens:
+            if op == "gather":
+                k_part[main:] = k_view[rb, ro]
+            else:
+                k_view.index_put_((rb, ro), k_part[main:])
 
 
 def gather(
