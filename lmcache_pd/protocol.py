@@ -31,6 +31,7 @@ import msgspec
 from lmcache_pd.layout import KVLayout
 
 PROTOCOL_VERSION = 1
+NO_CHECKSUM = 0  # "not hashed" (VRAM, or verification off); real digests map 0 -> 1
 
 
 class ErrorCode(str, enum.Enum):
@@ -113,7 +114,8 @@ class HelloAck(Msg, tag="hello_ack"):
 class Offer(Msg, tag="offer"):
     """Sender offers the chunks of a request, in prefix order. ``nbytes[i]`` is the
     used length of chunk ``i`` (a partial last chunk is shorter than a slot) and
-    ``checksums[i]`` its xxh3-64, taken when the chunk was gathered."""
+    ``checksums[i]`` its xxh3-64, taken when the chunk was gathered (``NO_CHECKSUM``
+    where the sender does not hash: the receiver then cannot verify that chunk)."""
 
     req_id: str
     keys: list[bytes]

@@ -40,6 +40,7 @@ from lmcache_pd.control import Codec, RouterServer
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import (
+    NO_CHECKSUM,
     Accept,
     Busy,
     Cancel,
@@ -54,7 +55,7 @@ from lmcache_pd.protocol import (
     Offer,
 )
 from lmcache_pd.tiers.base import Store
-from lmcache_pd.transports.base import Transport
+from lmcache_pd.transports.base import MemKind, Transport
 
 log = logging.getLogger(__name__)
 
@@ -390,9 +391,14 @@ class Receiver:
             if pos in lease.landed:
                 continue
             i = lease.want[pos]
-            if self.cfg.pd_verify_checksums and self.buffer.kind.value == "DRAM":
+            expected = lease.checksums[i]
+            if (
+                expected != NO_CHECKSUM
+                and self.cfg.pd_verify_checksums
+                and self.buffer.kind is MemKind.DRAM
+            ):
                 view = self.buffer.view(lease.slots[pos], lease.nbytes[i])
-                if xxhash.xxh3_64_intdigest(view) != lease.checksums[i]:
+                if (xxhash.xxh3_64_intdigest(view) or 1) != expected:
                     lease.bad.append(i)
                     self.counters.inc("checksum_failures")
                     log.error(

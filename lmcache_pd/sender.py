@@ -38,6 +38,7 @@ from lmcache_pd.control import Codec, ControlTimeout, DealerClient
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import (
+    NO_CHECKSUM,
     Accept,
     Busy,
     Cancel,
@@ -146,7 +147,11 @@ class Sender:
         self.buffer.free(slots)
 
     def checksum(self, slot: int, nbytes: int) -> int:
-        return xxhash.xxh3_64_intdigest(self.buffer.view(slot, nbytes))
+        """xxh3-64 of a gathered chunk, or ``NO_CHECKSUM`` where we do not verify
+        (``pd_verify_checksums: false``, or a VRAM buffer the CPU cannot hash)."""
+        if not self.cfg.pd_verify_checksums or self.buffer.kind is not MemKind.DRAM:
+            return NO_CHECKSUM
+        return xxhash.xxh3_64_intdigest(self.buffer.view(slot, nbytes)) or 1
 
     # ------------------------------------------------------------------ peers
     def _peer(self, endpoint: str) -> _Peer:
@@ -262,7 +267,7 @@ class Sender:
             req_id=req_id,
             keys=[c.key for c in batch],
             nbytes=[c.nbytes for c in batch],
-            checksums=[c.checksum or 0 for c in batch],
+            checksums=[c.checksum or NO_CHECKSUM for c in batch],
         )
         for attempt in range(self.cfg.pd_busy_max_retries + 1):
             reply = self._request(peer, offer)
