@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from lmcache_pd.buffer import host_buffer
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.config import load_config
 from lmcache_pd.layout import preset
+from lmcache_pd.peer import PeerProcess
 from lmcache_pd.sender import OutChunk, Sender
 
 console = Console()
@@ -44,45 +44,15 @@ LAYOUT = preset("llama-8b")
 SLOT = LAYOUT.bytes_per_chunk(CHUNK)
 
 
-def _spawn(role: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lmcache_pd.peer", role, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def _line(proc: subprocess.Popen[str], tag: str) -> str:
-    assert proc.stdout is not None
-    for _ in range(1000):
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"peer exited before {tag}")
-        if line.startswith(tag + " "):
-            return line[len(tag) + 1 :].strip()
-    raise RuntimeError(f"no {tag} line")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.stdin:
-        proc.stdin.close()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 class RawNixl:
     """One prepped WRITE of ``n`` slots into a bare agent in another process, timed until
     the target reports the notification."""
 
     def __init__(self, n: int) -> None:
         nbytes = n * SLOT
-        self.target = _spawn("raw-target", "--buffer-bytes", str(nbytes))
+        self.target = PeerProcess("raw-target", "--buffer-bytes", str(nbytes))
         self.agent = NixlTransport("raw-initiator")
-        meta_hex, addr = _line(self.target, "READY").split()
+        meta_hex, addr = self.target.read_tagged("READY").split()
         self.src = host_buffer(nbytes)  # the same allocator as our buffers
         self.src[:] = 1
         self.agent.register(self.src.ctypes.data, nbytes)
@@ -101,14 +71,14 @@ class RawNixl:
             self.local, self.idx, self.remote, self.idx, b"raw%d" % self.count
         )
         self.agent.wait(handle, 60.0)
-        _line(self.target, "NOTIF")
+        self.target.read_tagged("NOTIF")
         dt = time.perf_counter() - t0
         self.agent.release(handle)
         return dt
 
     def close(self) -> None:
         self.agent.close()
-        _stop(self.target)
+        self.target.stop()
 
 
 class Handoff:
@@ -116,7 +86,7 @@ class Handoff:
 
     def __init__(self, n: int, verify: bool) -> None:
         env = {"LMCACHE_PD_VERIFY_CHECKSUMS": "true" if verify else "false"}
-        self.rx = _spawn(
+        self.rx = PeerProcess(
             "receiver", "--layout", "llama-8b", "--chunk-size", str(CHUNK),
             "--buffer-bytes", str(n * SLOT), "--timeout", "60", env=env,
         )  # fmt: skip
@@ -136,7 +106,7 @@ class Handoff:
             np.frombuffer(self.tx.buffer.view(s), dtype=np.uint8)[::4096] = 7
         # checksums are taken at gather time in the engine, outside the handoff
         self.sums = [self.tx.checksum(s, SLOT) for s in self.slots]
-        self.endpoint = _line(self.rx, "READY")
+        self.endpoint = self.rx.read_tagged("READY")
 
     def once(self) -> float:
         keys = self.hasher.keys(self.rng.integers(0, 32000, self.n * CHUNK).tolist())
@@ -152,7 +122,7 @@ class Handoff:
     def close(self) -> None:
         self.tx.free(self.slots)
         self.tx.close()
-        _stop(self.rx)
+        self.rx.stop()
 
 
 class Memcpy:

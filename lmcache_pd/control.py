@@ -51,6 +51,22 @@ def tcp_endpoint(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
+def _max_msg_size(codec: Codec) -> int:
+    """ZMQ's hard cap: above the codec's limit so oversize frames get an Error reply."""
+    return 2 * codec.max_bytes + 65536
+
+
+def _bind(sock: zmq.Socket, codec: Codec, host: str, port: int) -> tuple[int, str]:
+    """Bind ``sock`` on ``host:port`` (0 = a free port); returns ``(port, endpoint)``."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, _max_msg_size(codec))
+    if port == 0:
+        port = sock.bind_to_random_port(f"tcp://{host}")
+    else:
+        sock.bind(tcp_endpoint(host, port))
+    return port, tcp_endpoint(host, port)
+
+
 class Codec:
     """Packs messages into signed frames and unpacks them, with size limits."""
 
@@ -134,15 +150,8 @@ class RouterServer:
         counters: Counters,
     ) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * codec.max_bytes + 65536)
-        if port == 0:
-            self.port = self.sock.bind_to_random_port(f"tcp://{host}")
-        else:
-            self.sock.bind(tcp_endpoint(host, port))
-            self.port = port
-        self.endpoint = tcp_endpoint(host, self.port)
+        self.port, self.endpoint = _bind(self.sock, codec, host, port)
         self.codec = codec
         self._inbound = _Inbound(codec, counters)
 
@@ -181,7 +190,7 @@ class DealerClient:
     def _open(self) -> None:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.codec.max_bytes + 65536)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, _max_msg_size(self.codec))
         self.sock.connect(self.endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -256,14 +265,7 @@ class PullServer:
         self, ctx: zmq.asyncio.Context, codec: Codec, host: str, port: int, counters: Counters
     ) -> None:
         self.sock = ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * codec.max_bytes + 65536)
-        if port == 0:
-            self.port = self.sock.bind_to_random_port(f"tcp://{host}")
-        else:
-            self.sock.bind(tcp_endpoint(host, port))
-            self.port = port
-        self.endpoint = tcp_endpoint(host, self.port)
+        self.port, self.endpoint = _bind(self.sock, codec, host, port)
         self._inbound = _Inbound(codec, counters)
 
     async def recv(self, timeout_s: float | None = None) -> Message:

@@ -12,9 +12,7 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,31 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from lmcache_pd.layout import preset
+from lmcache_pd.peer import PeerProcess
 
 console = Console()
-
-
-def spawn(role: str, args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lmcache_pd.peer", role, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def read_tagged(proc: subprocess.Popen[str], tag: str, timeout_s: float) -> str:
-    """Next stdout line starting with ``tag`` (bounded wait)."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"peer exited (rc={proc.poll()}) before printing {tag}")
-        if line.startswith(tag + " "):
-            return line[len(tag) + 1 :].strip()
-    raise TimeoutError(f"peer did not print {tag} within {timeout_s}s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,20 +47,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"[bold]lmcache-pd demo[/bold]: {args.requests} requests x {args.tokens} tokens, "
         f"layout {args.layout} ({layout.bytes_per_token} B/token), chunk {args.chunk_size}"
     )
-    rx = spawn("receiver", [*common, "--verify"], env)
+    rx = PeerProcess("receiver", *common, "--verify", env=env)
     tx = None
     rows: list[dict[str, object]] = []
     try:
-        endpoint = read_tagged(rx, "READY", 60)
-        console.print(f"receiver process {rx.pid} listening on {endpoint}")
-        tx = spawn(
-            "sender",
-            [*common, "--endpoint", endpoint, "--requests", str(args.requests),
-             "--tokens", str(args.tokens)],
-            env,
+        endpoint = rx.read_tagged("READY", 60)
+        console.print(f"receiver process {rx.proc.pid} listening on {endpoint}")
+        tx = PeerProcess(
+            "sender", *common, "--endpoint", endpoint, "--requests", str(args.requests),
+            "--tokens", str(args.tokens), env=env,
         )  # fmt: skip
         for _ in range(args.requests):
-            row = json.loads(read_tagged(tx, "RESULT", 120))
+            row = json.loads(tx.read_tagged("RESULT", 120))
             rows.append(row)
             if row["ok"]:
                 size_gb = row["bytes"] / 1e9
@@ -98,15 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             else:
                 console.print(f"[red][{row['req_id']}] FAILED: {row['error']}[/red]")
-        tx_stats = json.loads(read_tagged(tx, "STATS", 30))
-        tx.wait(30)
+        tx_stats = json.loads(tx.read_tagged("STATS", 30))
     finally:
-        if tx is not None and tx.poll() is None:
-            tx.kill()
-        if rx.stdin:
-            rx.stdin.close()
-    rx_stats = json.loads(read_tagged(rx, "STATS", 60))
-    rx.wait(30)
+        if tx is not None:
+            tx.stop()
+        rx.close_stdin()
+    rx_stats = json.loads(rx.read_tagged("STATS", 60))
+    rx.stop()
 
     ok_rows = [r for r in rows if r["ok"]]
     moved = sum(int(r["bytes"]) for r in ok_rows)

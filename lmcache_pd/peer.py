@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -37,6 +39,47 @@ from lmcache_pd.sender import HandoffError, OutChunk, Sender
 from lmcache_pd.transports.nixl import NixlTransport
 
 _PERIOD = 64 * 1024
+
+
+class PeerProcess:
+    """A ``python -m lmcache_pd.peer ROLE ...`` child whose stdout lines are tagged."""
+
+    def __init__(self, role: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmcache_pd.peer", role, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+
+    def read_tagged(self, tag: str, timeout_s: float = 60.0) -> str:
+        """The rest of the next stdout line that starts with ``tag``."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{tag}: peer exited (rc={self.proc.poll()}) first")
+            self.lines.append(line)
+            if line.startswith(tag + " "):
+                return line[len(tag) + 1 :].strip()
+        raise TimeoutError(f"peer printed no {tag} within {timeout_s}s")
+
+    def close_stdin(self) -> None:
+        """The receiver's and raw target's stop signal."""
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Close stdin, wait for exit, kill if it does not come."""
+        self.close_stdin()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 def pattern(key: bytes, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:

@@ -30,7 +30,7 @@ def test_round_trip_bit_exact_across_processes(spawn_receiver) -> None:
     with spawn_receiver(*args) as rx_proc, sender(make_config()) as tx:
         prompts = make_requests(4, 5 * CHUNK + 3, seed=7)
         rows = send_requests(tx, rx_proc.endpoint, hasher(), prompts)
-        stats = rx_proc.stop()
+        stats = rx_proc.stop_stats()
     assert all(r["ok"] for r in rows), rows
     assert [r["chunks"] for r in rows] == [5, 5, 5, 5]
     assert stats["pattern_bad"] == 0
