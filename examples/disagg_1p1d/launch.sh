@@ -28,7 +28,8 @@ kv_config() {  # role yaml
 NCPU="$(nproc)"
 if [ "$NCPU" -ge 2 ]; then
   HALF=$((NCPU / 2))
-  P_BIND="0-$((HALF - 1))"; D_BIND="$HALF-$((NCPU - 1))"
+  span() { if [ "$1" -eq "$2" ]; then echo "$1"; else echo "$1-$2"; fi; }
+  P_BIND="$(span 0 $((HALF - 1)))"; D_BIND="$(span "$HALF" $((NCPU - 1)))"
 else
   P_BIND=auto; D_BIND=auto
 fi
