@@ -185,6 +185,46 @@ class HandoffDone(Msg, tag="handoff_done"):
     error: str = ""
 
 
+class KVTransferParams(msgspec.Struct, kw_only=True):
+    """Prefill-step ``kv_transfer_params`` (proxy -> prefiller's vLLM connector, through
+    the HTTP request body). One definition for the proxy that writes them and the
+    connector that reads them (``request.kv_transfer_params``).
+
+    Fields:
+        do_remote_decode: always ``True`` on the prefill step: the KV computed here is
+            pushed to a remote decoder instead of being decoded locally.
+        req_id: proxy-minted id of this request (``pd-<hex>-<n>``), unique per proxy
+            process. The prefiller's ``Offer`` to the decoder and its ``HandoffDone`` to
+            the proxy carry it, so all three agree on one id whatever ids vLLM assigns.
+        decoder_host: host of the chosen decoder's control endpoint (its ZMQ ROUTER).
+        decoder_init_port: port of that endpoint (``pd_peer_init_port`` of the decoder,
+            TP rank 0; the connector adds the rank as LMCache does for int ports).
+        proxy_notify: ``tcp://host:port`` where the proxy's PULL socket waits for the
+            prefiller's ``HandoffDone``; ``None`` when the proxy runs HTTP-only and does
+            not listen (the prefiller then just skips the notification).
+    """
+
+    do_remote_decode: bool = True
+    req_id: str
+    decoder_host: str
+    decoder_init_port: int
+    proxy_notify: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return msgspec.to_builtins(self)
+
+    @classmethod
+    def from_request(cls, params: object) -> KVTransferParams | None:
+        """Parse a request's ``kv_transfer_params`` (extra keys ignored); None when they
+        do not ask for a remote decode. Raises ``ValueError`` naming a malformed field."""
+        if not isinstance(params, dict) or not params.get("do_remote_decode"):
+            return None
+        try:
+            return msgspec.convert(params, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"malformed kv_transfer_params: {exc}") from None
+
+
 Message = Hello | HelloAck | Offer | Accept | Busy | Done | Committed | Cancel | Error | HandoffDone
 
 _encoder = msgspec.msgpack.Encoder()

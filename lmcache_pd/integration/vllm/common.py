@@ -24,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from lmcache_pd.config import Config, ConfigError, PDRole, load_config
 from lmcache_pd.layout import AttentionKind, KVLayout
+from lmcache_pd.protocol import KVTransferParams
 
 if TYPE_CHECKING:
     from vllm.config import KVTransferConfig, VllmConfig
@@ -195,14 +196,8 @@ def lookup_endpoint(engine_id: str, rank: int) -> str:
 # --- per-step metadata (scheduler -> workers) ---
 
 
-@dataclass
-class SendTarget:
-    """Where a prefiller pushes a request's chunks (from ``kv_transfer_params``)."""
-
-    req_id: str
-    decoder_host: str
-    decoder_init_port: int
-    proxy_notify: str | None = None
+# Where a prefiller pushes a request's chunks: the proxy's kv_transfer_params.
+SendTarget = KVTransferParams
 
 
 @dataclass

@@ -64,17 +64,10 @@ class _ReqState:
 
 def send_target(params: dict[str, Any] | None) -> SendTarget | None:
     """The decoder named in a prefill request's ``kv_transfer_params``, if any."""
-    if not params or not params.get("do_remote_decode"):
-        return None
     try:
-        return SendTarget(
-            req_id=str(params["req_id"]),
-            decoder_host=str(params["decoder_host"]),
-            decoder_init_port=int(params["decoder_init_port"]),
-            proxy_notify=params.get("proxy_notify"),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        log.warning("ignoring malformed kv_transfer_params %r: %s", params, exc)
+        return SendTarget.from_request(params)
+    except ValueError as exc:
+        log.warning("ignoring %s (params %r)", exc, params)
         return None
 
 
