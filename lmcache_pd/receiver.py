@@ -276,6 +276,9 @@ class Receiver:
         except Exception as exc:
             return Error(code=ErrorCode.TRANSFER, message=f"bad transport metadata: {exc}"), []
         with self._lock:
+            # a sender that reconnects (new socket identity) replaces its old entry
+            for old in [i for i, p in self._peers.items() if p.agent == agent and i != identity]:
+                del self._peers[old]
             self._peers[identity] = _PeerInfo(agent=agent, hello=msg)
         ack = HelloAck(
             agent=self.transport.name,
@@ -583,7 +586,10 @@ class Receiver:
             }
 
     def stats(self) -> dict[str, int]:
+        with self._lock:
+            peers = len(self._peers)
         return {
+            "peers": peers,
             **self.counters.snapshot(),
             **{f"slots_{k}": v for k, v in self.slot_usage().items()},
         }

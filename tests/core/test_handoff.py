@@ -160,3 +160,16 @@ def test_chunk_size_mismatch_refused() -> None:
         chunks, _ = fill(tx, hasher().keys(list(range(CHUNK)))[:1], np.random.default_rng(0))
         with pytest.raises(HandoffError, match="chunk_size"):
             tx.send(rx.endpoint, "x", chunks)
+
+
+def test_reconnecting_sender_replaces_its_old_peer_entry() -> None:
+    cfg = make_config()
+    with receiver(cfg) as rx, sender(cfg) as tx:
+        rng = np.random.default_rng(11)
+        for i in range(3):
+            chunks, data = fill(tx, hasher().keys(list(range(i, i + CHUNK))), rng)
+            assert tx.send(rx.endpoint, f"r{i}", chunks).sent == 1
+            tx.free([c.slot for c in chunks])
+            tx._forget(tx._peers[rx.endpoint])  # as after a timeout: new socket, new Hello
+        assert rx.stats()["peers"] == 1
+        assert rx.read(chunks[0].key) == data[0]
