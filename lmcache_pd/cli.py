@@ -56,10 +56,15 @@ def demo(ctx: typer.Context) -> None:
 def check(
     ctx: typer.Context,
     json_path: Path | None = typer.Option(None, "--json", help="write results as JSON"),
+    size_mb: int = typer.Option(64, "--size-mb", help="bytes per WRITE, MiB"),
+    reps: int = typer.Option(5, "--reps", help="WRITEs to time (best is reported)"),
+    idle_seconds: float = typer.Option(5.0, "--idle-seconds", help="idle CPU window"),
 ) -> None:
-    """Transport self-test: 64 MiB over NIXL between two agents, vs memcpy; idle CPU."""
+    """Transport self-test: a NIXL WRITE between two agents vs memcpy; UCX path; idle CPU."""
     if ctx.invoked_subcommand is None:
-        argv = ["--json", str(json_path)] if json_path else []
+        argv = ["--size-mb", str(size_mb), "--reps", str(reps), "--idle-seconds", str(idle_seconds)]
+        if json_path:
+            argv += ["--json", str(json_path)]
         _call_main("lmcache_pd.selfcheck:main", argv)
 
 
