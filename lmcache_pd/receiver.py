@@ -22,7 +22,6 @@ lease outstanding it polls NIXL notifications with backoff (target-side progress
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import threading
 import time
@@ -81,11 +80,6 @@ def parse_notif(text: bytes) -> tuple[int, int, int] | None:
     return lease, first, count
 
 
-class LeaseState(enum.Enum):
-    WAITING = "waiting"  # granted, nothing heard yet
-    DONE_SEEN = "done_seen"  # Done received, waiting for the data notification
-
-
 @dataclass
 class _Lease:
     lease: int
@@ -101,8 +95,7 @@ class _Lease:
     deadline: float
     landed: set[int] = field(default_factory=set)  # positions in ``want``
     bad: list[int] = field(default_factory=list)  # offer indices that failed the checksum
-    done: Done | None = None
-    state: LeaseState = LeaseState.WAITING
+    done: Done | None = None  # set when the sender says every WRITE completed
 
 
 @dataclass
@@ -382,7 +375,6 @@ class Receiver:
                     f"(TTL {self.cfg.pd_lease_ttl_s}s)",
                 )
             lease.done = msg
-            lease.state = LeaseState.DONE_SEEN
             if len(lease.landed) == len(lease.want):
                 return self._commit(lease)
         return None  # committed when the last data notification arrives
