@@ -97,6 +97,21 @@ class SlotBuffer:
         start = slot * self.slot_bytes
         return memoryview(self._np[start : start + (self.slot_bytes if nbytes is None else nbytes)])
 
+    def chunk(self, slot: int, nbytes: int) -> memoryview | torch.Tensor:
+        """The first ``nbytes`` of ``slot`` where they live: a memoryview for CPU
+        buffers, a uint8 tensor slice for CUDA buffers. No copy."""
+        if self._np is not None:
+            return self.view(slot, nbytes)
+        start = slot * self.slot_bytes
+        return self.tensor[start : start + nbytes]
+
+    def to_host(self, slot: int, nbytes: int) -> memoryview:
+        """The first ``nbytes`` of ``slot`` as host bytes (a copy only for CUDA)."""
+        if self._np is not None:
+            return self.view(slot, nbytes)
+        start = slot * self.slot_bytes
+        return memoryview(self.tensor[start : start + nbytes].cpu().numpy())
+
     def slot_tensor(self, slot: int) -> torch.Tensor:
         """A flat uint8 tensor view of ``slot`` (CPU or CUDA)."""
         start = slot * self.slot_bytes

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 import xxhash
 import zmq
 import zmq.asyncio
@@ -59,6 +60,7 @@ from lmcache_pd.transports.base import MemKind, Transport
 log = logging.getLogger(__name__)
 
 NOTIF_PREFIX = b"lmcpd:"
+ChunkData = memoryview | bytes | torch.Tensor  # chunk bytes as acquire() hands them out
 _POLL_MIN_S = 50e-6
 _POLL_FAST_MAX_S = 250e-6
 _POLL_SLOW_MAX_S = 10e-3
@@ -417,7 +419,7 @@ class Receiver:
                 continue
             self._ready[key] = _Ready(slot=slot, nbytes=nbytes)
             if self.store is not None:
-                self.store.put(key, self.buffer.view(slot, nbytes))
+                self.store.put(key, self.buffer.to_host(slot, nbytes))
             stored.append(i)
             moved += nbytes
         self.counters.inc("chunks", len(lease.want) - len(bad))
@@ -520,11 +522,12 @@ class Receiver:
                     return n
                 self._lock.wait(left)
 
-    def acquire(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]:
+    def acquire(self, keys: Sequence[bytes]) -> list[ChunkData | None]:
         """Pin and return the bytes of each key (None where not held). Buffer-resident
-        chunks are returned as views and stay pinned until :meth:`release`; the rest are
-        read from the store (outside the lock: a disk read never blocks the receiver)."""
-        out: list[memoryview | bytes | None] = []
+        chunks are returned without a copy (a memoryview, or a uint8 CUDA tensor for a
+        VRAM buffer) and stay pinned until :meth:`release`; the rest are read from the
+        store (outside the lock: a disk read never blocks the receiver)."""
+        out: list[ChunkData | None] = []
         from_store: list[int] = []
         with self._lock:
             for key in keys:
@@ -532,7 +535,7 @@ class Receiver:
                 if entry is not None:
                     entry.pins += 1
                     self._ready.move_to_end(key)
-                    out.append(self.buffer.view(entry.slot, entry.nbytes))
+                    out.append(self.buffer.chunk(entry.slot, entry.nbytes))
                 else:
                     from_store.append(len(out))
                     out.append(None)
@@ -553,6 +556,8 @@ class Receiver:
         """A copy of one chunk's bytes, or None."""
         (view,) = self.acquire([key])
         try:
+            if isinstance(view, torch.Tensor):
+                return view.cpu().numpy().tobytes()
             return None if view is None else bytes(view)
         finally:
             self.release([key])

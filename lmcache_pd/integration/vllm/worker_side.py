@@ -69,7 +69,7 @@ class ChunkSource(Protocol):
 
     def wait_for(self, keys: Sequence[bytes], timeout_s: float) -> int: ...
 
-    def acquire(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]: ...
+    def acquire(self, keys: Sequence[bytes]) -> list[memoryview | bytes | torch.Tensor | None]: ...
 
     def release(self, keys: Sequence[bytes]) -> None: ...
 
@@ -106,8 +106,11 @@ def tp_rank_and_size() -> tuple[int, int]:
         return 0, 1
 
 
-def as_byte_tensor(data: memoryview | bytes) -> torch.Tensor:
-    """A flat uint8 tensor over ``data`` without a copy (read-only views included)."""
+def as_byte_tensor(data: memoryview | bytes | torch.Tensor) -> torch.Tensor:
+    """A flat uint8 tensor over ``data`` without a copy (read-only views included; a
+    VRAM receive buffer already hands out CUDA tensors)."""
+    if isinstance(data, torch.Tensor):
+        return data
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only buffers
         return torch.frombuffer(data, dtype=torch.uint8)
@@ -125,6 +128,7 @@ class WorkerSide:
         self.chunk_size = cfg.chunk_size
         self.layout: KVLayout | None = None
         self.kv_caches: list[torch.Tensor] = []
+        self._staging: torch.Tensor | None = None  # device bounce buffer (GPU caches only)
         self.store: TieredStore | None = None
         self.source: ChunkSource | None = None
         self.receiver: Receiver | None = None
@@ -252,7 +256,7 @@ class WorkerSide:
         cs = self.chunk_size
         t0 = time.perf_counter()
         done_end = spec.start
-        views: list[memoryview | bytes | None] = []
+        views: list[memoryview | bytes | torch.Tensor | None] = []
         try:
             views = self.source.acquire(spec.keys)
             for i, view in enumerate(views):
@@ -322,6 +326,10 @@ class WorkerSide:
         )
         if self._page_map is not None:
             cpu_paged.gather(self.kv_caches, slots, out, self.layout, self._page_map)
+        elif out.device != self.kv_caches[0].device:  # GPU caches, host send buffer/tier
+            staged = self._device_staging(out.numel())
+            paged_kv.gather(self.kv_caches, slots, staged, self.layout)
+            out.copy_(staged)
         else:
             paged_kv.gather(self.kv_caches, slots, out, self.layout)
 
@@ -329,8 +337,20 @@ class WorkerSide:
         assert self.layout is not None
         if self._page_map is not None:
             cpu_paged.scatter(chunk, self.kv_caches, slots, self.layout, self._page_map)
-        else:
-            paged_kv.scatter(chunk, self.kv_caches, slots, self.layout)
+            return
+        if chunk.device != self.kv_caches[0].device:  # host chunk (tier/DRAM) into GPU caches
+            staged = self._device_staging(chunk.numel())
+            staged.copy_(chunk)
+            chunk = staged
+        paged_kv.scatter(chunk, self.kv_caches, slots, self.layout)
+
+    def _device_staging(self, nbytes: int) -> torch.Tensor:
+        """A reusable uint8 buffer on the caches' device (no allocation per chunk)."""
+        device = self.kv_caches[0].device
+        buf = self._staging
+        if buf is None or buf.device != device or buf.numel() < nbytes:
+            buf = self._staging = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buf[:nbytes]
 
     def _save_to_tiers(self, spec: SaveSpec) -> None:
         store, scratch, layout = self.store, self._scratch, self.layout
