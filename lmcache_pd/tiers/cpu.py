@@ -120,21 +120,7 @@ class CPUStore(Store):
             0,
         )
         self._metrics = metrics if metrics is not None else tier_metrics()
-        self._m = {
-            name: getattr(self._metrics, name).labels(tier=self.tier)
-            for name in (
-                "hits",
-                "misses",
-                "bytes_written",
-                "bytes_read",
-                "evictions",
-                "dropped_writes",
-                "used_bytes",
-                "entries",
-                "capacity_bytes",
-            )
-        }
-        self._m["capacity_bytes"].set(self.capacity_bytes)
+        self._m = self._metrics.bind(self.tier, self.capacity_bytes)
         log.info(
             "CPU tier: %d slots of %d bytes (%.3f GB) in %d slab(s), backend=%s, pinned=%s",
             num_slots,

@@ -141,22 +141,7 @@ class DiskStore(Store):
             0,
         )
         self._metrics = metrics if metrics is not None else tier_metrics()
-        self._m = {
-            name: getattr(self._metrics, name).labels(tier=self.tier)
-            for name in (
-                "hits",
-                "misses",
-                "bytes_written",
-                "bytes_read",
-                "evictions",
-                "dropped_writes",
-                "corrupt_files",
-                "used_bytes",
-                "entries",
-                "capacity_bytes",
-            )
-        }
-        self._m["capacity_bytes"].set(self.capacity_bytes)
+        self._m = self._metrics.bind(self.tier, self.capacity_bytes, extra=("corrupt_files",))
         self._queue: queue.Queue[tuple[bytes, memoryview, Done | None] | None] = queue.Queue(
             maxsize=max(1, queue_size)
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -47,6 +48,27 @@ class TierMetrics:
         self.used_bytes = gauge("used_bytes", "Bytes of chunks held")
         self.entries = gauge("entries", "Chunks held")
         self.capacity_bytes = gauge("capacity_bytes", "Configured capacity in bytes")
+
+    def bind(self, tier: str, capacity_bytes: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The children labelled ``tier`` of every metric a tier reports (``TIER_METRICS``
+        plus ``extra``), with the capacity gauge set."""
+        bound = {name: getattr(self, name).labels(tier=tier) for name in (*TIER_METRICS, *extra)}
+        bound["capacity_bytes"].set(capacity_bytes)
+        return bound
+
+
+# What every tier reports; a tier adds its own (the disk tier: corrupt_files).
+TIER_METRICS = (
+    "hits",
+    "misses",
+    "bytes_written",
+    "bytes_read",
+    "evictions",
+    "dropped_writes",
+    "used_bytes",
+    "entries",
+    "capacity_bytes",
+)
 
 
 def tier_metrics(registry: CollectorRegistry | None = None) -> TierMetrics:
