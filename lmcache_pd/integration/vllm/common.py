@@ -12,6 +12,7 @@ import enum
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -183,6 +184,17 @@ def layout_from_tensors(expected: KVLayout, kv_caches: Mapping[str, torch.Tensor
         attention=expected.attention,
         model=expected.model,
     )
+
+
+def agent_name(role: KVRole, rank: int) -> str:
+    """A NIXL agent name unique per host, process, role and TP rank.
+
+    A peer keys its remote-agent table by this name: two decoders (or prefillers) that
+    registered under the same name would overwrite each other there, and one prefiller
+    pushing to both would write into the wrong one's buffer.
+    """
+    side = "prefiller" if role is KVRole.PRODUCER else "decoder"
+    return f"lmcache-pd-{side}-{socket.gethostname()}-{os.getpid()}-{rank}"
 
 
 def lookup_endpoint(engine_id: str, rank: int) -> str:

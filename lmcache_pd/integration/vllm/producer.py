@@ -12,7 +12,6 @@ idle prefiller burns no CPU.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import zmq
 
 from lmcache_pd.config import Config
 from lmcache_pd.control import Codec, PushClient, tcp_endpoint
-from lmcache_pd.integration.vllm.common import SaveSpec, SendTarget
+from lmcache_pd.integration.vllm.common import KVRole, SaveSpec, SendTarget, agent_name
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.protocol import HandoffDone
 from lmcache_pd.sender import HandoffError, OutChunk, Sender
@@ -42,7 +41,7 @@ class Producer:
         self.layout = layout
         self.tp_rank = tp_rank
         self.transport = NixlTransport(
-            f"lmcache-pd-prefiller-{os.getpid()}-{tp_rank}", backends=cfg.nixl_backends
+            agent_name(KVRole.PRODUCER, tp_rank), backends=cfg.nixl_backends
         )
         self.sender = Sender(cfg, layout, self.transport, tp_size=tp_size, tp_rank=tp_rank)
         self._codec = Codec(cfg.auth_secret(), cfg.pd_max_frame_bytes)

@@ -35,6 +35,7 @@ from lmcache_pd.integration.vllm.common import (
     LoadSpec,
     PDConnectorMetadata,
     SaveSpec,
+    agent_name,
     layout_from_tensors,
     layout_from_vllm_config,
     lookup_endpoint,
@@ -196,7 +197,7 @@ class WorkerSide:
             from lmcache_pd.transports.nixl import NixlTransport
 
             transport = NixlTransport(
-                f"lmcache-pd-decoder-{self.tp_rank}", backends=self.cfg.nixl_backends
+                agent_name(self.role, self.tp_rank), backends=self.cfg.nixl_backends
             )
             self.receiver = Receiver(
                 self.cfg,
