@@ -149,15 +149,24 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     hash_algorithm: HashAlgorithm = HashAlgorithm.XXH3_128
     load_failure_policy: LoadFailurePolicy = LoadFailurePolicy.RECOMPUTE
     disk_write_queue_size: int = 64
+    # the prefiller's pull endpoint (standard PD contract), per TP rank; 0 = a free port
+    pd_pull_port: Port = 0
 
     def port_for_rank(self, name: str, rank: int = 0) -> int:
         """A port key (int or per-TP-rank list) resolved for TP rank ``rank``."""
         value = getattr(self, name)
         if isinstance(value, int):
-            return value + rank if rank else value
+            return value + rank if rank and value else value  # 0 (a free port) stays 0
         if rank >= len(value):
             raise ConfigError([f"{name}: no port for TP rank {rank} in {value}"])
         return value[rank]
+
+    def advertised_host(self) -> str:
+        """The address peers use to reach this engine's control endpoints: ``pd_bind_host``,
+        or ``pd_peer_host`` when binding to every interface (``0.0.0.0`` / ``::``)."""
+        if self.pd_bind_host in ("0.0.0.0", "::", "*", ""):
+            return self.pd_peer_host
+        return self.pd_bind_host
 
     def local_disk_path(self) -> Path | None:
         """``local_disk`` as a directory path (``file:///x`` or a plain path)."""
@@ -239,14 +248,15 @@ def _check_ranges(cfg: Config) -> list[str]:
         errors.append(f"pd_busy_max_retries: must be >= 0, got {cfg.pd_busy_max_retries}")
     if cfg.chunk_size > 1 << 20:
         errors.append(f"chunk_size: must be <= 1048576, got {cfg.chunk_size}")
-    for name in ("pd_peer_init_port", "pd_peer_alloc_port", "pd_proxy_port"):
+    for name in ("pd_peer_init_port", "pd_peer_alloc_port", "pd_proxy_port", "pd_pull_port"):
         value = getattr(cfg, name)
         ports = value if isinstance(value, list) else [value]
         if not ports:
             errors.append(f"{name}: port list is empty")
+        low = 0 if name == "pd_pull_port" else 1  # 0: a free port, advertised in params
         for port in ports:
-            if not 1 <= port <= 65535:
-                errors.append(f"{name}: port {port} out of range 1..65535")
+            if not low <= port <= 65535:
+                errors.append(f"{name}: port {port} out of range {low}..65535")
     if cfg.transfer_channel != "nixl":
         errors.append(f"transfer_channel: only 'nixl' is supported, got {cfg.transfer_channel!r}")
     if cfg.enable_pd and cfg.pd_role is None:
