@@ -43,6 +43,13 @@ class BufferDevice(str, enum.Enum):
     CUDA = "cuda"
 
 
+class RemoteSerde(str, enum.Enum):
+    """How chunks are serialized into the remote tier (LMCache's ``remote_serde``): only
+    ``naive`` (the chunk's bytes as they are, behind our checksummed header)."""
+
+    NAIVE = "naive"
+
+
 class LoadFailurePolicy(str, enum.Enum):
     RECOMPUTE = "recompute"
     FAIL = "fail"
@@ -59,8 +66,6 @@ class ConfigError(ValueError):
 # LMCache keys we accept and ignore (with one warning naming them).
 LMCACHE_IGNORED_KEYS = frozenset(
     {
-        "remote_url",
-        "remote_serde",
         "retrieve_locations",
         "store_location",
         "save_decode_cache",
@@ -149,6 +154,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     hash_algorithm: HashAlgorithm = HashAlgorithm.XXH3_128
     load_failure_policy: LoadFailurePolicy = LoadFailurePolicy.RECOMPUTE
     disk_write_queue_size: int = 64
+    # remote tier (lmcache_pd.tiers.remote): LMCache's remote_url / remote_serde, and ours.
+    # A remote_url that is malformed or unreachable does not fail the config: the engine
+    # starts without the tier and says why once (build_tiers).
+    remote_url: str | None = None
+    remote_serde: RemoteSerde = RemoteSerde.NAIVE
+    remote_timeout_s: float = 0.5
+    remote_write_queue_size: int = 64
     # the prefiller's pull endpoint (standard PD contract), per TP rank; 0 = a free port
     pd_pull_port: Port = 0
 
@@ -239,6 +251,8 @@ def _check_ranges(cfg: Config) -> list[str]:
         "pd_lease_ttl_s",
         "pd_max_frame_bytes",
         "disk_write_queue_size",
+        "remote_timeout_s",
+        "remote_write_queue_size",
     ):
         positive(name)
     for name in ("max_local_cpu_size", "max_local_disk_size", "pd_busy_retry_after_s"):
