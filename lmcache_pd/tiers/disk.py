@@ -71,6 +71,29 @@ def encode_header(key: bytes, fingerprint: bytes, length: int, checksum: int) ->
     )
 
 
+def parse_header(
+    head: bytes | memoryview, key: bytes, size: int, fingerprint: bytes
+) -> tuple[int, int] | str:
+    """Check a chunk header (the first ``HEADER_SIZE`` bytes of an entry of ``size``
+    bytes in all) for ``key`` and the layout ``fingerprint``: ``(payload length,
+    xxh3-64 checksum)``, or why it is not a valid entry. Shared by the disk and remote
+    tiers."""
+    if len(head) < HEADER_SIZE:
+        return f"truncated header ({len(head)} of {HEADER_SIZE} bytes)"
+    magic, version, hsize, klen, kfield, fp, length, checksum = HEADER.unpack(head)
+    if magic != MAGIC:
+        return "not a chunk file (bad magic)"
+    if version != FORMAT_VERSION or hsize != HEADER_SIZE:
+        return f"format version {version} (header {hsize}), expected {FORMAT_VERSION}"
+    if klen != len(key) or kfield[:klen] != key:
+        return "key in header does not match the file name"
+    if fp != fingerprint:
+        return f"written for another layout (fingerprint {fp.hex()}, ours {fingerprint.hex()})"
+    if size != HEADER_SIZE + length:
+        return f"truncated or padded: {size} bytes on disk, header says {HEADER_SIZE + length}"
+    return length, checksum
+
+
 def _check_key(key: object) -> bytes:
     if not isinstance(key, (bytes, bytearray)):
         raise TypeError(f"chunk keys are bytes, got {type(key).__name__}")
@@ -217,23 +240,7 @@ class DiskStore(Store):
         return parsed if isinstance(parsed, str) else None
 
     def _parse_header(self, head: bytes, key: bytes, size: int) -> tuple[int, int] | str:
-        if len(head) < HEADER_SIZE:
-            return f"truncated header ({len(head)} of {HEADER_SIZE} bytes)"
-        magic, version, hsize, klen, kfield, fp, length, checksum = HEADER.unpack(head)
-        if magic != MAGIC:
-            return "not a chunk file (bad magic)"
-        if version != FORMAT_VERSION or hsize != HEADER_SIZE:
-            return f"format version {version} (header {hsize}), expected {FORMAT_VERSION}"
-        if klen != len(key) or kfield[:klen] != key:
-            return "key in header does not match the file name"
-        if fp != self.fingerprint:
-            return (
-                f"written for another layout (fingerprint {fp.hex()}, "
-                f"ours {self.fingerprint.hex()})"
-            )
-        if size != HEADER_SIZE + length:
-            return f"truncated or padded: {size} bytes on disk, header says {HEADER_SIZE + length}"
-        return length, checksum
+        return parse_header(head, key, size, self.fingerprint)
 
     # --- paths ---
 
