@@ -59,12 +59,19 @@ def check(
     size_mb: int = typer.Option(64, "--size-mb", help="bytes per WRITE, MiB"),
     reps: int = typer.Option(5, "--reps", help="WRITEs to time (best is reported)"),
     idle_seconds: float = typer.Option(5.0, "--idle-seconds", help="idle CPU window"),
+    receiver: str | None = typer.Option(
+        None, "--receiver", help="tcp://HOST:PORT of a receiver on another host"
+    ),
+    layout: str = typer.Option("tiny", "--layout", help="the remote receiver's layout"),
+    chunk_size: int = typer.Option(256, "--chunk-size", help="the remote receiver's chunk"),
 ) -> None:
     """Transport self-test: a NIXL WRITE between two agents vs memcpy; UCX path; idle CPU."""
     if ctx.invoked_subcommand is None:
         argv = ["--size-mb", str(size_mb), "--reps", str(reps), "--idle-seconds", str(idle_seconds)]
         if json_path:
             argv += ["--json", str(json_path)]
+        if receiver:
+            argv += ["--receiver", receiver, "--layout", layout, "--chunk-size", str(chunk_size)]
         _call_main("lmcache_pd.selfcheck:main", argv)
 
 

@@ -44,9 +44,16 @@ _PERIOD = 64 * 1024
 class PeerProcess:
     """A ``python -m lmcache_pd.peer ROLE ...`` child whose stdout lines are tagged."""
 
-    def __init__(self, role: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        role: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """``prefix`` runs the child under a wrapper, e.g. ``ip netns exec NS``."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmcache_pd.peer", role, *args],
+            [*prefix, sys.executable, "-m", "lmcache_pd.peer", role, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
