@@ -12,6 +12,8 @@ then decode strictly (malformed -> ``Error`` reply). Nothing is ever unpickled.
 
 Sockets:
 - :class:`RouterServer` (asyncio ROUTER, the receiver; replies by peer identity),
+- :class:`BlockingRouter` (ROUTER for a server thread polling several sockets: the
+  prefiller's pull endpoint),
 - :class:`DealerClient` (blocking DEALER with deadlines, the sender),
 - :class:`PushClient` / :class:`PullServer` (prefiller -> proxy notifications).
 Every wait is bounded: ``zmq.Poller`` / ``asyncio`` timeouts, never a spin.
@@ -170,6 +172,45 @@ class RouterServer:
 
     async def send(self, identity: bytes, msg: Msg, payload: Sequence[bytes] = ()) -> None:
         await self.sock.send_multipart([identity, *self.codec.pack(msg, payload)], copy=False)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class BlockingRouter:
+    """ROUTER socket served by a thread that polls it with other sockets (``sock`` goes
+    into the thread's ``zmq.Poller``); replies by identity. Not thread-safe."""
+
+    def __init__(
+        self, ctx: zmq.Context, codec: Codec, host: str, port: int, counters: Counters
+    ) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.port, self.endpoint = _bind(self.sock, codec, host, port)
+        self.codec = codec
+        self._inbound = _Inbound(codec, counters)
+
+    def recv_ready(self) -> list[tuple[bytes, Message, list[bytes]]]:
+        """Every message queued now (call when ``sock`` polled readable); bad frames are
+        answered with ``Error`` or dropped, never returned."""
+        out = []
+        while True:
+            try:
+                identity, *frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            result = self._inbound.classify(frames)
+            if result is None:
+                continue
+            if isinstance(result, Error):
+                self.send(identity, result)
+                continue
+            out.append((identity, result[0], result[1]))
+
+    def send(self, identity: bytes, msg: Msg, payload: Sequence[bytes] = ()) -> None:
+        try:
+            self.sock.send_multipart([identity, *self.codec.pack(msg, payload)], zmq.NOBLOCK)
+        except zmq.Again:  # the peer is gone or not reading: it times out on its side
+            log.warning("reply %s to a gone peer dropped", type(msg).__name__)
 
     def close(self) -> None:
         self.sock.close(linger=0)

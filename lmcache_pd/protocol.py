@@ -20,11 +20,23 @@ The handoff (DESIGN.md):
     Cancel{req_id, lease, reason}        ->  (slots freed at once)
 
 and, prefiller -> proxy over a PUSH socket: ``HandoffDone``.
+
+Standard vLLM PD contract (no proxy of ours names the decoder up front): the prefiller
+holds a request's chunks under a hold id and returns :class:`DecodeParams` from the
+prefill; the decoder, handed them, starts the same handoff from its side:
+
+    decoder worker rank r                    prefiller worker rank r (its pull endpoint)
+    Fetch{req_id=hold, receiver}         ->
+                                             ... the Offer/Accept/WRITE/Done flow above,
+                                             prefiller -> the decoder's receiver ...
+                                          <- HandoffDone{ok, chunks, dedup}  (or Error:
+                                             unknown, expired or already fetched hold)
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Any, Literal
 
 import msgspec
 
@@ -108,7 +120,8 @@ class HelloAck(Msg, tag="hello_ack"):
     num_slots: int
     slot_bytes: int
     slot_descs: list[tuple[int, int, int]]
-    mem_kind: str = "DRAM"
+    # transports.base.MemKind's values (the router imports this module, never transports)
+    mem_kind: Literal["DRAM", "VRAM"] = "DRAM"
 
 
 class Offer(Msg, tag="offer"):
@@ -168,6 +181,18 @@ class Cancel(Msg, tag="cancel"):
     reason: str = ""
 
 
+class Fetch(Msg, tag="fetch"):
+    """Decoder -> prefiller's pull endpoint (standard PD contract): push the chunks held
+    under hold id ``req_id`` (from :class:`DecodeParams`) to the receiver at ``receiver``
+    (``tcp://host:port`` of the decoder's control endpoint for this TP rank). Answered
+    with ``HandoffDone`` once the push is over, or ``Error(UNKNOWN_LEASE)`` at once for a
+    hold that was never issued, expired, or was already fetched (holds are one-shot)."""
+
+    req_id: str
+    receiver: str
+    tp_rank: int = 0
+
+
 class Error(Msg, tag="error", kw_only=True):
     req_id: str | None = None
     code: ErrorCode
@@ -186,13 +211,21 @@ class HandoffDone(Msg, tag="handoff_done"):
 
 
 class KVTransferParams(msgspec.Struct, kw_only=True):
-    """Prefill-step ``kv_transfer_params`` (proxy -> prefiller's vLLM connector, through
-    the HTTP request body). One definition for the proxy that writes them and the
+    """Prefill-step ``kv_transfer_params`` (orchestrator -> prefiller's vLLM connector,
+    through the HTTP request body). One definition for the proxy that writes them and the
     connector that reads them (``request.kv_transfer_params``).
 
+    Two ways to start a handoff (one protocol):
+
+    - **push-ahead** (our proxy): ``decoder_host``/``decoder_init_port`` name the decoder
+      before the prefill runs; the prefiller pushes to it as soon as the chunks exist;
+    - **standard contract** (vLLM's proxy example, Ray Serve LLM, llm-d, Dynamo): only
+      ``do_remote_decode: true`` (vLLM's ``remote_*`` keys null); the prefiller holds the
+      chunks and returns :class:`DecodeParams` for whichever decoder gets the request.
+
     Fields:
-        do_remote_decode: always ``True`` on the prefill step: the KV computed here is
-            pushed to a remote decoder instead of being decoded locally.
+        do_remote_decode: ``True`` on the prefill step: the KV computed here is decoded
+            elsewhere.
         req_id: proxy-minted id of this request (``pd-<hex>-<n>``), unique per proxy
             process. The prefiller's ``Offer`` to the decoder and its ``HandoffDone`` to
             the proxy carry it, so all three agree on one id whatever ids vLLM assigns.
@@ -205,27 +238,161 @@ class KVTransferParams(msgspec.Struct, kw_only=True):
     """
 
     do_remote_decode: bool = True
-    req_id: str
-    decoder_host: str
-    decoder_init_port: int
+    req_id: str | None = None
+    decoder_host: str | None = None
+    decoder_init_port: int | None = None
     proxy_notify: str | None = None
+
+    @property
+    def push_ahead(self) -> bool:
+        """True when a decoder is named: push to it, no hold."""
+        return self.decoder_host is not None and self.decoder_init_port is not None
+
+    def decoder_endpoint(self, rank: int) -> str:
+        """``tcp://host:port`` of the named decoder's control endpoint for TP ``rank``."""
+        if self.decoder_host is None or self.decoder_init_port is None:
+            raise ValueError("kv_transfer_params name no decoder (standard contract)")
+        return f"tcp://{self.decoder_host}:{self.decoder_init_port + rank}"
 
     def to_dict(self) -> dict[str, object]:
         return msgspec.to_builtins(self)
 
     @classmethod
     def from_request(cls, params: object) -> KVTransferParams | None:
-        """Parse a request's ``kv_transfer_params`` (extra keys ignored); None when they
-        do not ask for a remote decode. Raises ``ValueError`` naming a malformed field."""
+        """Parse a request's ``kv_transfer_params`` (extra keys, such as vLLM's
+        ``remote_*``, ignored); None when they do not ask for a remote decode. Raises
+        ``ValueError`` naming a malformed field."""
         if not isinstance(params, dict) or not params.get("do_remote_decode"):
             return None
         try:
-            return msgspec.convert(params, cls, strict=False)
+            out = msgspec.convert(params, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise ValueError(f"malformed kv_transfer_params: {exc}") from None
+        if (out.decoder_host is None) != (out.decoder_init_port is None):
+            raise ValueError(
+                "malformed kv_transfer_params: decoder_host and decoder_init_port go together"
+            )
+        if out.push_ahead and not out.req_id:
+            raise ValueError("malformed kv_transfer_params: req_id is required with decoder_host")
+        return out
 
 
-Message = Hello | HelloAck | Offer | Accept | Busy | Done | Committed | Cancel | Error | HandoffDone
+class DecodeParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Decode-step ``kv_transfer_params``: what the prefiller's connector returns from the
+    prefill (``request_finished``), handed to the decoder's connector unchanged by any
+    orchestrator (our proxy, vLLM's proxy example, Ray Serve LLM, llm-d, Dynamo).
+
+    vLLM's standard keys come first; ours are prefixed ``lmcache_pd_``. Two flows:
+
+    - push-ahead (our proxy named the decoder in :class:`KVTransferParams`): ``req_id``
+      is the proxy's id, ``lmcache_pd_sent`` says the prefiller pushed (chunks may still
+      be landing), ``proxy_notify`` is set when the proxy waited for ``HandoffDone``;
+    - standard contract (nobody named a decoder): ``lmcache_pd_hold`` names the chunks
+      the prefiller holds for ``pd_lease_ttl_s``, fetched from ``remote_host`` at
+      ``lmcache_pd_pull_ports[rank]`` (one per prefiller TP rank) with :class:`Fetch`.
+    """
+
+    do_remote_prefill: bool = True
+    do_remote_decode: bool = False
+    remote_engine_id: str | None = None
+    remote_host: str | None = None
+    remote_port: int | None = None
+    remote_block_ids: list[int] | None = None
+    req_id: str | None = None
+    proxy_notify: str | None = None
+    lmcache_pd_chunks: int = 0
+    lmcache_pd_tokens: int = 0
+    lmcache_pd_sent: bool = False
+    lmcache_pd_hold: str | None = None
+    lmcache_pd_pull_ports: list[int] = msgspec.field(default_factory=list)
+    lmcache_pd_tp_size: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        out.setdefault("do_remote_prefill", True)
+        out.setdefault("do_remote_decode", False)
+        return out
+
+    @property
+    def pulls(self) -> bool:
+        """True for the standard contract: the decoder must fetch the chunks."""
+        return self.lmcache_pd_hold is not None
+
+    def pull_endpoint(self, rank: int) -> str:
+        """``tcp://host:port`` of prefiller rank ``rank``'s pull endpoint."""
+        if self.remote_host is None or not self.lmcache_pd_pull_ports:
+            raise ValueError("kv_transfer_params: remote_host and lmcache_pd_pull_ports needed")
+        if rank >= len(self.lmcache_pd_pull_ports):
+            raise ValueError(
+                f"kv_transfer_params.lmcache_pd_pull_ports: no port for TP rank {rank} "
+                f"(the prefiller runs TP={len(self.lmcache_pd_pull_ports)})"
+            )
+        return f"tcp://{self.remote_host}:{self.lmcache_pd_pull_ports[rank]}"
+
+    @classmethod
+    def from_request(cls, params: object) -> DecodeParams | None:
+        """Parse a decode request's ``kv_transfer_params`` (extra keys ignored). None
+        when they do not ask for a remote prefill; ``ValueError`` naming the field when
+        they are malformed."""
+        if params is None:
+            return None
+        if not isinstance(params, dict):
+            raise ValueError(f"kv_transfer_params: expected an object, got {type(params).__name__}")
+        if not params.get("do_remote_prefill"):
+            return None
+        try:
+            out = msgspec.convert(params, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"malformed kv_transfer_params: {exc}") from None
+        if out.lmcache_pd_chunks < 0 or out.lmcache_pd_tokens < 0:
+            raise ValueError("malformed kv_transfer_params: negative lmcache_pd_chunks/tokens")
+        if out.pulls and not out.lmcache_pd_pull_ports:
+            raise ValueError("malformed kv_transfer_params: lmcache_pd_pull_ports missing")
+        return out
+
+
+class LeaseNotif(msgspec.Struct, frozen=True):
+    """NIXL notification of one WRITE group: chunks ``want[first:first+count]`` of
+    ``lease`` landed. Wire form ``lmcpd:<lease>:<first>:<count>`` (ASCII, what NIXL's
+    notification carries)."""
+
+    lease: int
+    first: int
+    count: int
+
+    PREFIX = b"lmcpd:"
+
+    def encode(self) -> bytes:
+        return self.PREFIX + f"{self.lease}:{self.first}:{self.count}".encode()
+
+    @classmethod
+    def decode(cls, text: bytes) -> LeaseNotif | None:
+        """The notification in ``text``, or None for anything else (other users of
+        the NIXL agent, garbage)."""
+        if not text.startswith(cls.PREFIX):
+            return None
+        try:
+            lease, first, count = (int(x) for x in text[len(cls.PREFIX) :].split(b":"))
+        except ValueError:
+            return None
+        if first < 0 or count < 0:
+            return None
+        return cls(lease, first, count)
+
+
+Message = (
+    Hello
+    | HelloAck
+    | Offer
+    | Accept
+    | Busy
+    | Done
+    | Committed
+    | Cancel
+    | Fetch
+    | Error
+    | HandoffDone
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -51,6 +51,7 @@ from lmcache_pd.protocol import (
     ErrorCode,
     Hello,
     HelloAck,
+    LeaseNotif,
     Message,
     Offer,
 )
@@ -59,27 +60,11 @@ from lmcache_pd.transports.base import MemKind, Transport
 
 log = logging.getLogger(__name__)
 
-NOTIF_PREFIX = b"lmcpd:"
 ChunkData = memoryview | bytes | torch.Tensor  # chunk bytes as acquire() hands them out
 _POLL_MIN_S = 50e-6
 _POLL_FAST_MAX_S = 250e-6
 _POLL_SLOW_MAX_S = 10e-3
 _FAST_WINDOW_S = 0.5
-
-
-def lease_notif(lease: int, first: int, count: int) -> bytes:
-    """Notification of one WRITE group: chunks ``want[first:first+count]`` of ``lease``."""
-    return NOTIF_PREFIX + f"{lease}:{first}:{count}".encode()
-
-
-def parse_notif(text: bytes) -> tuple[int, int, int] | None:
-    if not text.startswith(NOTIF_PREFIX):
-        return None
-    try:
-        lease, first, count = (int(x) for x in text[len(NOTIF_PREFIX) :].split(b":"))
-    except ValueError:
-        return None
-    return lease, first, count
 
 
 @dataclass
@@ -454,11 +439,11 @@ class Receiver:
             replies: list[tuple[bytes, Message]] = []
             notifs = self.transport.notifications()
             for _peer, text in notifs:
-                parsed = parse_notif(text)
-                lease = self._leases.get(parsed[0]) if parsed else None
-                if lease is None or parsed is None:
+                notif = LeaseNotif.decode(text)
+                lease = self._leases.get(notif.lease) if notif else None
+                if lease is None or notif is None:
                     continue
-                self._verify(lease, parsed[1], parsed[2])
+                self._verify(lease, notif.first, notif.count)
                 if lease.done is not None and len(lease.landed) == len(lease.want):
                     with self._lock:
                         replies.append((lease.identity, self._commit(lease)))

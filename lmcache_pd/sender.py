@@ -49,9 +49,9 @@ from lmcache_pd.protocol import (
     ErrorCode,
     Hello,
     HelloAck,
+    LeaseNotif,
     Offer,
 )
-from lmcache_pd.receiver import lease_notif
 from lmcache_pd.transports.base import MemKind, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ class Sender:
                         [c.slot for c in group],
                         peer.remote,
                         accept.slots[first : first + per_group],
-                        lease_notif(accept.lease, first, len(group)),
+                        LeaseNotif(accept.lease, first, len(group)).encode(),
                     )
                 )
             for handle in handles:

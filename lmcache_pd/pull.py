@@ -1,0 +1,329 @@
+"""The standard vLLM PD contract: the prefiller holds chunks until a decoder fetches them.
+
+Orchestrators other than our proxy (vLLM's disaggregated proxy example, Ray Serve LLM,
+llm-d, Dynamo) never name the decoder before the prefill: the prefill response's
+``kv_transfer_params`` (:class:`~lmcache_pd.protocol.DecodeParams`) travel to whichever
+decoder they pick. So the prefiller keeps the request's gathered chunks (in its send
+buffer) under a one-shot **hold** id, and the decoder, handed the params, asks for them:
+
+- :class:`HoldServer` (prefiller worker, one per TP rank) owns the holds and a ROUTER
+  pull endpoint. A signed ``Fetch{hold, receiver}`` makes it push the held chunks to that
+  receiver with the ordinary handoff (Offer/Accept/WRITE/Done: dedupe, checksums and
+  leases as in push-ahead; one protocol, one data path), then answer ``HandoffDone``.
+  A hold nobody fetches within ``pd_lease_ttl_s`` is dropped and its slots freed; a
+  fetch for a hold that was never issued, expired or was already fetched is refused
+  with ``Error(UNKNOWN_LEASE)`` and counted. The thread blocks in ``poll`` until the
+  next message or hold deadline: no spinning.
+- :class:`Fetcher` (decoder worker) sends the ``Fetch`` and waits for the answer,
+  bounded by ``pd_connect_timeout_s + pd_transfer_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import zmq
+
+from lmcache_pd.config import Config
+from lmcache_pd.control import BlockingRouter, Codec, ControlTimeout, DealerClient
+from lmcache_pd.metrics import Counters
+from lmcache_pd.protocol import Error, ErrorCode, Fetch, HandoffDone, Message
+from lmcache_pd.sender import OutChunk
+
+log = logging.getLogger(__name__)
+
+# (receiver endpoint, hold id, chunks, prompt tokens) -> outcome; frees the chunks' slots
+PushFn = Callable[[str, str, list[OutChunk], int], HandoffDone]
+FreeFn = Callable[[list[int]], None]
+
+MAX_HOLDS = 4096  # more holds than this: the oldest is dropped (its decoder recomputes)
+MAX_FETCH_PEERS = 64  # decoder-side connections kept to prefiller pull endpoints
+
+
+class FetchError(RuntimeError):
+    """A fetch failed; ``code`` says why (``UNKNOWN_LEASE``, ``TIMEOUT``, ...)."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Hold:
+    hold_id: str
+    chunks: list[OutChunk]
+    total_tokens: int
+    deadline: float
+
+
+class HoldServer:
+    """Prefiller side: holds staged chunks and serves ``Fetch`` on a pull endpoint."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        codec: Codec,
+        push: PushFn,
+        free: FreeFn,
+        *,
+        tp_rank: int = 0,
+        port: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.tp_rank = tp_rank
+        self.counters = Counters("hold")
+        self._push = push
+        self._free = free
+        self._ctx = zmq.Context()
+        bind_port = cfg.port_for_rank("pd_pull_port", tp_rank) if port is None else port
+        self._router = BlockingRouter(self._ctx, codec, cfg.pd_bind_host, bind_port, self.counters)
+        self.port = self._router.port
+        self.endpoint = f"tcp://{cfg.advertised_host()}:{self.port}"
+        # completions from push threads reach the server thread through an inproc pair
+        self._wake_addr = f"inproc://lmcache-pd-hold-{id(self)}"
+        self._wake_in = self._ctx.socket(zmq.PULL)
+        self._wake_in.bind(self._wake_addr)
+        self._wake_out = self._ctx.socket(zmq.PUSH)
+        self._wake_out.connect(self._wake_addr)
+        self._wake_lock = threading.Lock()
+        self._replies: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
+        self._holds: OrderedDict[str, _Hold] = OrderedDict()  # insertion = deadline order
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="lmcache-pd-fetch-push")
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="lmcache-pd-hold", daemon=True)
+        self._thread.start()
+        log.info("pull endpoint for held KV on %s (rank %d)", self.endpoint, tp_rank)
+
+    # ------------------------------------------------------------------ engine side
+    def hold(self, hold_id: str, chunks: list[OutChunk], total_tokens: int) -> None:
+        """Keep ``chunks`` (their send slots now belong to the hold) for one fetch."""
+        dropped: list[_Hold] = []
+        with self._lock:
+            self._holds[hold_id] = _Hold(
+                hold_id, chunks, total_tokens, time.monotonic() + self.cfg.pd_lease_ttl_s
+            )
+            while len(self._holds) > MAX_HOLDS:
+                dropped.append(self._holds.popitem(last=False)[1])
+        self.counters.inc("holds")
+        for old in dropped:
+            self._drop(old, f"more than {MAX_HOLDS} holds outstanding")
+        self._wake()  # the server thread recomputes its next deadline
+
+    def outstanding(self) -> int:
+        """Holds not yet fetched or expired (their slots are in use)."""
+        with self._lock:
+            return len(self._holds)
+
+    def stats(self) -> dict[str, int]:
+        return {"holds_outstanding": self.outstanding(), **self.counters.snapshot()}
+
+    # ------------------------------------------------------------------ server thread
+    def _wake(self, reply: tuple[bytes, Message] | None = None) -> None:
+        if reply is not None:
+            self._replies.put(reply)
+        with self._wake_lock:
+            if not self._stop:
+                self._wake_out.send(b"", zmq.NOBLOCK)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router.sock, zmq.POLLIN)
+        poller.register(self._wake_in, zmq.POLLIN)
+        while not self._stop:
+            timeout_ms = self._next_deadline_ms()
+            try:
+                events = dict(poller.poll(timeout_ms))
+            except zmq.ZMQError:
+                break
+            if self._wake_in in events:
+                while True:
+                    try:
+                        self._wake_in.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            while True:
+                try:
+                    identity, reply = self._replies.get_nowait()
+                except queue.Empty:
+                    break
+                self._router.send(identity, reply)
+            if self._router.sock in events:
+                for identity, msg, _payload in self._router.recv_ready():
+                    self._on_message(identity, msg)
+            self._expire()
+
+    def _next_deadline_ms(self) -> int | None:
+        with self._lock:
+            if not self._holds:
+                return None  # block until a message or a new hold
+            first = next(iter(self._holds.values()))
+        return max(1, int((first.deadline - time.monotonic()) * 1000) + 1)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        expired = []
+        with self._lock:
+            while self._holds:
+                first = next(iter(self._holds.values()))
+                if first.deadline > now:
+                    break
+                expired.append(self._holds.popitem(last=False)[1])
+        for hold in expired:
+            self.counters.inc("hold_expiries")
+            self._drop(hold, f"not fetched within pd_lease_ttl_s={self.cfg.pd_lease_ttl_s}s")
+
+    def _drop(self, hold: _Hold, why: str) -> None:
+        self._free([c.slot for c in hold.chunks])
+        log.warning("held KV %s (%d chunk(s)) dropped: %s", hold.hold_id, len(hold.chunks), why)
+
+    def _on_message(self, identity: bytes, msg: Message) -> None:
+        if not isinstance(msg, Fetch):
+            self._router.send(
+                identity,
+                Error(
+                    req_id=getattr(msg, "req_id", None),
+                    code=ErrorCode.BAD_REQUEST,
+                    message=f"{type(msg).__name__} is not a request a pull endpoint accepts",
+                ),
+            )
+            return
+        if msg.tp_rank != self.tp_rank:
+            self.counters.inc("fetch_refused")
+            self._router.send(
+                identity,
+                Error(
+                    req_id=msg.req_id,
+                    code=ErrorCode.BAD_REQUEST,
+                    message=f"fetch for TP rank {msg.tp_rank} reached rank {self.tp_rank}",
+                ),
+            )
+            return
+        with self._lock:
+            hold = self._holds.pop(msg.req_id, None)
+        if hold is None:
+            self.counters.inc("fetch_refused")
+            log.warning("refused a fetch of unknown, expired or already fetched KV %s", msg.req_id)
+            self._router.send(
+                identity,
+                Error(
+                    req_id=msg.req_id,
+                    code=ErrorCode.UNKNOWN_LEASE,
+                    message=f"no held KV {msg.req_id!r}: never issued here, already fetched, "
+                    f"or expired (pd_lease_ttl_s={self.cfg.pd_lease_ttl_s}s)",
+                ),
+            )
+            return
+        self.counters.inc("fetches")
+        self._pool.submit(self._push_then_reply, identity, msg, hold)
+
+    def _push_then_reply(self, identity: bytes, msg: Fetch, hold: _Hold) -> None:
+        try:
+            done = self._push(msg.receiver, hold.hold_id, hold.chunks, hold.total_tokens)
+        except Exception as exc:  # the push fn reports failures; this is a bug guard
+            log.exception("push of held KV %s failed", hold.hold_id)
+            done = HandoffDone(hold.hold_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+        self._wake((identity, done))
+
+    def close(self) -> None:
+        """Stop serving and free every held slot."""
+        with self._wake_lock:
+            self._wake_out.send(b"", zmq.NOBLOCK)
+            self._stop = True
+        self._thread.join(5.0)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            holds, self._holds = list(self._holds.values()), OrderedDict()
+        for hold in holds:
+            self._free([c.slot for c in hold.chunks])
+        self._router.close()
+        self._wake_in.close(linger=0)
+        self._wake_out.close(linger=0)
+        self._ctx.term()
+
+
+class Fetcher:
+    """Decoder side: asks prefiller pull endpoints to push held KV to our receiver.
+    Thread-safe; keeps one connection per endpoint (at most ``MAX_FETCH_PEERS``)."""
+
+    def __init__(self, cfg: Config, codec: Codec, receiver: str, *, tp_rank: int = 0) -> None:
+        self.cfg = cfg
+        self.codec = codec
+        self.receiver = receiver
+        self.tp_rank = tp_rank
+        self.counters = Counters("fetch")
+        self._ctx = zmq.Context()
+        self._clients: OrderedDict[str, tuple[DealerClient, threading.Lock]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _client(self, endpoint: str) -> tuple[DealerClient, threading.Lock]:
+        with self._lock:
+            entry = self._clients.get(endpoint)
+            if entry is None:
+                entry = (
+                    DealerClient(self._ctx, self.codec, endpoint, self.counters),
+                    threading.Lock(),
+                )
+                self._clients[endpoint] = entry
+                while len(self._clients) > MAX_FETCH_PEERS:
+                    _, (old, old_lock) = self._clients.popitem(last=False)
+                    with old_lock:
+                        old.close()
+            self._clients.move_to_end(endpoint)
+            return entry
+
+    def _forget(self, endpoint: str) -> None:
+        with self._lock:
+            entry = self._clients.pop(endpoint, None)
+        if entry is not None:
+            entry[0].close()
+
+    def fetch(self, endpoint: str, hold_id: str) -> HandoffDone:
+        """Have ``endpoint`` push hold ``hold_id`` to our receiver; blocks until it
+        did. Raises :class:`FetchError` (refused, unreachable, timed out)."""
+        timeout_s = self.cfg.pd_connect_timeout_s + self.cfg.pd_transfer_timeout_s
+        client, lock = self._client(endpoint)
+        msg = Fetch(req_id=hold_id, receiver=self.receiver, tp_rank=self.tp_rank)
+        self.counters.inc("requests")
+        try:
+            with lock:
+                reply, _ = client.request(msg, (), timeout_s)
+        except ControlTimeout as exc:
+            self._forget(endpoint)  # drop queued frames; the next fetch reconnects
+            self.counters.inc("failures")
+            raise FetchError(
+                f"prefiller {endpoint} did not answer the fetch: {exc}", ErrorCode.TIMEOUT
+            ) from None
+        except zmq.ZMQError as exc:
+            self._forget(endpoint)
+            self.counters.inc("failures")
+            raise FetchError(f"fetch from {endpoint} failed: {exc}", ErrorCode.TRANSFER) from None
+        if isinstance(reply, Error):
+            self.counters.inc("failures")
+            raise FetchError(f"prefiller {endpoint} refused: {reply.message}", reply.code)
+        if not isinstance(reply, HandoffDone):
+            self.counters.inc("failures")
+            raise FetchError(
+                f"prefiller {endpoint} answered a fetch with {type(reply).__name__}",
+                ErrorCode.BAD_REQUEST,
+            )
+        if not reply.ok:
+            self.counters.inc("failures")
+            raise FetchError(
+                f"prefiller {endpoint} could not push: {reply.error}", ErrorCode.TRANSFER
+            )
+        return reply
+
+    def close(self) -> None:
+        with self._lock:
+            entries, self._clients = list(self._clients.values()), OrderedDict()
+        for client, _ in entries:
+            client.close()
+        self._ctx.term()
