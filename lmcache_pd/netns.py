@@ -129,7 +129,10 @@ class Host:
 
         def body() -> None:
             try:
-                fd = os.open(f"/var/run/netns/{self.ns}", os.O_RDONLY)
+                try:
+                    fd = os.open(f"/var/run/netns/{self.ns}", os.O_RDONLY)
+                except OSError as exc:
+                    raise NetnsError(f"namespace {self.ns} cannot be entered: {exc}") from None
                 try:
                     if _libc_setns()(fd, CLONE_NEWNET) != 0:
                         err = ctypes.get_errno()
