@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from lmcache_pd.kernels import PagedFormat, cuda_kernels, gather, scatter, torch_dtype
 
+from lmcache_pd.kernels import PagedFormat, cuda_kernels, gather, scatter, torch_dtype
 from lmcache_pd.layout import KVLayout, preset
 
 TARGETS = {"cpu": 0.5, "cuda": 0.8}

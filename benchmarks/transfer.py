@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from lmcache_pd.transports.nixl import NixlTransport
 from rich.console import Console
 from rich.table import Table
 
@@ -37,6 +36,7 @@ from lmcache_pd.config import load_config
 from lmcache_pd.layout import preset
 from lmcache_pd.peer import PeerProcess
 from lmcache_pd.sender import OutChunk, Sender
+from lmcache_pd.transports.nixl import NixlTransport
 
 console = Console()
 CHUNK = 256

@@ -10,26 +10,25 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Mapping
 
 import torch
 
-from lmcache_pd.layout import PRESETS, KVLayout, preset
-
 from . import cuda_kernels
-from .geometry import PagedFormat, torch_dtype
+from .geometry import KVShape, KVShapeLike, PagedFormat, torch_dtype
 from .paged_kv import gather, scatter
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
+def _parse(argv: list[str], shapes: Mapping[str, KVShapeLike]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lmcache-pd check kernels", description=__doc__)
     p.add_argument(
         "--arch",
         action="append",
         help=f"NVRTC target(s), e.g. sm_90 or compute_90 (default: {' '.join(DEFAULT_ARCHS)})",
     )
-    p.add_argument("--layout", default="llama-8b", choices=sorted(PRESETS))
+    p.add_argument("--layout", default="llama-8b", choices=sorted(shapes))
     p.add_argument("--tokens", type=int, default=2048, help="tokens in the GPU round trip")
     p.add_argument("--iters", type=int, default=20, help="timed iterations on a GPU")
     return p.parse_args(argv)
@@ -58,7 +57,7 @@ def _compile_all(archs: list[str]) -> bool:
     return ok
 
 
-def _caches(layout: KVLayout, num_blocks: int, device: str) -> list[torch.Tensor]:
+def _caches(layout: KVShape, num_blocks: int, device: str) -> list[torch.Tensor]:
     n, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
     shape = (num_blocks, n, d) if layout.is_mla else (2, num_blocks, n, h, d)
     out = []
@@ -68,7 +67,8 @@ def _caches(layout: KVLayout, num_blocks: int, device: str) -> list[torch.Tensor
     return out
 
 
-def _gpu_round_trip(layout: KVLayout, tokens: int, iters: int) -> bool:
+def _gpu_round_trip(shape: KVShapeLike, tokens: int, iters: int) -> bool:
+    layout = KVShape.of(shape)
     dev = "cuda"
     fmt = PagedFormat.MLA if layout.is_mla else PagedFormat.FLASH_ATTN
     blocks_needed = (tokens + layout.block_size - 1) // layout.block_size
@@ -116,8 +116,10 @@ def _gpu_round_trip(layout: KVLayout, tokens: int, iters: int) -> bool:
     return True
 
 
-def main(argv: list[str]) -> int:
-    args = _parse(argv)
+def main(argv: list[str], shapes: Mapping[str, KVShapeLike]) -> int:
+    """Run the check; ``shapes`` are the named layouts ``--layout`` chooses from (the
+    core's presets: :mod:`lmcache_pd.kernel_check` passes them)."""
+    args = _parse(argv, shapes)
     try:
         cuda_kernels._bindings()
     except ImportError as exc:
@@ -139,7 +141,7 @@ def main(argv: list[str]) -> int:
         print(f"GPU round trip skipped: {reason}")
         return 0
     try:
-        ok = _gpu_round_trip(preset(args.layout), args.tokens, args.iters)
+        ok = _gpu_round_trip(shapes[args.layout], args.tokens, args.iters)
     except Exception as exc:
         print(f"FAIL GPU round trip: {type(exc).__name__}: {exc}")
         return 1

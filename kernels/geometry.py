@@ -1,6 +1,10 @@
-"""Paged KV formats, their geometry and the validation of tensors against a KVLayout.
+"""Paged KV formats, their geometry and the validation of tensors against a KV shape.
 
-Owns :class:`PagedFormat` (every per-layer paged layout we read and write),
+Owns :class:`KVShape` (the few layout facts the kernels need; the core's ``KVLayout``
+satisfies :class:`KVShapeLike` and is normalised with :meth:`KVShape.of`, so the
+kernels never import the core), ``TORCH_DTYPES`` (dtype names -> torch dtypes, the one
+torch-side dtype table), :class:`PagedFormat` (every per-layer paged layout we read and
+write),
 :class:`Geometry` (where each (kv, block, offset, head) row of a layer lives, in
 elements, read from the tensor's strides), :func:`detect_format`, and the checks that
 turn a wrong shape, dtype, stride or device into a ``ValueError`` naming the expected
@@ -29,15 +33,16 @@ import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Protocol, Union
 
 import torch
 
-from lmcache_pd.layout import KVLayout
-
 KVCaches = Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {
+# Dtype names (as in KVLayout.dtype) -> torch dtypes. The core's byte-size table
+# (lmcache_pd.layout.DTYPE_SIZES) has the same names; tests/test_architecture.py checks
+# that the two agree, and the vLLM integration derives its reverse table from this one.
+TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -45,6 +50,93 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "float8_e5m2": torch.float8_e5m2,
     "uint8": torch.uint8,
 }
+
+
+class KVShapeLike(Protocol):
+    """What the kernels read from a layout (``lmcache_pd.layout.KVLayout`` has it)."""
+
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def is_mla(self) -> bool: ...
+    @property
+    def model(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The shape facts of a KV cache the kernels need, and the chunk format
+    ``[num_layers, kv_factor, tokens, num_kv_heads, head_size]`` that follows from them.
+    ``model`` only labels messages."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    dtype: str
+    is_mla: bool = False
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TORCH_DTYPES:
+            raise ValueError(
+                f"dtype {self.dtype!r} is not supported; expected one of {sorted(TORCH_DTYPES)}"
+            )
+        for name in ("num_layers", "num_kv_heads", "head_size", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @classmethod
+    def of(cls, src: KVShapeLike) -> KVShape:
+        """``src`` itself when it is a KVShape, else its shape facts copied."""
+        if isinstance(src, KVShape):
+            return src
+        return cls(
+            num_layers=src.num_layers,
+            num_kv_heads=src.num_kv_heads,
+            head_size=src.head_size,
+            block_size=src.block_size,
+            dtype=src.dtype,
+            is_mla=src.is_mla,
+            model=src.model,
+        )
+
+    @property
+    def attention(self) -> str:
+        """``"mla"`` or ``"kv_split"`` (the names KVLayout's AttentionKind uses)."""
+        return "mla" if self.is_mla else "kv_split"
+
+    @property
+    def kv_factor(self) -> int:
+        """2 for split K/V, 1 for MLA."""
+        return 1 if self.is_mla else 2
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    @property
+    def dtype_size(self) -> int:
+        return self.torch_dtype.itemsize
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of KV one token occupies across all layers."""
+        return (
+            self.num_layers * self.kv_factor * self.num_kv_heads * self.head_size * self.dtype_size
+        )
+
+    def chunk_shape(self, tokens: int) -> tuple[int, int, int, int, int]:
+        """Shape of a chunk of ``tokens`` tokens in the chunk format."""
+        return (self.num_layers, self.kv_factor, tokens, self.num_kv_heads, self.head_size)
 
 
 class PagedFormat(str, enum.Enum):
@@ -57,19 +149,21 @@ class PagedFormat(str, enum.Enum):
     VLLM_4D = "vllm_4d"
 
 
-def torch_dtype(layout: KVLayout) -> torch.dtype:
+def torch_dtype(layout: KVShapeLike) -> torch.dtype:
     """The torch dtype of a layout's KV elements."""
-    return _TORCH_DTYPES[layout.dtype]
+    return KVShape.of(layout).torch_dtype
 
 
-def _accepted_dtypes(layout: KVLayout) -> tuple[torch.dtype, ...]:
+def _accepted_dtypes(layout: KVShape) -> tuple[torch.dtype, ...]:
     # vLLM keeps fp8 caches in uint8 tensors on some backends: same bytes, accept them.
     if layout.dtype_size == 1:
-        return (torch_dtype(layout), torch.uint8)
-    return (torch_dtype(layout),)
+        return (layout.torch_dtype, torch.uint8)
+    return (layout.torch_dtype,)
 
 
-def expected_layer_shape(fmt: PagedFormat, layout: KVLayout, num_blocks: int | str = "B") -> str:
+def expected_layer_shape(
+    fmt: PagedFormat, layout: KVShapeLike, num_blocks: int | str = "B"
+) -> str:
     """Human-readable expected per-layer shape of ``fmt`` for ``layout``."""
     n, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
     shapes = {
@@ -112,7 +206,7 @@ class Geometry:
         return self.num_blocks * self.block_size
 
 
-def _shape_error(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor, why: str) -> ValueError:
+def _shape_error(fmt: PagedFormat, layout: KVShape, t: torch.Tensor, why: str) -> ValueError:
     return ValueError(
         f"{fmt.name} KV cache layer: expected shape {expected_layer_shape(fmt, layout)} "
         f"(num_blocks free) with dtype {torch_dtype(layout)} and a contiguous head_size "
@@ -120,14 +214,14 @@ def _shape_error(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor, why: str) 
     )
 
 
-def _raw_geometry(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor) -> Geometry:
+def _raw_geometry(fmt: PagedFormat, layout: KVShape, t: torch.Tensor) -> Geometry:
     n, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
     shape, st = tuple(t.shape), t.stride()
     if fmt is PagedFormat.MLA:
         if not layout.is_mla or h != 1:
             raise ValueError(
                 f"MLA paged format needs an MLA layout with num_kv_heads=1, got "
-                f"attention={layout.attention.value} num_kv_heads={h}"
+                f"attention={layout.attention} num_kv_heads={h}"
             )
         if len(shape) == 3 and shape[1:] == (n, d):
             return Geometry(shape[0], n, 1, 1, d, 0, st[0], st[1], 0)
@@ -156,8 +250,9 @@ def _raw_geometry(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor) -> Geomet
     return Geometry(shape[0], n, 2, h, d, d, st[0], st[2], st[1])  # VLLM_4D
 
 
-def layer_geometry(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor) -> Geometry:
-    """Validate one layer tensor against ``fmt``/``layout`` and return its geometry."""
+def layer_geometry(fmt: PagedFormat, shape: KVShapeLike, t: torch.Tensor) -> Geometry:
+    """Validate one layer tensor against ``fmt``/``shape`` and return its geometry."""
+    layout = KVShape.of(shape)
     if t.dtype not in _accepted_dtypes(layout):
         raise _shape_error(fmt, layout, t, f"dtype must be {torch_dtype(layout)}")
     g = _raw_geometry(fmt, layout, t)
@@ -172,25 +267,26 @@ def layer_geometry(fmt: PagedFormat, layout: KVLayout, t: torch.Tensor) -> Geome
     return g
 
 
-def detect_format(kv_cache: torch.Tensor, layout: KVLayout) -> PagedFormat:
+def detect_format(kv_cache: torch.Tensor, shape: KVShapeLike) -> PagedFormat:
     """Guess the paged format of one layer tensor from its shape, device and ``layout``.
 
     ``[B, H, N, 2D]`` is ``CPU_VLLM`` on a CPU tensor and ``VLLM_4D`` elsewhere (vLLM's
     CPU backend and its GPU backends use the same shape with different meanings).
     Raises ``ValueError`` when nothing matches or the shape is ambiguous.
     """
+    layout = KVShape.of(shape)
     n, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
-    shape = tuple(kv_cache.shape)
+    dims = tuple(kv_cache.shape)
     if layout.is_mla:
         candidates = [PagedFormat.MLA]
     else:
         candidates = []
-        if len(shape) == 5 and shape[2:] == (n, h, d):
-            if shape[0] == 2:
+        if len(dims) == 5 and dims[2:] == (n, h, d):
+            if dims[0] == 2:
                 candidates.append(PagedFormat.FLASH_ATTN)
-            if shape[1] == 2:
+            if dims[1] == 2:
                 candidates.append(PagedFormat.FLASHINFER)
-        elif len(shape) == 4 and shape[1:] == (h, n, 2 * d):
+        elif len(dims) == 4 and dims[1:] == (h, n, 2 * d):
             cpu = kv_cache.device.type == "cpu"
             candidates.append(PagedFormat.CPU_VLLM if cpu else PagedFormat.VLLM_4D)
     if len(candidates) == 1:
@@ -200,13 +296,13 @@ def detect_format(kv_cache: torch.Tensor, layout: KVLayout) -> PagedFormat:
     expected = "; ".join(f"{f.name} {expected_layer_shape(f, layout)}" for f in formats)
     why = "ambiguous (pass fmt explicitly)" if candidates else "no paged format matches"
     raise ValueError(
-        f"cannot detect the paged KV format of shape {list(shape)} for layout "
+        f"cannot detect the paged KV format of shape {list(dims)} for layout "
         f"(layers={layout.num_layers}, kv_heads={h}, head_size={d}, block_size={n}, "
-        f"attention={layout.attention.value}): {why}; expected one of: {expected}"
+        f"attention={layout.attention}): {why}; expected one of: {expected}"
     )
 
 
-def as_layers(kv_caches: KVCaches, layout: KVLayout) -> list[torch.Tensor]:
+def as_layers(kv_caches: KVCaches, layout: KVShapeLike) -> list[torch.Tensor]:
     layers = list(kv_caches.values()) if isinstance(kv_caches, Mapping) else list(kv_caches)
     if len(layers) != layout.num_layers:
         raise ValueError(
@@ -220,7 +316,7 @@ def as_layers(kv_caches: KVCaches, layout: KVLayout) -> list[torch.Tensor]:
 
 
 def validate_caches(
-    layers: list[torch.Tensor], layout: KVLayout, fmt: PagedFormat | None
+    layers: list[torch.Tensor], layout: KVShapeLike, fmt: PagedFormat | None
 ) -> tuple[PagedFormat, Geometry]:
     if fmt is None:
         fmt = detect_format(layers[0], layout)
@@ -241,15 +337,16 @@ def validate_caches(
     return fmt, geom
 
 
-def view_chunk(buf: torch.Tensor, layout: KVLayout, tokens: int) -> torch.Tensor:
+def view_chunk(buf: torch.Tensor, shape_of: KVShapeLike, tokens: int) -> torch.Tensor:
     """View ``buf`` as a chunk of ``tokens`` tokens (shape ``layout.chunk_shape``).
 
     ``buf`` is either a contiguous tensor of exactly the chunk shape and the layout's
     dtype, or a flat contiguous ``uint8`` buffer of at least
     ``tokens * layout.bytes_per_token`` bytes (its first bytes are used).
     """
+    layout = KVShape.of(shape_of)
     shape = layout.chunk_shape(tokens)
-    dtype = torch_dtype(layout)
+    dtype = layout.torch_dtype
     if buf.dim() == 1 and buf.dtype == torch.uint8 and tuple(buf.shape) != shape:
         need = tokens * layout.bytes_per_token
         if not buf.is_contiguous():

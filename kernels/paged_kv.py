@@ -5,7 +5,7 @@ CUDA kernels (:mod:`lmcache_pd.kernels.cuda_kernels`) for CUDA tensors when cuda
 is installed, else the vectorised torch path (:mod:`lmcache_pd.kernels.torch_path`).
 Formats and validation live in :mod:`lmcache_pd.kernels.geometry`.
 
-Chunk format (owned by ``lmcache_pd.layout``): a contiguous tensor
+Chunk format (defined by ``lmcache_pd.layout``, mirrored by :class:`KVShape`): a contiguous tensor
 ``[num_layers, kv_factor, tokens, num_kv_heads, head_size]`` (K then V, or one MLA
 latent). ``out``/``chunk`` may be such a tensor, or a flat contiguous ``uint8`` buffer
 whose first ``tokens * layout.bytes_per_token`` bytes are viewed in that shape.
@@ -20,7 +20,8 @@ Copies go by element width (fp8/fp16/bf16/fp32 as same-width integers): round tr
 are bit-exact, NaN payloads included.
 
 From a vLLM connector: pass the ``{layer_name: tensor}`` dict that
-``register_kv_caches`` received (layer order) and a ``KVLayout`` whose ``block_size``
+``register_kv_caches`` received (layer order) and a ``KVLayout`` (any
+:class:`~lmcache_pd.kernels.geometry.KVShapeLike`) whose ``block_size``
 is the tensors' block axis (vLLM's kernel block size, which can differ from the
 scheduler's); ``detect_format`` then picks ``CPU_VLLM`` on vLLM's CPU backend and
 ``VLLM_4D``/``FLASH_ATTN``/``FLASHINFER``/``MLA`` on GPU backends. The slot ids are
@@ -31,12 +32,11 @@ from __future__ import annotations
 
 import torch
 
-from lmcache_pd.layout import KVLayout
-
 from . import torch_path
 from .geometry import (
     Geometry,
     KVCaches,
+    KVShapeLike,
     PagedFormat,
     as_layers,
     validate_caches,
@@ -58,7 +58,7 @@ def _prepare(
     kv_caches: KVCaches,
     slot_mapping: torch.Tensor,
     buf: torch.Tensor,
-    layout: KVLayout,
+    layout: KVShapeLike,
     fmt: PagedFormat | None,
 ) -> tuple[list[torch.Tensor], Geometry, torch.Tensor, torch.Tensor]:
     layers = as_layers(kv_caches, layout)
@@ -92,7 +92,7 @@ def gather(
     kv_caches: KVCaches,
     slot_mapping: torch.Tensor,
     out: torch.Tensor,
-    layout: KVLayout,
+    layout: KVShapeLike,
     fmt: PagedFormat | None = None,
     *,
     backend: str = "auto",
@@ -122,7 +122,7 @@ def scatter(
     chunk: torch.Tensor,
     kv_caches: KVCaches,
     slot_mapping: torch.Tensor,
-    layout: KVLayout,
+    layout: KVShapeLike,
     fmt: PagedFormat | None = None,
     *,
     backend: str = "auto",

@@ -2,7 +2,7 @@
 
 Commands implemented elsewhere are loaded lazily and take their own argv, so each part
 owns its flags: ``lmcache-pd proxy ...`` -> ``lmcache_pd.router.proxy.main(argv)``,
-``lmcache-pd check kernels ...`` -> ``lmcache_pd.kernels.check.main(argv)``,
+``lmcache-pd check kernels ...`` -> ``lmcache_pd.kernel_check.main(argv)``,
 ``lmcache-pd bench NAME ...`` -> ``benchmarks/NAME.py``.
 """
 
@@ -78,7 +78,7 @@ def check(
 @check_app.command("kernels", context_settings=PASSTHROUGH)
 def check_kernels(ctx: typer.Context) -> None:
     """Compile the CUDA kernels with NVRTC; on a GPU run a round trip and print GB/s."""
-    _call_main("lmcache_pd.kernels.check:main", list(ctx.args))
+    _call_main("lmcache_pd.kernel_check:main", list(ctx.args))
 
 
 @app.command("bench", context_settings=PASSTHROUGH)

@@ -26,6 +26,10 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from starlette.responses import Response
+
+from lmcache_pd.chunks import ChunkHasher
+from lmcache_pd.metrics import RateLimitedLog
 from lmcache_pd.router.handoff import HandoffListener
 from lmcache_pd.router.kv_params import KVTransferParams, decode_params
 from lmcache_pd.router.metrics import ErrorKind, Mode, ProxyMetrics
@@ -43,10 +47,6 @@ from lmcache_pd.router.upstream import (
     Upstream,
     UpstreamError,
 )
-from starlette.responses import Response
-
-from lmcache_pd.chunks import ChunkHasher
-from lmcache_pd.metrics import RateLimitedLog
 
 log = logging.getLogger("lmcache_pd.router")
 

@@ -13,10 +13,11 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from prometheus_client import Counter
+
 from lmcache_pd.router.metrics import ProxyMetrics
 from lmcache_pd.router.policy import Choice, Engine, EngineState, Policy, Role, RouteReason
 from lmcache_pd.router.upstream import Upstream, UpstreamError
-from prometheus_client import Counter
 
 log = logging.getLogger("lmcache_pd.router")
 

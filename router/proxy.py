@@ -27,6 +27,10 @@ from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from lmcache_pd.config import ConfigError
 from lmcache_pd.router.flow import (
     Endpoint,
     ProxyError,
@@ -41,10 +45,6 @@ from lmcache_pd.router.pool import HealthChecker
 from lmcache_pd.router.relay import first_of
 from lmcache_pd.router.settings import ProxySettings, settings_from_args
 from lmcache_pd.router.upstream import Upstream, UpstreamError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
-
-from lmcache_pd.config import ConfigError
 
 log = logging.getLogger("lmcache_pd.router")
 _JSON = "application/json"
@@ -54,9 +54,8 @@ _FORWARD_HEADERS = (b"authorization",)
 def _auth_secret(settings: ProxySettings) -> bytes:
     """The control-plane secret, resolved like the engines resolve it (core config from
     ``--config`` if given, ``LMCACHE_*`` env, ``pd_auth_secret_file``)."""
-    from lmcache_pd.router.settings import load_file
-
     from lmcache_pd.config import load_config
+    from lmcache_pd.router.settings import load_file
 
     if settings.config_file:
         return load_file(settings.config_file)[1].auth_secret()

@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+from starlette.responses import Response
+
 from lmcache_pd.router.table import RequestState
 from lmcache_pd.router.upstream import Stream, UpstreamError
-from starlette.responses import Response
 
 log = logging.getLogger("lmcache_pd.router")
 T = TypeVar("T")

@@ -204,6 +204,7 @@ class StubEngine:
     def start(self, host: str = "127.0.0.1", port: int = 0) -> StubEngine:
         """Serve in a daemon thread (port 0: a free port); returns self with ``url`` set."""
         import uvicorn
+
         from lmcache_pd.router.proxy import free_port
 
         port = port or free_port(host)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from lmcache_pd.transports.base import (
     Desc,
     MemKind,

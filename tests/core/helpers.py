@@ -6,13 +6,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
-from lmcache_pd.transports.nixl import NixlTransport
 
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.config import Config, load_config
 from lmcache_pd.layout import KVLayout, preset
 from lmcache_pd.receiver import Receiver
 from lmcache_pd.sender import OutChunk, Sender
+from lmcache_pd.transports.nixl import NixlTransport
 
 LAYOUT = preset("tiny")  # 1 KiB per token
 CHUNK = 16  # 16 KiB chunks

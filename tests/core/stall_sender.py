@@ -11,13 +11,13 @@ import sys
 import time
 
 import zmq
-from lmcache_pd.transports.nixl import NixlTransport
 
 from lmcache_pd.config import load_config
 from lmcache_pd.control import Codec, DealerClient
 from lmcache_pd.layout import preset
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import Accept, Compat, Hello, HelloAck, Offer
+from lmcache_pd.transports.nixl import NixlTransport
 
 
 def main() -> None:

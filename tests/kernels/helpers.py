@@ -7,8 +7,8 @@ exactly as the engine backend does), independently of ``kernels.geometry``'s str
 from __future__ import annotations
 
 import torch
-from lmcache_pd.kernels import PagedFormat, torch_dtype
 
+from lmcache_pd.kernels import PagedFormat, torch_dtype
 from lmcache_pd.layout import AttentionKind, KVLayout
 
 DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lmcache_pd import kernel_check as check_cli
 from lmcache_pd.kernels import PagedFormat, cuda_kernels, gather, scatter
-from lmcache_pd.kernels import check as check_cli
 
 from .helpers import CUDA_FORMATS, DTYPES, bits, make_caches, make_layout
 

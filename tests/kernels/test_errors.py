@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lmcache_pd.kernels import PagedFormat, detect_format, expected_layer_shape, gather, scatter
 
 from .helpers import make_caches, make_layout

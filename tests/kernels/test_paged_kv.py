@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from lmcache_pd.kernels import PagedFormat, gather, scatter, torch_dtype
 
 from .helpers import DTYPES, KV_FORMATS, bits, make_caches, make_layout, ref_gather, ref_scatter

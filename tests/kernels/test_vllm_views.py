@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lmcache_pd.kernels import PagedFormat, detect_format, gather, scatter
 
 from .helpers import bits, make_layout

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+
 from lmcache_pd.router.proxy import ProxyHandle, free_port, start_in_thread
 from lmcache_pd.router.settings import ProxySettings, settings_from_args
 from lmcache_pd.router.stub import StubEngine

@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 
 import httpx
+
 from lmcache_pd.router.kv_params import KVTransferParams
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4  # 36 words = 36 tokens

@@ -11,6 +11,7 @@ import time
 import httpx
 import psutil
 import pytest
+
 from lmcache_pd.router.proxy import free_port, spawn
 
 PROMPT = "shared prefix words for the memory test " * 3

@@ -8,6 +8,8 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from lmcache_pd.config import ConfigError
 from lmcache_pd.router.kv_params import KVTransferParams, decode_params
 from lmcache_pd.router.policy import (
     CacheAware,
@@ -21,8 +23,6 @@ from lmcache_pd.router.policy import (
 )
 from lmcache_pd.router.settings import PolicyKind, settings_from_args
 from lmcache_pd.router.table import RequestState, RequestTable, TableFull
-
-from lmcache_pd.config import ConfigError
 
 
 def _engines(n: int) -> list[Engine]:
