@@ -1,11 +1,15 @@
 """Configuration: one msgspec Struct, loaded from yaml and ``LMCACHE_*`` environment.
 
 Key names follow LMCache where LMCache has the key (``chunk_size``, ``pd_peer_host``,
-``pd_buffer_size`` ...), so an LMCache PD yaml loads unchanged. Keys LMCache knows but we
-do not implement load with one warning naming them. Any other key is an error naming
-the closest valid key. Environment variables ``LMCACHE_<KEY>`` (upper-cased key)
-override the file, exactly as LMCache names them; their values are parsed as yaml
-scalars (``8``, ``true``, ``[7300, 7301]``).
+``pd_buffer_size`` ...), so an LMCache yaml of any LMCache version loads
+(:mod:`lmcache_pd.config_compat` holds LMCache's key lists): LMCache's older names of our
+keys (``nixl_role``, ``nixl_buffer_size``, ``enable_xpyd`` ...) take effect as our key with
+one deprecation warning; keys LMCache has or had that we do not implement load with one
+warning naming them; a key LMCache never had is an error naming the closest valid key.
+An old name given together with its new name must agree (else an error naming both).
+Environment variables ``LMCACHE_<KEY>`` (upper-cased key, old names too) override the
+file, exactly as LMCache names them; their values are parsed as yaml scalars (``8``,
+``true``, ``[7300, 7301]``); list keys also take LMCache's ``7300,7301`` form.
 
 Resolution order: defaults < yaml file < environment < explicit overrides.
 """
@@ -17,13 +21,14 @@ import enum
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import yaml
 
+from lmcache_pd import config_compat
 from lmcache_pd.chunks import HashAlgorithm
 
 log = logging.getLogger(__name__)
@@ -62,59 +67,6 @@ class ConfigError(ValueError):
         self.errors = errors
         super().__init__("invalid lmcache-pd config:\n  " + "\n  ".join(errors))
 
-
-# LMCache keys we accept and ignore (with one warning naming them).
-LMCACHE_IGNORED_KEYS = frozenset(
-    {
-        "retrieve_locations",
-        "store_location",
-        "save_decode_cache",
-        "use_layerwise",
-        "enable_blending",
-        "blend_recompute_ratios",
-        "blend_thresholds",
-        "blend_check_layers",
-        "blend_min_tokens",
-        "blend_special_str",
-        "enable_p2p",
-        "lookup_url",
-        "distributed_url",
-        "enable_controller",
-        "lmcache_instance_id",
-        "controller_url",
-        "lmcache_worker_port",
-        "error_handling",
-        "enable_async_loading",
-        "gds_path",
-        "cufile_buffer_size",
-        "local_disk_path",
-        "extra_config",
-        "external_lookup_client",
-        "priority_limit",
-        "cache_policy",
-        "enable_nixl",
-        "nixl_role",
-        "nixl_receiver_host",
-        "nixl_receiver_port",
-        "nixl_buffer_size",
-        "nixl_buffer_device",
-        "nixl_enable_gc",
-        "weka_path",
-        "pd_proxy_port_list",
-        "min_retrieve_tokens",
-        "py_enable_gc",
-        "cache_blend_layerwise",
-        "internal_api_server_enabled",
-        "internal_api_server_port_start",
-        "plugin_locations",
-        "numa_mode",
-        "audit_actual_remove",
-        "enable_scheduler_bypass_lookup",
-        "lookup_timeout_ms",
-        "hit_miss_ratio",
-        "save_only_first_rank",
-    }
-)
 
 Port = int | list[int]
 
@@ -213,6 +165,25 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 _TYPES: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Config)}
 
+# LMCache keys (any version) that are neither our keys nor old names of them: accepted
+# and ignored with one warning naming them (see lmcache_pd.config_compat).
+LMCACHE_IGNORED_KEYS = config_compat.ignored_keys(_TYPES)
+
+
+def accepts_key(key: str) -> bool:
+    """Whether ``key`` loads: one of ours, an old LMCache name of ours, or an LMCache key
+    we ignore (for callers that split a yaml between us and their own keys)."""
+    return key in _TYPES or key in config_compat.ALIASES or config_compat.is_lmcache_key(key)
+
+
+def _is_listy(tp: Any) -> bool:
+    info = msgspec.inspect.type_info(tp)
+    options = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    return any(isinstance(t, msgspec.inspect.ListType) for t in options)
+
+
+_LIST_KEYS = frozenset(k for k, tp in _TYPES.items() if _is_listy(tp))
+
 
 def _describe(tp: Any) -> str:
     info = msgspec.inspect.type_info(tp)
@@ -281,39 +252,123 @@ def _check_ranges(cfg: Config) -> list[str]:
 
 
 def _closest(key: str) -> str:
-    candidates = list(_TYPES) + sorted(LMCACHE_IGNORED_KEYS)
+    candidates = [*_TYPES, *config_compat.ALIASES, *sorted(config_compat.LMCACHE_KEYS)]
     match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
-def from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
-    """Validate a mapping of config keys into a :class:`Config`.
+Label = Callable[[str], str]
 
-    Collects every unknown key, wrong type and out-of-range value into one
-    :class:`ConfigError`. LMCache-only keys are dropped with one warning.
-    """
-    errors: list[str] = []
-    ignored = sorted(k for k in data if k in LMCACHE_IGNORED_KEYS)
-    if ignored:
-        log.warning("%s: ignoring LMCache keys lmcache-pd does not implement: %s", source, ignored)
+
+class _Layer(msgspec.Struct, frozen=True):
+    """One source of raw keys: a yaml file, the environment or explicit overrides."""
+
+    source: str
+    data: Mapping[str, Any]
+    label: Label = str
+
+
+class _Notes(msgspec.Struct):
+    """What the layers said besides values: for one warning each, and the errors."""
+
+    renamed: list[str] = msgspec.field(default_factory=list)
+    ignored: list[str] = msgspec.field(default_factory=list)
+    mapped: list[str] = msgspec.field(default_factory=list)
+    errors: list[str] = msgspec.field(default_factory=list)
+
+
+def _typed(key: str, given: config_compat.Given, notes: _Notes) -> Any:
+    """One given value converted to ``key``'s type, or ``UNSET`` (error noted)."""
+    name = given.label if given.alias is None else f"{given.label} (old name of {key})"
+    value, note = config_compat.map_value(key, given.value)
+    if note:
+        notes.mapped.append(f"{given.label}: {note}")
+    if value is config_compat.UNSET:
+        return value
+    if key in _LIST_KEYS:
+        value = config_compat.split_csv(value)
+    try:
+        return msgspec.convert(value, _TYPES[key], strict=False)
+    except msgspec.ValidationError:
+        notes.errors.append(f"{name}: expected {_describe(_TYPES[key])}, got {given.value!r}")
+        return config_compat.UNSET
+
+
+def _show(value: Any) -> str:
+    return repr(value.value if isinstance(value, enum.Enum) else value)
+
+
+def _resolve(layers: list[_Layer]) -> Config:
+    """Merge layers (later wins) into a validated :class:`Config`. Within one layer an
+    old LMCache name and the key it means must agree. Warns once for old names, once
+    for ignored LMCache keys, once for LMCache values read differently."""
+    notes = _Notes()
+    nixl_storage = any(config_compat.nixl_storage_enabled(layer.data) for layer in layers)
     clean: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in LMCACHE_IGNORED_KEYS:
-            continue
-        if key not in _TYPES:
-            errors.append(f"{key}: unknown config key{_closest(str(key))}")
-            continue
-        try:
-            clean[key] = msgspec.convert(value, _TYPES[key], strict=False)
-        except msgspec.ValidationError:
-            errors.append(f"{key}: expected {_describe(_TYPES[key])}, got {value!r}")
-    if errors:
-        raise ConfigError(errors)
+    for layer in layers:
+        split = config_compat.normalize(
+            layer.data, _TYPES, label=layer.label, nixl_storage=nixl_storage
+        )
+        notes.renamed += split.renamed
+        notes.ignored += split.ignored
+        notes.errors += [f"{k}: unknown config key{_closest(k)}" for k in split.unknown]
+        for key, givens in split.items():
+            typed = [(g, _typed(key, g, notes)) for g in givens]
+            typed = [(g, v) for g, v in typed if v is not config_compat.UNSET]
+            if not typed:
+                continue
+            first_given, first = typed[0]
+            clash = [(g, v) for g, v in typed[1:] if v != first]
+            if clash:
+                names = [f"{first_given.label}={_show(first)}"]
+                names += [f"{g.label}={_show(v)}" for g, v in clash]
+                notes.errors.append(
+                    f"{key}: conflicting values {', '.join(names)} "
+                    "(an old LMCache name and the key it means must agree; give one)"
+                )
+                continue
+            clean[key] = first
+    source = next((la.source for la in layers if la.source != "environment"), "config")
+    if notes.renamed:
+        log.warning(
+            "%s: deprecated LMCache key names read as their lmcache-pd names (rename them): %s",
+            source,
+            ", ".join(notes.renamed),
+        )
+    if notes.ignored:
+        log.warning(
+            "%s: ignoring LMCache keys lmcache-pd does not implement: %s",
+            source,
+            sorted(notes.ignored),
+        )
+    if notes.mapped:
+        log.warning("%s: LMCache values read as lmcache-pd values: %s", source, notes.mapped)
+    if notes.errors:
+        raise ConfigError(notes.errors)
     cfg = Config(**clean)
     errors = _check_ranges(cfg)
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+def from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
+    """Validate a mapping of config keys into a :class:`Config`.
+
+    Collects every unknown key, wrong type, old/new name conflict and out-of-range value
+    into one :class:`ConfigError`. Old LMCache names take effect as their new key (one
+    warning); LMCache keys we do not implement are dropped (one warning).
+    """
+    return _resolve([_Layer(source, data)])
+
+
+def _env_label(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def _env_target_type(key: str) -> Any:
+    alias = config_compat.ALIASES.get(key)
+    return _TYPES.get(alias.target if alias else key)
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
@@ -322,13 +377,14 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
             continue
         key = name[len(ENV_PREFIX) :].lower()
-        if key not in _TYPES and key not in LMCACHE_IGNORED_KEYS:
-            continue  # other LMCACHE_* variables (log level, ...) are not config keys
+        if key not in _TYPES and key not in config_compat.ALIASES:
+            if not config_compat.is_lmcache_key(key):
+                continue  # other LMCACHE_* variables (log level, ...) are not config keys
         try:
             out[key] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             out[key] = raw
-        if isinstance(out[key], (int, float)) and _TYPES.get(key) in (str, str | None):
+        if isinstance(out[key], (int, float)) and _env_target_type(key) in (str, str | None):
             out[key] = raw  # a host like "10" stays a string
     return out
 
@@ -356,16 +412,14 @@ def load_config(
     """Resolve the config: defaults < yaml (``path`` or ``$LMCACHE_CONFIG_FILE``) < env <
     ``overrides``."""
     env = os.environ if env is None else env
-    data: dict[str, Any] = {}
-    source = "defaults"
+    layers: list[_Layer] = []
     path = path or env.get(CONFIG_FILE_ENV)
     if path:
-        data.update(load_yaml(path))
-        source = str(path)
-    data.update(_env_overrides(env))
+        layers.append(_Layer(str(path), load_yaml(path)))
+    layers.append(_Layer("environment", _env_overrides(env), _env_label))
     if overrides:
-        data.update(overrides)
-    return from_dict(data, source)
+        layers.append(_Layer("overrides", dict(overrides)))
+    return _resolve(layers)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -15,6 +15,7 @@ from lmcache_pd.config import (
     ConfigError,
     LoadFailurePolicy,
     PDRole,
+    RemoteSerde,
     from_dict,
     load_config,
 )
@@ -52,7 +53,10 @@ def test_lmcache_pd_yaml_loads_unchanged(tmp_path: Path, caplog: pytest.LogCaptu
     assert cfg.port_for_rank("pd_peer_init_port", 1) == 7301
     warnings = [r.getMessage() for r in caplog.records if "ignoring LMCache keys" in r.getMessage()]
     assert len(warnings) == 1
-    assert "remote_serde" in warnings[0] and "save_decode_cache" in warnings[0]
+    assert "save_decode_cache" in warnings[0]
+    # LMCache's `remote_serde: NULL` means "not set": our default, said once
+    assert cfg.remote_serde is RemoteSerde.NAIVE
+    assert any("remote_serde: null" in r.getMessage() for r in caplog.records)
 
 
 def test_unknown_key_names_the_closest_valid_key() -> None:
