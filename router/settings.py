@@ -139,7 +139,7 @@ def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], core_config
     for key, value in data.items():
         if key in _FIELDS and key not in _CORE_SHARED:
             proxy[key] = value
-        elif key in core_keys or key in core_config.LMCACHE_IGNORED_KEYS:
+        elif core_config.accepts_key(key):  # ours, an old LMCache name, or ignored
             core[key] = value
         else:
             near = difflib.get_close_matches(str(key), [*_FIELDS, *core_keys], n=1, cutoff=0.5)

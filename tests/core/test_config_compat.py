@@ -510,3 +510,15 @@ def test_config_check_cli_prints_warnings_for_lmcache_files(tmp_path: Path) -> N
     both = res.stdout + res.stderr
     assert "nixl_role -> pd_role" in both and "nixl_receiver_port -> pd_peer_init_port" in both
     assert "ignoring LMCache keys" in both and "nixl_enable_gc" in both
+
+
+def test_proxy_config_file_takes_lmcache_names_too(tmp_path: Path) -> None:
+    from lmcache_pd.router.settings import load_file
+
+    path = tmp_path / "proxy.yaml"
+    path.write_text("chunk_size: 128\nnixl_buffer_size: 1048576\nnixl_enable_gc: true\n")
+    _, cfg = load_file(path)
+    assert cfg.chunk_size == 128 and cfg.pd_buffer_size == 1 << 20
+    path.write_text("nixl_rol: sender\n")
+    with pytest.raises(ConfigError, match="nixl_rol: unknown config key"):
+        load_file(path)
