@@ -10,9 +10,17 @@ EXTRAS ?= dev,vllm
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint check bench clean
+.PHONY: setup redis-server demo test lint check bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed redis-server
+
+# the remote tier's tests and benchmark run a real redis-server: installed when missing
+# and root (Debian/Ubuntu), otherwise a note (those tests then skip, except under CI=true)
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null 2>&1 || \
+		echo "note: redis-server missing: sudo apt-get install -y redis-server (remote-tier tests skip)"
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

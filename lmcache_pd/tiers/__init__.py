@@ -1,7 +1,9 @@
-"""CPU and disk tiers that keep KV chunks for reuse across requests.
+"""CPU, disk and remote (Redis/Valkey) tiers that keep KV chunks for reuse across
+requests and hosts.
 
-``build_tiers(cfg, layout)`` gives the :class:`TieredStore` (CPU over disk) the receiver
-and the vLLM connector use; :class:`CPUStore` and :class:`DiskStore` are the tiers.
+``build_tiers(cfg, layout)`` gives the :class:`TieredStore` (CPU over disk over remote)
+the receiver and the vLLM connector use; :class:`CPUStore`, :class:`DiskStore` and
+:class:`RemoteStore` are the tiers.
 """
 
 from lmcache_pd.tiers.base import Buffer, Store
@@ -15,17 +17,21 @@ from lmcache_pd.tiers.manager import (
     log_store,
 )
 from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
+from lmcache_pd.tiers.remote import RemoteStore, RemoteURLError, parse_remote_url
 
 __all__ = [
     "Buffer",
     "CPUStore",
     "DiskStore",
     "LookupResult",
+    "RemoteStore",
+    "RemoteURLError",
     "Store",
     "TierMetrics",
     "TieredStore",
     "build_tiers",
     "log_lookup",
     "log_store",
+    "parse_remote_url",
     "tier_metrics",
 ]

@@ -1,11 +1,15 @@
-"""The tiered store (CPU over disk), its factory from config, prompt lookup and the
-LMCache-style log lines.
+"""The tiered store (CPU over disk over remote), its factory from config, prompt lookup
+and the LMCache-style log lines.
 
 :class:`TieredStore` is the one :class:`~lmcache_pd.tiers.base.Store` the receiver and the
 vLLM connector hold. A put lands in the CPU tier and is written behind to disk (the disk
-writer reads the CPU slot in place, pinned, so no extra copy); a get is served from CPU,
-else from disk, and a disk hit is promoted (copied up) into the CPU tier. A lookup of a
-prompt returns the longest prefix of its chunk keys held in any tier.
+writer reads the CPU slot in place, pinned, so no extra copy) and to the remote tier (a
+Redis/Valkey server shared across hosts; see :mod:`lmcache_pd.tiers.remote`); a get is
+served from CPU, else from disk, else from remote, and a disk or remote hit is promoted
+(copied up) into the CPU tier. A lookup of a prompt returns the longest prefix of its chunk
+keys held in any tier: CPU and disk are index lookups, the remote tier is asked about the
+keys they lack in one round trip. :meth:`TieredStore.acquire_many` fetches every remote
+chunk of a load in one round trip.
 :func:`build_tiers` builds it from a :class:`~lmcache_pd.config.Config` and a
 :class:`~lmcache_pd.layout.KVLayout`.
 """
@@ -26,6 +30,7 @@ from lmcache_pd.tiers.base import Buffer, Store
 from lmcache_pd.tiers.cpu import CPUStore
 from lmcache_pd.tiers.disk import DiskStore
 from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
+from lmcache_pd.tiers.remote import RemoteStore, RemoteURLError, parse_remote_url
 
 if TYPE_CHECKING:
     from lmcache_pd.config import Config
@@ -83,20 +88,23 @@ class LookupResult(msgspec.Struct, frozen=True):
 
 
 class TieredStore(Store):
-    """CPU tier over disk tier, either of which may be absent; promotes disk hits."""
+    """CPU tier over disk tier over remote tier, any of which may be absent (not all);
+    promotes disk and remote hits into CPU."""
 
     def __init__(
         self,
         cpu: CPUStore | None,
         disk: DiskStore | None,
+        remote: RemoteStore | None = None,
         *,
         promote: bool = True,
         metrics: TierMetrics | None = None,
     ) -> None:
-        if cpu is None and disk is None:
-            raise ValueError("a TieredStore needs a CPU tier, a disk tier or both")
+        if cpu is None and disk is None and remote is None:
+            raise ValueError("a TieredStore needs a CPU, disk or remote tier")
         self.cpu = cpu
         self.disk = disk
+        self.remote = remote
         self.promote = promote
         self._lock = threading.Lock()
         self._fallback: collections.Counter[bytes] = collections.Counter()
@@ -107,17 +115,29 @@ class TieredStore(Store):
         # disk write gets its own copy.
         self.max_write_pins = max(1, cpu.num_slots // 2) if cpu is not None else 0
         self._metrics = metrics if metrics is not None else tier_metrics()
-        self._m_promotions = self._metrics.promotions.labels(tier="disk")
+        self._m_promotions = {
+            tier: self._metrics.promotions.labels(tier=tier) for tier in ("disk", "remote")
+        }
+        self._remote_promotions = 0
 
     # --- writes ---
 
     def put(self, key: bytes, data: Buffer) -> bool:
-        """Copy into the CPU tier and queue a write-behind to disk. True when held by
-        (or queued for) at least one tier."""
-        cpu, disk = self.cpu, self.disk
+        """Copy into the CPU tier and queue write-behinds to disk and remote. True when
+        held by (or queued for) at least one tier. A chunk the CPU tier already holds
+        (put before, or promoted from disk or remote) is not sent to the remote again."""
+        cpu, remote = self.cpu, self.remote
+        known = cpu is not None and key in cpu
         stored = cpu.put(key, data) if cpu is not None else False
+        queued = self._put_disk(key, data, stored)
+        if remote is not None and not known:
+            queued = remote.put(key, data) or queued
+        return stored or queued
+
+    def _put_disk(self, key: bytes, data: Buffer, stored: bool) -> bool:
+        cpu, disk = self.cpu, self.disk
         if disk is None or disk.disabled is not None or key in disk:
-            return stored
+            return False
         view = None
         if stored and cpu is not None:
             with self._lock:
@@ -128,10 +148,8 @@ class TieredStore(Store):
                 if view is None:
                     self._unpin_written(None, key)
         if view is not None:
-            queued = disk.put(key, view, on_written=lambda: self._unpin_written(cpu, key))
-        else:
-            queued = disk.put(key, data)
-        return stored or queued
+            return disk.put(key, view, on_written=lambda: self._unpin_written(cpu, key))
+        return disk.put(key, data)
 
     def _unpin_written(self, cpu: CPUStore | None, key: bytes) -> None:
         with self._lock:
@@ -141,18 +159,34 @@ class TieredStore(Store):
 
     # --- reads ---
 
-    def __contains__(self, key: object) -> bool:
+    def _local(self, key: object) -> bool:
         return (self.cpu is not None and key in self.cpu) or (
             self.disk is not None and key in self.disk
         )
 
+    def __contains__(self, key: object) -> bool:
+        return self._local(key) or (self.remote is not None and key in self.remote)
+
     def contains(self, keys: Sequence[bytes]) -> int:
-        """Longest prefix of ``keys`` held in any tier (index lookups only, no I/O)."""
+        """Longest prefix of ``keys`` held in any tier: CPU and disk by index, then the
+        keys past their prefix are asked of the remote tier in one round trip."""
+        n = self._contains_local(keys)
+        remote = self.remote
+        if n == len(keys) or remote is None or remote.disabled is not None:
+            return n
+        rest = keys[n:]
+        for key, held in zip(rest, remote.held(rest), strict=True):
+            if not held and not self._local(key):
+                break
+            n += 1
+        return n
+
+    def _contains_local(self, keys: Sequence[bytes]) -> int:
         cpu, disk = self.cpu, self.disk
         if disk is None or disk.disabled is not None:
             return cpu.contains(keys) if cpu is not None else 0
         if cpu is None:
-            return disk.contains(keys)
+            return disk.contains(keys) if disk is not None else 0
         n = 0
         for key in keys:
             if key not in cpu and key not in disk:
@@ -179,22 +213,33 @@ class TieredStore(Store):
             log_lookup(len(tokens), hit_tokens, num_computed_tokens)
         return LookupResult(keys, hit, hit_tokens, len(tokens))
 
-    def _promote(self, key: bytes, data: Buffer) -> None:
+    def _promote(self, key: bytes, data: Buffer, tier: str = "disk") -> None:
         if self.cpu is not None and self.promote and self.cpu.put(key, data):
             with self._lock:
                 self._promotions += 1
-            self._m_promotions.inc()
+                self._remote_promotions += tier == "remote"
+            self._m_promotions[tier].inc()
+
+    def _remote_up(self) -> RemoteStore | None:
+        remote = self.remote
+        return remote if remote is not None and remote.disabled is None else None
 
     def get(self, key: bytes) -> bytes | memoryview | None:
         if self.cpu is not None:
             data = self.cpu.get(key)
             if data is not None:
                 return data
-        if self.disk is None:
+        if self.disk is not None:
+            view = self.disk.get(key)
+            if view is not None:
+                self._promote(key, view)
+                return view
+        remote = self._remote_up()
+        if remote is None:
             return None
-        view = self.disk.get(key)
+        view = remote.get(key)
         if view is not None:
-            self._promote(key, view)
+            self._promote(key, view, "remote")
         return view
 
     def get_into(self, key: bytes, out: Buffer) -> int | None:
@@ -202,16 +247,43 @@ class TieredStore(Store):
             n = self.cpu.get_into(key, out)
             if n is not None:
                 return n
-        if self.disk is None:
+        if self.disk is not None:
+            n = self.disk.get_into(key, out)
+            if n is not None:
+                self._promote(key, memoryview(out).cast("B")[:n])
+                return n
+        remote = self._remote_up()
+        if remote is None:
             return None
-        n = self.disk.get_into(key, out)
+        n = remote.get_into(key, out)
         if n is not None:
-            self._promote(key, memoryview(out).cast("B")[:n])
+            self._promote(key, memoryview(out).cast("B")[:n], "remote")
         return n
 
     def acquire(self, key: bytes) -> memoryview | None:
-        """Pin and view the chunk; a disk hit is promoted first and the CPU slot pinned
-        (when the CPU tier has no room, a private copy is returned)."""
+        """Pin and view the chunk; a disk or remote hit is promoted first and the CPU slot
+        pinned (when the CPU tier has no room, a private copy is returned)."""
+        return self.acquire_many([key])[0]
+
+    def acquire_many(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        """:meth:`acquire` of each of ``keys``; the chunks neither CPU nor disk holds
+        are fetched from the remote tier in one round trip. Release each non-None."""
+        out: list[memoryview | None] = []
+        missing: list[int] = []
+        for i, key in enumerate(keys):
+            view = self._acquire_local(key)
+            out.append(view)
+            if view is None:
+                missing.append(i)
+        remote = self._remote_up()
+        if missing and remote is not None:
+            got = remote.get_many([keys[i] for i in missing])
+            for i, data in zip(missing, got, strict=True):
+                if data is not None:
+                    out[i] = self._pin_promoted(keys[i], data, "remote")
+        return out
+
+    def _acquire_local(self, key: bytes) -> memoryview | None:
         cpu = self.cpu
         if cpu is not None:
             view = cpu.acquire(key)
@@ -222,8 +294,12 @@ class TieredStore(Store):
         data = self.disk.get(key)
         if data is None:
             return None
+        return self._pin_promoted(key, data, "disk")
+
+    def _pin_promoted(self, key: bytes, data: memoryview, tier: str) -> memoryview:
+        cpu = self.cpu
         if cpu is not None and self.promote:
-            self._promote(key, data)
+            self._promote(key, data, tier)
             view = cpu.acquire(key, record=False)
             if view is not None:
                 return view
@@ -251,11 +327,14 @@ class TieredStore(Store):
             held = self.cpu.evict(key) or held
         if self.disk is not None:
             held = self.disk.evict(key) or held
+        if self.remote is not None:
+            held = self.remote.evict(key) or held  # shared: gone for every engine
         return held
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait for queued disk writes; False on timeout."""
-        return self.disk.flush(timeout) if self.disk is not None else True
+        """Wait for queued disk and remote writes; False on timeout."""
+        ok = self.disk.flush(timeout) if self.disk is not None else True
+        return (self.remote.flush(timeout) if self.remote is not None else True) and ok
 
     def slab_regions(self) -> list[tuple[int, int]]:
         """The CPU tier's slabs ``(address, nbytes)`` for transport registration."""
@@ -267,16 +346,24 @@ class TieredStore(Store):
             out["cpu"] = self.cpu.stats()
         if self.disk is not None:
             out["disk"] = self.disk.stats()
+        if self.remote is not None:
+            out["remote"] = self.remote.stats()
         return out
 
     def stats(self) -> dict[str, int | float]:
-        """Every tier's counters as ``"<tier>.<name>"``, plus ``promotions``."""
-        out: dict[str, int | float] = {"promotions": self._promotions}
+        """Every tier's counters as ``"<tier>.<name>"``, plus ``promotions`` (all) and
+        ``remote_promotions``."""
+        out: dict[str, int | float] = {
+            "promotions": self._promotions,
+            "remote_promotions": self._remote_promotions,
+        }
         for tier, counts in self.tier_stats().items():
             out.update({f"{tier}.{name}": value for name, value in counts.items()})
         return out
 
     def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
         if self.disk is not None:
             self.disk.close()
         if self.cpu is not None:
@@ -292,10 +379,11 @@ def build_tiers(
     pin_memory: bool | None = None,
 ) -> TieredStore | None:
     """The tiers ``cfg`` asks for (``local_cpu`` / ``max_local_cpu_size``,
-    ``local_disk`` / ``max_local_disk_size``), slots sized to ``layout``'s chunks of
-    ``cfg.chunk_size`` tokens; None when neither tier is configured. Sizes are decimal GB.
-    A disk directory that cannot be used disables the disk tier (logged), it does not
-    raise."""
+    ``local_disk`` / ``max_local_disk_size``, ``remote_url``), slots sized to ``layout``'s
+    chunks of ``cfg.chunk_size`` tokens; None when no tier is configured. Sizes are
+    decimal GB. A disk directory that cannot be used disables the disk tier (logged), it
+    does not raise. A malformed ``remote_url`` leaves the remote tier out, an unreachable
+    one starts it turned off (re-probed); either says why once, neither raises."""
     metrics = tier_metrics(registry)
     slot_bytes = layout.bytes_per_chunk(cfg.chunk_size)
     cpu: CPUStore | None = None
@@ -320,6 +408,26 @@ def build_tiers(
             queue_size=cfg.disk_write_queue_size,
             metrics=metrics,
         )
-    if cpu is None and disk is None:
+    remote = build_remote(cfg, layout, metrics)
+    if cpu is None and disk is None and remote is None:
         return None
-    return TieredStore(cpu, disk, metrics=metrics)
+    return TieredStore(cpu, disk, remote, metrics=metrics)
+
+
+def build_remote(cfg: Config, layout: KVLayout, metrics: TierMetrics) -> RemoteStore | None:
+    """The remote tier of ``cfg.remote_url``, or None (unset, or malformed: logged once)."""
+    if not cfg.remote_url:
+        return None
+    try:
+        url = parse_remote_url(cfg.remote_url)
+    except RemoteURLError as exc:
+        log.warning("%s; lmcache-pd starts without the remote tier", exc)
+        return None
+    return RemoteStore(
+        url,
+        layout.fingerprint(),
+        cfg.chunk_size,
+        timeout_s=cfg.remote_timeout_s,
+        queue_size=cfg.remote_write_queue_size,
+        metrics=metrics,
+    )

@@ -1,0 +1,664 @@
+"""The remote tier: KV chunks in a Redis or Valkey server shared by many engines and hosts.
+
+Keys are namespaced by the layout fingerprint and the chunk size,
+``lmcpd:v1:<fingerprint hex>:<chunk tokens>:<chunk key hex>``, so a server shared by
+different models (or chunk sizes) never hands one model another's chunk. A value is the
+disk tier's chunk header (magic, version, key, fingerprint, length, xxh3-64 checksum; see
+:mod:`lmcache_pd.tiers.disk`) followed by the chunk's bytes. A value that fails its header
+or checksum (flipped, truncated, written for another layout) is a miss: it is deleted,
+counted and logged.
+
+Reads are batched: :meth:`RemoteStore.held` asks about a whole prompt's chunks in one
+round trip (a pipeline of ``EXISTS``, which moves no values), :meth:`RemoteStore.get_many`
+fetches many chunks in one round trip. Writes go behind a bounded queue drained by one
+thread (``remote_write_queue_size``): a full queue drops the write and counts it, the
+engine never waits on the server. The writer skips chunks the server already holds (one
+``EXISTS`` round trip per batch) so engines sharing a prefix do not resend it.
+
+Faults: every socket wait (connect, each read) is bounded by ``remote_timeout_s`` and
+redis-py does not retry, so no call waits longer than that on a dead or stalled server.
+The first error turns the tier off with one warning; while off every call is a miss (the
+engine recomputes) and every write is dropped, without touching the network. The writer
+thread re-probes (``PING``) with exponential backoff and turns the tier back on with one
+info line. Nothing is loaded from the server without its checksum, so a restart or a
+half-written value never loads corrupt bytes.
+
+Eviction is the server's: run it with ``maxmemory`` and ``maxmemory-policy allkeys-lru``
+(see docs/remote-tier.md). Values are never pickled; they are raw bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import redis
+import redis.backoff
+import redis.exceptions
+import redis.retry
+import xxhash
+
+from lmcache_pd.tiers.base import Buffer, Store
+from lmcache_pd.tiers.cpu import as_byte_view
+from lmcache_pd.tiers.disk import FORMAT_VERSION, HEADER_SIZE, encode_header, parse_header
+from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 6379
+NAMESPACE = "lmcpd"
+PROBE_BACKOFF_S = (1.0, 30.0)  # first re-probe of a down server, then doubling to the max
+MAX_BATCH_ITEMS = 64
+MAX_BATCH_BYTES = 256 << 20
+READ_SIZE = 1 << 20  # socket read size: large values arrive in few reads
+
+
+class RemoteScheme(str, enum.Enum):
+    """URL schemes of ``remote_url``; ``valkey`` is an alias of ``redis`` (same protocol)."""
+
+    REDIS = "redis"
+    REDISS = "rediss"
+    VALKEY = "valkey"
+    VALKEYS = "valkeys"
+    UNIX = "unix"
+
+
+class RemoteState(str, enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    CLOSED = "closed"
+
+
+class DownCause(str, enum.Enum):
+    """Why the tier turned itself off (from the redis-py exception type)."""
+
+    TIMEOUT = "timeout"
+    AUTH = "authentication"
+    LOADING = "server loading its dataset"
+    CONNECTION = "connection error"
+    ERROR = "server error"
+
+
+def down_cause(exc: BaseException) -> DownCause:
+    if isinstance(exc, (redis.exceptions.TimeoutError, TimeoutError)):
+        return DownCause.TIMEOUT
+    if isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError)):
+        return DownCause.AUTH
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return DownCause.LOADING
+    if isinstance(exc, (redis.exceptions.ConnectionError, OSError)):
+        return DownCause.CONNECTION
+    return DownCause.ERROR
+
+
+class RemoteURLError(ValueError):
+    """A ``remote_url`` that cannot be used; the message names the key and the problem."""
+
+
+class RemoteURL(msgspec.Struct, frozen=True, kw_only=True):
+    """A parsed ``remote_url``."""
+
+    scheme: RemoteScheme
+    host: str | None = None
+    port: int = DEFAULT_PORT
+    path: str | None = None  # unix socket
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme in (RemoteScheme.REDISS, RemoteScheme.VALKEYS)
+
+    def redacted(self) -> str:
+        """The URL for log lines: no password."""
+        auth = f"{self.username or ''}:***@" if self.password else ""
+        if self.scheme is RemoteScheme.UNIX:
+            return f"unix://{auth}{self.path}" + (f"?db={self.db}" if self.db else "")
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{self.scheme.value}://{auth}{host}:{self.port}/{self.db}"
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Connection arguments for ``redis.Redis`` (timeouts and retries are added by
+        the store)."""
+        common: dict[str, Any] = {
+            "db": self.db,
+            "username": self.username,
+            "password": self.password,
+        }
+        if self.scheme is RemoteScheme.UNIX:
+            return {**common, "unix_socket_path": self.path}
+        return {**common, "host": self.host, "port": self.port, "ssl": self.tls}
+
+
+def parse_remote_url(url: str) -> RemoteURL:
+    """Parse ``remote_url``: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://``
+    (TLS), ``valkey://`` / ``valkeys://`` (aliases), ``unix:///path/to.sock[?db=N]``.
+    Raises :class:`RemoteURLError` naming what is wrong."""
+
+    def bad(why: str) -> RemoteURLError:
+        return RemoteURLError(f"remote_url {url!r}: {why}")
+
+    if not isinstance(url, str) or not url.strip():
+        raise bad("empty")
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    try:
+        scheme = RemoteScheme(parts.scheme.lower())
+    except ValueError:
+        names = ", ".join(f"{s.value}://" for s in RemoteScheme)
+        raise bad(f"scheme must be one of {names}") from None
+    if parts.fragment:
+        raise bad("a '#fragment' has no meaning here")
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"db"})
+    if unknown:
+        raise bad(f"unknown query parameter(s) {unknown}; only 'db' is understood")
+    db_text: str | None = query["db"][-1] if "db" in query else None
+    username = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password else None
+    if scheme is RemoteScheme.UNIX:
+        path = urllib.parse.unquote((parts.hostname or "") + parts.path)
+        if parts.netloc and not parts.path:
+            path = urllib.parse.unquote(parts.netloc.rpartition("@")[2])
+        if not path:
+            raise bad("unix:// needs a socket path, e.g. unix:///run/redis/redis.sock")
+        return RemoteURL(
+            scheme=scheme,
+            path=path,
+            db=_db(db_text, bad),
+            username=username,
+            password=password,
+        )
+    host = parts.hostname
+    if not host:
+        raise bad("no host; expected e.g. redis://127.0.0.1:6379/0")
+    try:
+        port = parts.port
+    except ValueError:
+        raise bad("port must be a number in 1..65535") from None
+    if port is not None and not 1 <= port <= 65535:
+        raise bad("port must be a number in 1..65535")
+    path = parts.path.strip("/")
+    if path:
+        if db_text is not None:
+            raise bad("the database is given twice (path and ?db=)")
+        db_text = path
+    return RemoteURL(
+        scheme=scheme,
+        host=host,
+        port=port if port is not None else DEFAULT_PORT,
+        db=_db(db_text, bad),
+        username=username,
+        password=password,
+    )
+
+
+def _db(text: str | None, bad: Any) -> int:
+    if text is None or text == "":
+        return 0
+    if not text.isdigit():
+        raise bad(f"database must be a number >= 0, got {text!r}")
+    return int(text)
+
+
+class _Write(msgspec.Struct):
+    key: bytes
+    value: bytearray  # header (filled by the writer) + payload
+
+
+_STOP = object()
+_WAKE = object()
+
+
+class RemoteStore(Store):
+    """Chunks of one layout (``fingerprint``) and chunk size in a Redis/Valkey server.
+
+    ``timeout_s`` bounds every socket wait; ``queue_size`` bounds the write-behind queue;
+    the tier re-probes a down server after ``probe_backoff_s[0]`` seconds, doubling up to
+    ``probe_backoff_s[1]`` (default :data:`PROBE_BACKOFF_S`). ``namespace`` is the key
+    prefix (one per fleet sharing a server).
+    """
+
+    tier = "remote"
+
+    def __init__(
+        self,
+        url: str | RemoteURL,
+        fingerprint: bytes,
+        chunk_size: int,
+        *,
+        timeout_s: float = 0.5,
+        queue_size: int = 64,
+        probe_backoff_s: tuple[float, float] | None = None,
+        namespace: str = NAMESPACE,
+        metrics: TierMetrics | None = None,
+    ) -> None:
+        if len(fingerprint) != 16:
+            raise ValueError(f"layout fingerprint must be 16 bytes, got {len(fingerprint)}")
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+        if timeout_s <= 0:
+            raise ValueError(f"remote_timeout_s must be > 0, got {timeout_s}")
+        lo, hi = probe_backoff_s or PROBE_BACKOFF_S
+        if not 0 < lo <= hi:
+            raise ValueError(f"probe_backoff_s must be 0 < first <= max, got {probe_backoff_s}")
+        self.url = url if isinstance(url, RemoteURL) else parse_remote_url(url)
+        self.fingerprint = bytes(fingerprint)
+        self.chunk_size = chunk_size
+        self.timeout_s = float(timeout_s)
+        self._probe_min, self._probe_max = float(lo), float(hi)
+        self.prefix = f"{namespace}:v{FORMAT_VERSION}:{self.fingerprint.hex()}:{chunk_size}:"
+        self._prefix_b = self.prefix.encode()
+        self.client = redis.Redis(
+            **self.url.client_kwargs(),
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            socket_read_size=READ_SIZE,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+            health_check_interval=0,
+            client_name="lmcache-pd",
+        )
+        self._lock = threading.Lock()
+        self._state = RemoteState.UP
+        self._down_since = 0.0
+        self._backoff = self._probe_min
+        self._next_probe = 0.0
+        self._counts: dict[str, int] = dict.fromkeys(
+            (
+                "hits",
+                "misses",
+                "bytes_written",
+                "bytes_read",
+                "dropped_writes",
+                "queue_full_drops",
+                "duplicate_puts",
+                "corrupt_values",
+                "write_errors",
+                "lookups",
+                "down_events",
+                "recoveries",
+                "probes",
+            ),
+            0,
+        )
+        self._metrics = metrics if metrics is not None else tier_metrics()
+        self._m = self._metrics.bind(self.tier, 0, extra=("corrupt_files",))
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_size))
+        self._warned_write_error = False
+        try:
+            self.client.ping()
+        except redis.exceptions.RedisError as exc:
+            self._mark_down(exc, at_start=True)
+        else:
+            log.info(
+                "remote tier: %s, keys %s*, timeout %.3f s",
+                self.url.redacted(),
+                self.prefix,
+                self.timeout_s,
+            )
+        self._thread = threading.Thread(target=self._run, name="lmcache-pd-remote", daemon=True)
+        self._thread.start()
+
+    # --- keys ---
+
+    def redis_key(self, key: bytes) -> bytes:
+        """The server-side key of chunk ``key``."""
+        if not isinstance(key, (bytes, bytearray)) or not 1 <= len(key) <= 32:
+            raise ValueError(f"chunk keys are 1..32 bytes, got {key!r:.80}")
+        return self._prefix_b + bytes(key).hex().encode()
+
+    # --- state: up, down (with one warning), re-probe with backoff ---
+
+    @property
+    def state(self) -> RemoteState:
+        return self._state
+
+    @property
+    def disabled(self) -> str | None:
+        """Why the tier is off, or None while it is on."""
+        return None if self._state is RemoteState.UP else self._state.value
+
+    def _up(self) -> bool:
+        return self._state is RemoteState.UP
+
+    def _mark_down(self, exc: BaseException, *, at_start: bool = False) -> None:
+        with self._lock:
+            if self._state is not RemoteState.UP:
+                return
+            self._state = RemoteState.DOWN
+            self._down_since = time.monotonic()
+            self._backoff = self._probe_min
+            self._next_probe = self._down_since + self._backoff
+            self._counts["down_events"] += 1
+        cause = down_cause(exc)  # (redis-py drops the failed connection itself)
+        log.warning(
+            "remote tier %s %s (%s: %s); lmcache-pd goes on without it (misses are "
+            "recomputed, writes dropped) and re-probes it with backoff (%g..%g s)",
+            self.url.redacted(),
+            "unreachable at start" if at_start else "turned off",
+            cause.value,
+            exc,
+            self._probe_min,
+            self._probe_max,
+        )
+        if not at_start:
+            try:
+                self._queue.put_nowait(_WAKE)  # the writer starts probing
+            except queue.Full:
+                pass  # it is busy and re-checks the state after its batch
+
+    def _probe(self) -> None:
+        with self._lock:
+            self._counts["probes"] += 1
+        try:
+            self.client.ping()
+        except redis.exceptions.RedisError as exc:
+            with self._lock:
+                self._backoff = min(self._backoff * 2, self._probe_max)
+                self._next_probe = time.monotonic() + self._backoff
+            log.debug("remote tier %s: still down (%s)", self.url.redacted(), exc)
+            return
+        with self._lock:
+            if self._state is not RemoteState.DOWN:
+                return
+            self._state = RemoteState.UP
+            self._counts["recoveries"] += 1
+            down_s = time.monotonic() - self._down_since
+        log.info("remote tier %s: back after %.1f s", self.url.redacted(), down_s)
+
+    def _probe_wait(self) -> float | None:
+        with self._lock:
+            if self._state is not RemoteState.DOWN:
+                return None
+            return max(0.0, self._next_probe - time.monotonic())
+
+    # --- the writer thread: write-behind and probing ---
+
+    def _run(self) -> None:
+        while True:
+            wait = self._probe_wait()
+            try:
+                item = self._queue.get(timeout=wait) if wait != 0.0 else self._queue.get_nowait()
+            except queue.Empty:
+                self._probe()
+                continue
+            if item is _STOP:
+                self._queue.task_done()
+                return
+            if item is _WAKE:
+                self._queue.task_done()
+                continue
+            batch: list[_Write] = [item]
+            nbytes = len(item.value)
+            stop = False
+            while len(batch) < MAX_BATCH_ITEMS and nbytes < MAX_BATCH_BYTES:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                if nxt is _WAKE:
+                    self._queue.task_done()
+                    continue
+                batch.append(nxt)
+                nbytes += len(nxt.value)
+            try:
+                self._write_batch(batch)
+            except Exception:
+                log.exception("remote tier: unexpected error writing %d chunks", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                self._queue.task_done()
+                return
+
+    def _write_batch(self, batch: list[_Write]) -> None:
+        if not self._up():
+            self._drop(len(batch))
+            return
+        rkeys = [self.redis_key(w.key) for w in batch]
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for rkey in rkeys:
+                pipe.exists(rkey)
+            held = pipe.execute()
+            todo = [(w, rkey) for w, rkey, h in zip(batch, rkeys, held, strict=True) if not h]
+            if len(todo) < len(batch):
+                with self._lock:
+                    self._counts["duplicate_puts"] += len(batch) - len(todo)
+            if not todo:
+                return
+            pipe = self.client.pipeline(transaction=False)
+            for w, rkey in todo:
+                payload = memoryview(w.value)[HEADER_SIZE:]
+                w.value[:HEADER_SIZE] = encode_header(
+                    w.key, self.fingerprint, payload.nbytes, xxhash.xxh3_64_intdigest(payload)
+                )
+                pipe.set(rkey, w.value)
+            results = pipe.execute(raise_on_error=False)
+        except redis.exceptions.RedisError as exc:
+            self._mark_down(exc)
+            self._drop(len(batch))
+            return
+        written = 0
+        failed: list[BaseException] = []
+        for (w, _), res in zip(todo, results, strict=True):
+            if isinstance(res, BaseException):
+                failed.append(res)
+            else:
+                written += len(w.value) - HEADER_SIZE
+        with self._lock:
+            self._counts["bytes_written"] += written
+            self._counts["write_errors"] += len(failed)
+            self._counts["dropped_writes"] += len(failed)
+            warn = bool(failed) and not self._warned_write_error
+            self._warned_write_error |= warn
+        self._m["bytes_written"].inc(written)
+        if failed:
+            self._m["dropped_writes"].inc(len(failed))
+        if warn:
+            log.warning(
+                "remote tier %s refused a write: %s (with maxmemory set, use "
+                "maxmemory-policy allkeys-lru so the server evicts instead of refusing; "
+                "further refusals are only counted)",
+                self.url.redacted(),
+                failed[0],
+            )
+
+    def _drop(self, n: int, reason: str = "") -> None:
+        with self._lock:
+            self._counts["dropped_writes"] += n
+            if reason:
+                self._counts[reason] += n
+        self._m["dropped_writes"].inc(n)
+
+    # --- writes ---
+
+    def put(self, key: bytes, data: Buffer) -> bool:
+        """Queue a copy of ``data`` for the server; False if dropped (tier off, queue
+        full). Never waits on the network."""
+        if not self._up():
+            self._drop(1)
+            return False
+        src = as_byte_view(data)
+        if self._queue.full():
+            self._drop(1, "queue_full_drops")
+            return False
+        value = bytearray(HEADER_SIZE + src.nbytes)
+        value[HEADER_SIZE:] = src
+        try:
+            self._queue.put_nowait(_Write(bytes(key), value))
+        except queue.Full:
+            self._drop(1, "queue_full_drops")
+            return False
+        return True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write is done (written or dropped); False on timeout."""
+        q = self._queue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with q.all_tasks_done:
+            while q.unfinished_tasks:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                q.all_tasks_done.wait(remaining)
+        return True
+
+    # --- reads ---
+
+    def held(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether the server holds each of ``keys``: one round trip (pipelined
+        ``EXISTS``, no values move). All False while the tier is off."""
+        if not keys:
+            return []
+        if not self._up():
+            return [False] * len(keys)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self.redis_key(key))
+            found = pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            self._mark_down(exc)
+            return [False] * len(keys)
+        with self._lock:
+            self._counts["lookups"] += 1
+        return [bool(n) for n in found]
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, (bytes, bytearray)):
+            return False
+        return self.held([bytes(key)])[0]
+
+    def contains(self, keys: Sequence[bytes]) -> int:
+        """Length of the longest prefix of ``keys`` held (one round trip)."""
+        n = 0
+        for hit in self.held(keys):
+            if not hit:
+                break
+            n += 1
+        return n
+
+    def get_many(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        """The chunks of ``keys`` (checksum verified) in one round trip; None for each
+        miss. A corrupt, truncated or foreign value is a miss and is deleted."""
+        if not keys:
+            return []
+        if not self._up():
+            self._count_misses(len(keys))
+            return [None] * len(keys)
+        rkeys = [self.redis_key(k) for k in keys]
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for rkey in rkeys:
+                pipe.get(rkey)
+            values = pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            self._mark_down(exc)
+            self._count_misses(len(keys))
+            return [None] * len(keys)
+        out: list[memoryview | None] = []
+        bad: list[tuple[bytes, str]] = []
+        hits = nbytes = 0
+        for key, rkey, value in zip(keys, rkeys, values, strict=True):
+            if value is None:
+                out.append(None)
+                continue
+            view = memoryview(value)
+            problem = self._check(key, view)
+            if problem is not None:
+                bad.append((rkey, problem))
+                out.append(None)
+                continue
+            payload = view[HEADER_SIZE:]
+            out.append(payload)
+            hits += 1
+            nbytes += payload.nbytes
+        misses = len(keys) - hits
+        with self._lock:
+            self._counts["hits"] += hits
+            self._counts["misses"] += misses
+            self._counts["bytes_read"] += nbytes
+        self._m["hits"].inc(hits)
+        self._m["misses"].inc(misses)
+        self._m["bytes_read"].inc(nbytes)
+        if bad:
+            self._delete_corrupt(bad)
+        return out
+
+    def _check(self, key: bytes, view: memoryview) -> str | None:
+        parsed = parse_header(view[:HEADER_SIZE], key, view.nbytes, self.fingerprint)
+        if isinstance(parsed, str):
+            return parsed
+        _, checksum = parsed
+        if xxhash.xxh3_64_intdigest(view[HEADER_SIZE:]) != checksum:
+            return "checksum mismatch (xxh3-64)"
+        return None
+
+    def _delete_corrupt(self, bad: list[tuple[bytes, str]]) -> None:
+        with self._lock:
+            self._counts["corrupt_values"] += len(bad)
+        self._m["corrupt_files"].inc(len(bad))
+        for rkey, why in bad:
+            log.warning(
+                "remote tier: value %s %s; deleting it and counting a miss (the chunk is "
+                "recomputed)",
+                rkey.decode(),
+                why,
+            )
+        try:
+            self.client.delete(*[rkey for rkey, _ in bad])
+        except redis.exceptions.RedisError as exc:
+            self._mark_down(exc)
+
+    def _count_misses(self, n: int) -> None:
+        with self._lock:
+            self._counts["misses"] += n
+        self._m["misses"].inc(n)
+
+    def get(self, key: bytes) -> memoryview | None:
+        return self.get_many([key])[0]
+
+    # --- the rest of Store ---
+
+    def evict(self, key: bytes) -> bool:
+        """Delete ``key`` from the server (shared: other engines lose it too)."""
+        if not self._up():
+            return False
+        try:
+            return bool(self.client.delete(self.redis_key(key)))
+        except redis.exceptions.RedisError as exc:
+            self._mark_down(exc)
+            return False
+
+    def stats(self) -> dict[str, int | float]:
+        with self._lock:
+            out: dict[str, int | float] = dict(self._counts)
+            out.update(
+                queued=self._queue.qsize(),
+                disabled=int(self._state is not RemoteState.UP),
+            )
+        return out
+
+    def close(self) -> None:
+        """Finish queued writes (bounded by the timeout per batch), stop the writer."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout=30)
+        with self._lock:
+            self._state = RemoteState.CLOSED
+        self.client.close()
