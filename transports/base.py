@@ -16,9 +16,17 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Sequence
-from typing import Any
+from typing import NewType
 
 Desc = tuple[int, int, int]  # (address, nbytes, device id)
+
+# Opaque handles: each transport mints its own values; callers only pass them back to
+# the method named beside them. Distinct types, so one is never passed for another.
+RegistrationHandle = NewType("RegistrationHandle", object)  # register -> deregister
+DescListHandle = NewType(
+    "DescListHandle", object
+)  # prep_local/prep_remote -> write, release_prepped
+TransferHandle = NewType("TransferHandle", object)  # write -> poll, wait, release
 
 
 class MemKind(str, enum.Enum):
@@ -48,11 +56,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def register(
         self, addr: int, nbytes: int, kind: MemKind = MemKind.DRAM, device: int = 0
-    ) -> Any:
+    ) -> RegistrationHandle:
         """Register memory for transfers; returns a handle for :meth:`deregister`."""
 
     @abc.abstractmethod
-    def deregister(self, handle: Any) -> None: ...
+    def deregister(self, handle: RegistrationHandle) -> None: ...
 
     @abc.abstractmethod
     def metadata(self) -> bytes:
@@ -70,37 +78,39 @@ class Transport(abc.ABC):
         """Establish the connection now (so the first transfer doesn't pay for it)."""
 
     @abc.abstractmethod
-    def prep_local(self, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM) -> Any:
+    def prep_local(self, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM) -> DescListHandle:
         """Prepare a reusable local descriptor list (indices refer to ``descs``)."""
 
     @abc.abstractmethod
-    def prep_remote(self, peer: str, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM) -> Any:
+    def prep_remote(
+        self, peer: str, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM
+    ) -> DescListHandle:
         """Prepare a reusable descriptor list of the peer's memory."""
 
     @abc.abstractmethod
-    def release_prepped(self, handle: Any) -> None: ...
+    def release_prepped(self, handle: DescListHandle) -> None: ...
 
     @abc.abstractmethod
     def write(
         self,
-        local: Any,
+        local: DescListHandle,
         local_idx: Sequence[int],
-        remote: Any,
+        remote: DescListHandle,
         remote_idx: Sequence[int],
         notif: bytes = b"",
-    ) -> Any:
+    ) -> TransferHandle:
         """Post one WRITE of ``local[local_idx[i]] -> remote[remote_idx[i]]``; the peer
         receives ``notif`` after the data. Returns a handle for :meth:`poll`/:meth:`wait`."""
 
     @abc.abstractmethod
-    def poll(self, handle: Any) -> XferState: ...
+    def poll(self, handle: TransferHandle) -> XferState: ...
 
     @abc.abstractmethod
-    def wait(self, handle: Any, timeout_s: float) -> None:
+    def wait(self, handle: TransferHandle, timeout_s: float) -> None:
         """Block (with backoff) until done; raise TransferTimeout / TransportError."""
 
     @abc.abstractmethod
-    def release(self, handle: Any) -> None:
+    def release(self, handle: TransferHandle) -> None:
         """Release a transfer handle (safe to call on an unfinished one: it is aborted)."""
 
     @abc.abstractmethod

@@ -17,13 +17,15 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from lmcache_pd.transports.base import (
     Desc,
+    DescListHandle,
     MemKind,
+    RegistrationHandle,
+    TransferHandle,
     TransferTimeout,
     Transport,
     TransportError,
@@ -83,20 +85,20 @@ class NixlTransport(Transport):
                 f"NIXL backends {missing} unavailable (plugins: {self.agent.get_plugin_list()}); "
                 "install nixl-cu12 with its bundled UCX plugin"
             )
-        self._regs: list[Any] = []
-        self._prepped: list[Any] = []
+        self._regs: list[RegistrationHandle] = []
+        self._prepped: list[DescListHandle] = []
         self._peers: set[str] = set()
 
     # --- memory -----------------------------------------------------------------
     def register(
         self, addr: int, nbytes: int, kind: MemKind = MemKind.DRAM, device: int = 0
-    ) -> Any:
+    ) -> RegistrationHandle:
         descs = np.array([[addr, nbytes, device]], dtype=np.uint64)
-        handle = self.agent.register_memory(descs, kind.value)
+        handle = RegistrationHandle(self.agent.register_memory(descs, kind.value))
         self._regs.append(handle)
         return handle
 
-    def deregister(self, handle: Any) -> None:
+    def deregister(self, handle: RegistrationHandle) -> None:
         if handle in self._regs:
             self._regs.remove(handle)
             self.agent.deregister_memory(handle)
@@ -127,17 +129,21 @@ class NixlTransport(Transport):
     def _descs(descs: Sequence[Desc]) -> np.ndarray:
         return np.asarray(descs, dtype=np.uint64).reshape(-1, 3)
 
-    def prep_local(self, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM) -> Any:
-        h = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._descs(descs), kind.value)
+    def prep_local(self, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM) -> DescListHandle:
+        h = DescListHandle(
+            self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._descs(descs), kind.value)
+        )
         self._prepped.append(h)
         return h
 
-    def prep_remote(self, peer: str, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM) -> Any:
-        h = self.agent.prep_xfer_dlist(peer, self._descs(descs), kind.value)
+    def prep_remote(
+        self, peer: str, descs: Sequence[Desc], kind: MemKind = MemKind.DRAM
+    ) -> DescListHandle:
+        h = DescListHandle(self.agent.prep_xfer_dlist(peer, self._descs(descs), kind.value))
         self._prepped.append(h)
         return h
 
-    def release_prepped(self, handle: Any) -> None:
+    def release_prepped(self, handle: DescListHandle) -> None:
         if handle in self._prepped:
             self._prepped.remove(handle)
             self.agent.release_dlist_handle(handle)
@@ -145,20 +151,22 @@ class NixlTransport(Transport):
     # --- transfers --------------------------------------------------------------
     def write(
         self,
-        local: Any,
+        local: DescListHandle,
         local_idx: Sequence[int],
-        remote: Any,
+        remote: DescListHandle,
         remote_idx: Sequence[int],
         notif: bytes = b"",
-    ) -> Any:
+    ) -> TransferHandle:
         try:
-            handle = self.agent.make_prepped_xfer(
-                "WRITE",
-                local,
-                np.asarray(local_idx, dtype=np.int32),
-                remote,
-                np.asarray(remote_idx, dtype=np.int32),
-                notif,
+            handle = TransferHandle(
+                self.agent.make_prepped_xfer(
+                    "WRITE",
+                    local,
+                    np.asarray(local_idx, dtype=np.int32),
+                    remote,
+                    np.asarray(remote_idx, dtype=np.int32),
+                    notif,
+                )
             )
             state = self.agent.transfer(handle)
         except Exception as exc:
@@ -168,10 +176,10 @@ class NixlTransport(Transport):
             raise TransportError("NIXL WRITE failed at post (peer gone or memory unregistered?)")
         return handle
 
-    def poll(self, handle: Any) -> XferState:
+    def poll(self, handle: TransferHandle) -> XferState:
         return XferState(self.agent.check_xfer_state(handle))
 
-    def wait(self, handle: Any, timeout_s: float) -> None:
+    def wait(self, handle: TransferHandle, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         delay = _BACKOFF_START_S
         while True:
@@ -185,7 +193,7 @@ class NixlTransport(Transport):
             time.sleep(delay)
             delay = min(delay * 1.5, _BACKOFF_MAX_S)
 
-    def release(self, handle: Any) -> None:
+    def release(self, handle: TransferHandle) -> None:
         try:
             self.agent.release_xfer_handle(handle)
         except Exception as exc:  # e.g. still in flight towards a dead peer
@@ -204,5 +212,5 @@ class NixlTransport(Transport):
             self.release_prepped(h)
         for peer in list(self._peers):
             self.remove_peer(peer)
-        for h in list(self._regs):
-            self.deregister(h)
+        for reg in list(self._regs):
+            self.deregister(reg)
