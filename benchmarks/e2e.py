@@ -9,7 +9,12 @@ dominates on CPU), with fresh random prompts and vLLM's prefix cache off everywh
 
 * ``single``: one plain engine;
 * ``ours``: prefiller (kv_producer) + decoder (kv_consumer) with LMCachePDConnector,
-  through the lmcache-pd proxy (which waits for HandoffDone);
+  through the lmcache-pd proxy (push-ahead: the proxy names the decoder, the prefiller
+  pushes while the proxy waits for HandoffDone);
+* ``standard``: the same two engines driven by the standard vLLM PD contract, as vLLM's
+  proxy example, Ray Serve LLM or llm-d send it (prefill with ``do_remote_decode`` and
+  max_tokens 1, then decode with the returned ``kv_transfer_params``; the decoder fetches
+  the held KV from the prefiller); TTFT counts from the prefill request;
 * ``nixl``: the same two-step flow with vLLM's own ``NixlConnector``
   (``kv_buffer_device: cpu``), through the same proxy in HTTP-only mode;
 * ``reuse``: one kv_both engine (CPU tier), TTFT of a prompt whose prefix of L tokens is
@@ -54,7 +59,9 @@ def _cc(role: str, **extra: Any) -> dict[str, Any]:
     return {**CONNECTOR, "kv_role": role, "kv_connector_extra_config": extra}
 
 
-def stream_completion(url: str, prompt: list[int], max_tokens: int) -> dict[str, float]:
+def stream_completion(
+    url: str, prompt: list[int], max_tokens: int, **extra: Any
+) -> dict[str, float]:
     """One streamed greedy completion: ttft_s, tpot_s, e2e_s."""
     body = {
         "model": "tiny",
@@ -63,6 +70,7 @@ def stream_completion(url: str, prompt: list[int], max_tokens: int) -> dict[str,
         "temperature": 0.0,
         "ignore_eos": True,
         "stream": True,
+        **extra,
     }
     t0 = time.perf_counter()
     stamps: list[float] = []
@@ -80,6 +88,34 @@ def stream_completion(url: str, prompt: list[int], max_tokens: int) -> dict[str,
     ttft = stamps[0] - t0
     tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
     return {"ttft_s": ttft, "tpot_s": tpot, "e2e_s": stamps[-1] - t0}
+
+
+STANDARD_PREFILL_PARAMS = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+def standard_completion(
+    prefill_url: str, decode_url: str, prompt: list[int], max_tokens: int
+) -> dict[str, float]:
+    """One request through the standard PD contract; times count from the prefill."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
+    body["kv_transfer_params"] = STANDARD_PREFILL_PARAMS
+    t0 = time.perf_counter()
+    resp = httpx.post(f"{prefill_url}/v1/completions", json=body, timeout=600)
+    if resp.status_code != 200:
+        raise RuntimeError(f"prefill HTTP {resp.status_code}: {resp.text[:300]}")
+    params = resp.json().get("kv_transfer_params")
+    if not params:
+        raise RuntimeError("the prefill response carries no kv_transfer_params")
+    row = stream_completion(decode_url, prompt, max_tokens, kv_transfer_params=params)
+    shift = time.perf_counter() - t0 - row["e2e_s"]
+    return {"ttft_s": row["ttft_s"] + shift, "tpot_s": row["tpot_s"], "e2e_s": row["e2e_s"] + shift}
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -189,11 +225,18 @@ class Bench:
             **kw,
         )
 
-    def measure(self, url: str, label: str, n: int) -> list[dict[str, float]]:
-        stream_completion(url, self.prompt(self.a.prompt_tokens), 4)  # warm-up
+    def measure(
+        self,
+        url: str,
+        label: str,
+        n: int,
+        one: Callable[[list[int], int], dict[str, float]] | None = None,
+    ) -> list[dict[str, float]]:
+        one = one or (lambda prompt, tokens: stream_completion(url, prompt, tokens))
+        one(self.prompt(self.a.prompt_tokens), 4)  # warm-up
         rows = []
         for i in range(n):
-            row = stream_completion(url, self.prompt(self.a.prompt_tokens), self.a.output_tokens)
+            row = one(self.prompt(self.a.prompt_tokens), self.a.output_tokens)
             row.update({"mode": label, "i": i, "prompt_tokens": self.a.prompt_tokens})
             rows.append(row)
             self.log(f"  {label} #{i}: ttft {row['ttft_s'] * 1e3:.0f} ms")
@@ -223,7 +266,15 @@ class Bench:
             argv = ["--prefiller", p.url, "--decoder", d.url]
             argv += ["--decoder-kv", f"127.0.0.1:{kv_port}", "--handoff-port", "0"]
             with proxy(argv) as url:
-                return self.measure(url, "ours", self.a.requests)
+                rows = self.measure(url, "ours", self.a.requests)
+            if "standard" not in self.a.skip:
+                rows += self.measure(
+                    d.url,
+                    "standard",
+                    self.a.requests,
+                    lambda prompt, tokens: standard_completion(p.url, d.url, prompt, tokens),
+                )
+            return rows
 
     def nixl_shim(self) -> str:
         """vLLM imports ``nixl._api``; the ``nixl-cu12`` wheel alone installs it as
@@ -311,7 +362,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    modes = [m for m in ("single", "ours", "nixl") if m in result["summary"]]
+    modes = [m for m in ("single", "ours", "standard", "nixl") if m in result["summary"]]
     xs = range(len(modes))
     p50 = [result["summary"][m]["ttft_p50_s"] * 1e3 for m in modes]
     p99 = [result["summary"][m]["ttft_p99_s"] * 1e3 for m in modes]
@@ -353,7 +404,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse-lengths", default=None, help="comma-separated prefix lengths")
     p.add_argument("--reuse-reps", type=int, default=None)
     p.add_argument("--idle-s", type=float, default=3.0)
-    p.add_argument("--skip", default="", help="comma-separated: single,ours,nixl,reuse")
+    p.add_argument("--skip", default="", help="comma-separated: single,ours,standard,nixl,reuse")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bind", action="store_true", help="do not pin prefiller/decoder cores")
     p.add_argument("--quiet", action="store_true")
@@ -412,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name} failed: {errors[name][:300]}", flush=True)
             continue
         rows.extend(got)
-        summary[name] = summarize(got)
+        for mode in dict.fromkeys(r["mode"] for r in got):
+            summary[str(mode)] = summarize([r for r in got if r["mode"] == mode])
     reuse: list[dict[str, Any]] = []
     if "reuse" not in a.skip:
         print("[reuse]", flush=True)
@@ -424,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios: dict[str, float] = {}
     if "single" in summary:
         base = summary["single"]["ttft_p50_s"]
-        for m in ("ours", "nixl"):
+        for m in ("ours", "standard", "nixl"):
             if m in summary:
                 ratios[f"{m}_ttft_p50_over_single"] = summary[m]["ttft_p50_s"] / base
                 ratios[f"{m}_tpot_p50_over_single"] = (

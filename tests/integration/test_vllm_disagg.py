@@ -6,14 +6,20 @@ prefiller's ``HandoffDone`` before sending the decoder the request. Greedy token
 equal the plain engine's, the decoder must compute at most the last partial chunk, a
 missing or dead prefiller costs a recompute (or a clear error with policy ``fail``)
 within the deadline without leaking blocks, and mismatched layouts are refused at Hello.
+
+The same two engines also serve the standard vLLM PD contract (what vLLM's proxy example,
+Ray Serve LLM and llm-d send), driven by a stdlib client: prefill with only
+``do_remote_decode``, decode with the returned ``kv_transfer_params`` unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +28,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from lmcache_pd.router.proxy import spawn
 
-from lmcache_pd.integration.vllm.common import PARAM_CHUNKS, PARAM_SENT
 from lmcache_pd.integration.vllm.launch import VLLMServer, free_port, metric_value
+from lmcache_pd.protocol import DecodeParams
+from lmcache_pd.router.proxy import spawn
 from tests.integration.helpers import connector_config, load_lines, start_servers
 
 CHUNK = 64
@@ -36,8 +42,16 @@ LENGTHS = [5, 17, 63, 64, 65, 100, 127, 128, 129, 150, 191, 192]
 LENGTHS += [193, 230, 255, 256, 257, 300, 320, 333, 383, 384, 400, 450]
 
 
+PREFILL_HOLD_TTL_S = 3.0
+
+
 def producer_config() -> dict[str, Any]:
-    return connector_config("kv_producer", chunk_size=CHUNK, pd_buffer_size=8 << 20)
+    return connector_config(
+        "kv_producer",
+        chunk_size=CHUNK,
+        pd_buffer_size=8 << 20,
+        pd_lease_ttl_s=PREFILL_HOLD_TTL_S,
+    )
 
 
 def consumer_config(port: int, policy: str = "recompute") -> dict[str, Any]:
@@ -178,7 +192,7 @@ def test_missing_chunks_recompute_within_deadline(pd: PD) -> None:
     before = _usage(pd.decoder)
     prompt = token_prompts([200], seed=22)[0]
     want = pd.plain.completion(prompt, MAX_TOKENS)["choices"][0]["text"]
-    params = {"do_remote_prefill": True, "req_id": "ghost-1", PARAM_CHUNKS: 3, PARAM_SENT: True}
+    params = DecodeParams(req_id="ghost-1", lmcache_pd_chunks=3, lmcache_pd_sent=True).to_dict()
     t0 = time.monotonic()
     got = pd.decoder.completion(prompt, MAX_TOKENS, kv_transfer_params=params)
     elapsed = time.monotonic() - t0
@@ -202,7 +216,7 @@ def test_fail_policy_returns_clear_error(tiny_model: Path, server_factory: Any, 
     with decoder:
         before = _usage(decoder)
         prompt = token_prompts([200], seed=23)[0]
-        params = {"do_remote_prefill": True, "req_id": "ghost-2", PARAM_CHUNKS: 3, PARAM_SENT: True}
+        params = DecodeParams(req_id="ghost-2", lmcache_pd_chunks=3, lmcache_pd_sent=True).to_dict()
         body = {
             "model": "tiny",
             "prompt": prompt,
@@ -242,6 +256,150 @@ def test_layout_mismatch_refused_at_hello(tiny_model: Path, server_factory: Any,
         failure = [ln for ln in bf16.log_text().splitlines() if "push to" in ln]
         assert failure and "failed" in failure[0], failure
         assert "dtype" in failure[0], failure[0]
+
+
+# --- the standard vLLM PD contract, spoken by a stdlib client (no proxy of ours) -------
+
+STANDARD_PREFILL_PARAMS = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+def post_json(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def contract_request(pd: PD, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """What vLLM's proxy example, Ray Serve LLM and llm-d do: prefill with max_tokens 1
+    and ``do_remote_decode``, then decode with the returned params, unchanged."""
+    prefill = dict(body, max_tokens=1, stream=False, kv_transfer_params=STANDARD_PREFILL_PARAMS)
+    if "max_completion_tokens" in prefill:
+        prefill["max_completion_tokens"] = 1
+    returned = post_json(pd.prefiller.url + path, prefill).get("kv_transfer_params")
+    decode = dict(body, kv_transfer_params=returned)
+    return post_json(pd.decoder.url + path, decode), returned
+
+
+def test_standard_contract_identical_tokens_and_decoder_computes_only_the_tail(pd: PD) -> None:
+    prompts = token_prompts(LENGTHS, seed=31)
+    start = len(load_lines(pd.decoder.log_text()))
+    for prompt in prompts:
+        body = {
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "ignore_eos": True,
+        }
+        want = pd.plain.completion(prompt, MAX_TOKENS)["choices"][0]["text"]
+        got, returned = contract_request(pd, "/v1/completions", body)
+        assert got["choices"][0]["text"] == want, f"prompt of {len(prompt)} tokens"
+        params = DecodeParams.from_request(returned)
+        assert params is not None
+        if len(prompt) >= CHUNK:
+            assert params.pulls and params.lmcache_pd_chunks == len(prompt) // CHUNK
+    loads = load_lines(pd.decoder.log_text())[start:]
+    long_enough = [p for p in prompts if len(p) >= CHUNK]
+    assert len(loads) == len(long_enough), loads
+    for prompt, load in zip(long_enough, loads, strict=True):
+        assert load["source"] == "fetch", load
+        assert load["computing"] <= max(len(prompt) % CHUNK, 1), load
+    assert pd.decoder.log_text().count("fetched ") >= len(long_enough)
+
+
+def test_standard_contract_chat(pd: PD) -> None:
+    words = "the cache token prefill decode chunk layer tensor engine request block".split()
+    rng = random.Random(32)
+    for n in (40, 90, 150, 220):
+        messages = [
+            {"role": "system", "content": "answer briefly"},
+            {"role": "user", "content": " ".join(rng.choice(words) for _ in range(n))},
+        ]
+        body = {
+            "model": "tiny",
+            "messages": messages,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "ignore_eos": True,
+        }
+        want = post_json(pd.plain.url + "/v1/chat/completions", body)
+        got, returned = contract_request(pd, "/v1/chat/completions", body)
+        assert got["choices"][0]["message"] == want["choices"][0]["message"]
+        assert DecodeParams.from_request(returned) is not None
+
+
+def _fresh_prompt(seed: int, n: int = 200) -> list[int]:
+    return token_prompts([n], seed=seed)[0]
+
+
+def _decode_with(pd: PD, prompt: list[int], params: object) -> str:
+    body = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "kv_transfer_params": params,
+    }
+    return post_json(pd.decoder.url + "/v1/completions", body)["choices"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"do_remote_prefill": True, "lmcache_pd_chunks": "three"}, "lmcache_pd_chunks"),
+        (
+            {"do_remote_prefill": True, "lmcache_pd_hold": "h", "lmcache_pd_chunks": 3},
+            "lmcache_pd_pull_ports",
+        ),
+        ({"do_remote_prefill": True, "remote_port": "x"}, "remote_port"),
+    ],
+)
+def test_malformed_decode_params_recompute_and_name_the_field(
+    pd: PD, params: dict[str, Any], named: str
+) -> None:
+    before = _usage(pd.decoder)
+    prompt = _fresh_prompt(33)
+    want = pd.plain.completion(prompt, MAX_TOKENS)["choices"][0]["text"]
+    assert _decode_with(pd, prompt, params) == want
+    lines = [ln for ln in pd.decoder.log_text().splitlines() if "recomputing its prompt" in ln]
+    assert lines and named in lines[-1], lines[-1:]
+    assert _usage(pd.decoder) <= before + 1e-9
+
+
+def test_unknown_and_expired_holds_recompute_without_leaks(pd: PD) -> None:
+    """A hold that was never issued, or that expired on the prefiller (pd_lease_ttl_s),
+    is refused; the decoder recomputes within its deadline and nothing leaks."""
+    prompt = _fresh_prompt(34)
+    want = pd.plain.completion(prompt, MAX_TOKENS)["choices"][0]["text"]
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
+    returned = post_json(
+        pd.prefiller.url + "/v1/completions",
+        dict(body, kv_transfer_params=STANDARD_PREFILL_PARAMS),
+    )["kv_transfer_params"]
+    forged = dict(returned, lmcache_pd_hold="0" * 32)
+    t0 = time.monotonic()
+    assert _decode_with(pd, prompt, forged) == want
+    assert time.monotonic() - t0 < 10
+    assert "refused: no held KV" in pd.decoder.log_text()
+    # the real hold is never fetched: it expires on the prefiller and frees its slots
+    dropped = f"held KV {returned['lmcache_pd_hold']} ("
+    deadline = time.monotonic() + PREFILL_HOLD_TTL_S + 10
+    while dropped not in pd.prefiller.log_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert dropped in pd.prefiller.log_text()
+    assert "dropped: not fetched" in pd.prefiller.log_text()
+    assert _decode_with(pd, prompt, returned) == want  # the expired hold: recomputed
+    assert _usage(pd.decoder) < 0.01
 
 
 def test_dead_prefiller_falls_back_to_decoder(pd: PD) -> None:

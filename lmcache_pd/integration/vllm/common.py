@@ -25,17 +25,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from lmcache_pd.config import Config, ConfigError, PDRole, load_config
 from lmcache_pd.layout import AttentionKind, KVLayout
-from lmcache_pd.protocol import KVTransferParams
+from lmcache_pd.protocol import DecodeParams, KVTransferParams
 
 if TYPE_CHECKING:
     from vllm.config import KVTransferConfig, VllmConfig
 
 log = logging.getLogger("lmcache_pd.vllm")
 
-# kv_transfer_params keys this connector adds to the prefiller's HTTP response.
-PARAM_CHUNKS = "lmcache_pd_chunks"
-PARAM_TOKENS = "lmcache_pd_tokens"
-PARAM_SENT = "lmcache_pd_sent"
 CONFIG_FILE_KEY = "config_file"
 
 
@@ -218,6 +214,9 @@ class LoadSpec:
 
     ``keys[i]`` is chunk ``first_chunk + i``. ``wait_s`` > 0: some chunks may still be
     landing (a transfer in flight); wait that long for them, then load what is there.
+    ``pull``: the standard contract's params; fetch the chunks from that prefiller first.
+    ``error``: the request's params were unusable (policy ``fail``): load nothing and
+    report every block invalid, naming this cause.
     """
 
     req_id: str
@@ -228,6 +227,8 @@ class LoadSpec:
     block_ids: list[int]
     wait_s: float = 0.0
     transfer_id: str | None = None
+    pull: DecodeParams | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -235,7 +236,8 @@ class SaveSpec:
     """Gather chunks ``first_chunk ..`` of a request out of its blocks.
 
     kv_both: into the tiers. Producer: into send slots; ``last`` marks the request's
-    final save, after which its chunks go to ``target``.
+    final save, after which its chunks are pushed to ``target`` (push-ahead) or held
+    under ``hold`` until a decoder fetches them (standard contract).
     """
 
     req_id: str
@@ -244,8 +246,8 @@ class SaveSpec:
     block_ids: list[int]
     total_tokens: int
     target: SendTarget | None = None
+    hold: str | None = None
     last: bool = False
-    all_keys: list[bytes] = field(default_factory=list)
 
 
 @dataclass

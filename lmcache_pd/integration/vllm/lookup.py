@@ -3,7 +3,9 @@
 vLLM's CPU build runs workers in separate processes from the scheduler, while the chunks
 (tiers, received transfers) live in the worker. The worker serves
 ``lookup(keys) -> longest held prefix`` on an IPC socket in a per-user 0700 directory;
-the scheduler asks every TP rank and takes the minimum. The server thread blocks in
+the scheduler asks every TP rank and takes the minimum. The same socket tells the
+scheduler each rank's pull endpoint (a prefiller's :class:`~lmcache_pd.pull.HoldServer`),
+which it returns in the standard contract's ``kv_transfer_params``. The server thread blocks in
 ``poll`` (no spinning); the client has a deadline and treats a timeout as a miss.
 Messages are msgpack (msgspec), never pickle.
 """
@@ -24,11 +26,13 @@ log = logging.getLogger("lmcache_pd.vllm")
 
 class LookupRequest(msgspec.Struct, frozen=True):
     keys: list[bytes]
+    want_endpoint: bool = False
 
 
 class LookupReply(msgspec.Struct, frozen=True):
     hit: int
     error: str = ""
+    pull_endpoint: str = ""  # ``tcp://host:port``; "" where the rank has none
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -39,9 +43,15 @@ _dec_rep = msgspec.msgpack.Decoder(LookupReply)
 class LookupServer:
     """Answers lookups with ``lookup_fn(keys)`` on ``endpoint`` from one thread."""
 
-    def __init__(self, endpoint: str, lookup_fn: Callable[[list[bytes]], int]) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        lookup_fn: Callable[[list[bytes]], int],
+        pull_endpoint: Callable[[], str] = lambda: "",
+    ) -> None:
         self.endpoint = endpoint
         self._fn = lookup_fn
+        self._pull_endpoint = pull_endpoint
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -62,8 +72,11 @@ class LookupServer:
             except zmq.ZMQError:
                 break
             try:
-                keys = _dec_req.decode(raw).keys
-                reply = LookupReply(hit=int(self._fn(keys)))
+                req = _dec_req.decode(raw)
+                if req.want_endpoint:
+                    reply = LookupReply(hit=0, pull_endpoint=self._pull_endpoint())
+                else:
+                    reply = LookupReply(hit=int(self._fn(req.keys)))
             except Exception as exc:  # one bad request must not kill the server
                 log.warning("lookup failed: %s", exc)
                 reply = LookupReply(hit=0, error=str(exc))
@@ -91,6 +104,7 @@ class LookupClient:
         self._ctx = zmq.Context()
         self._socks: list[zmq.Socket | None] = [None] * len(self.endpoints)
         self._lock = threading.Lock()
+        self._pull_endpoints: list[str] | None = None
 
     def _sock(self, i: int) -> zmq.Socket:
         sock = self._socks[i]
@@ -126,6 +140,29 @@ class LookupClient:
                     return 0
                 best = min(best, reply.hit)
         return best
+
+    def pull_endpoints(self) -> list[str] | None:
+        """Every rank's pull endpoint (cached once all answered); None if one did not."""
+        if self._pull_endpoints is not None:
+            return self._pull_endpoints
+        payload = _enc.encode(LookupRequest(keys=[], want_endpoint=True))
+        out = []
+        with self._lock:
+            for i in range(len(self.endpoints)):
+                sock = self._sock(i)
+                try:
+                    sock.send(payload)
+                    reply = _dec_rep.decode(sock.recv())
+                except zmq.ZMQError as exc:
+                    log.warning("rank %d did not say its pull endpoint (%s)", i, exc)
+                    sock.close(linger=0)
+                    self._socks[i] = None
+                    return None
+                if not reply.pull_endpoint:
+                    return None
+                out.append(reply.pull_endpoint)
+        self._pull_endpoints = out
+        return out
 
     def close(self) -> None:
         with self._lock:

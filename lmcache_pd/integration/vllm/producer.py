@@ -1,12 +1,18 @@
-"""Prefiller-side push: gathered chunks -> decoder, then ``HandoffDone`` -> proxy.
+"""Prefiller side: gathered chunks -> decoder (push-ahead) or into a hold (standard).
 
 In ``wait_for_save`` the worker gathers each fully computed chunk of a request straight
 into a slot of the :class:`~lmcache_pd.sender.Sender`'s registered send buffer. When the
-request's prefill is complete (its last save), the chunks are handed to one background
-thread which runs the blocking handoff (Offer/Accept/WRITE/Done, every step with a
-deadline) off the forward path, frees the slots, and PUSHes a signed ``HandoffDone``
-to the proxy named in ``kv_transfer_params``. Threads block on queues and sockets: an
-idle prefiller burns no CPU.
+request's prefill is complete (its last save):
+
+- push-ahead (our proxy named the decoder): the chunks go to one background thread which
+  runs the blocking handoff (Offer/Accept/WRITE/Done, every step with a deadline) off the
+  forward path, frees the slots, and PUSHes a signed ``HandoffDone`` to the proxy named
+  in ``kv_transfer_params``;
+- standard contract (no decoder named): the chunks are held by the
+  :class:`~lmcache_pd.pull.HoldServer` until a decoder's ``Fetch`` names its receiver;
+  the same handoff then pushes them there.
+
+Threads block on queues and sockets: an idle prefiller burns no CPU.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import torch
 import zmq
 
 from lmcache_pd.config import Config
-from lmcache_pd.control import Codec, PushClient, tcp_endpoint
+from lmcache_pd.control import Codec, PushClient
 from lmcache_pd.integration.vllm.common import KVRole, SaveSpec, SendTarget, agent_name
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.protocol import HandoffDone
+from lmcache_pd.pull import HoldServer
 from lmcache_pd.sender import HandoffError, OutChunk, Sender
 from lmcache_pd.tiers import log_store
 from lmcache_pd.transports.nixl import NixlTransport
@@ -34,7 +41,7 @@ GatherFn = Callable[[SaveSpec, int, torch.Tensor], None]
 
 
 class Producer:
-    """Owns the sender, its transport, the push thread and the proxy notifiers."""
+    """Owns the sender, its transport, the push thread, the holds and the proxy notifiers."""
 
     def __init__(self, cfg: Config, layout: KVLayout, tp_rank: int, tp_size: int) -> None:
         self.cfg = cfg
@@ -46,11 +53,12 @@ class Producer:
         self.sender = Sender(cfg, layout, self.transport, tp_size=tp_size, tp_rank=tp_rank)
         self._codec = Codec(cfg.auth_secret(), cfg.pd_max_frame_bytes)
         self._ctx = zmq.Context()
-        self._push: dict[str, PushClient] = {}
+        self._notifiers: dict[str, PushClient] = {}
         self._pending: dict[str, list[OutChunk]] = {}
         self._failed: set[str] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lmcache-pd-push")
+        self.holds = HoldServer(cfg, self._codec, self._push, self.sender.free, tp_rank=tp_rank)
         self.sent_chunks = 0
         self.failed_requests = 0
 
@@ -78,6 +86,12 @@ class Producer:
         chunks = self._pending.pop(spec.req_id, [])
         failed = spec.req_id in self._failed
         self._failed.discard(spec.req_id)
+        if spec.hold is not None:
+            if failed or not chunks:
+                self.sender.free([c.slot for c in chunks])  # nothing held: decoder recomputes
+            else:
+                self.holds.hold(spec.hold, chunks, spec.total_tokens)
+            return
         assert spec.target is not None
         if failed:
             self.sender.free([c.slot for c in chunks])
@@ -85,15 +99,21 @@ class Producer:
                 spec.target, HandoffDone(spec.target.req_id, ok=False, error="send buffer full")
             )
             return
-        self._pool.submit(self._push_chunks, spec.target, chunks, spec.total_tokens)
+        self._pool.submit(self._push_ahead, spec.target, chunks, spec.total_tokens)
 
-    def _push_chunks(self, target: SendTarget, chunks: list[OutChunk], total: int) -> None:
-        endpoint = tcp_endpoint(target.decoder_host, target.decoder_init_port + self.tp_rank)
-        done = HandoffDone(target.req_id, ok=True)
+    def _push_ahead(self, target: SendTarget, chunks: list[OutChunk], total: int) -> None:
+        endpoint = target.decoder_endpoint(self.tp_rank)
+        done = self._push(endpoint, target.req_id or "", chunks, total)
+        self._notify(target, done)
+
+    def _push(self, endpoint: str, req_id: str, chunks: list[OutChunk], total: int) -> HandoffDone:
+        """Hand ``chunks`` to the receiver at ``endpoint``; frees their slots. Runs on a
+        push thread (push-ahead) or a fetch thread (standard contract)."""
+        done = HandoffDone(req_id, ok=True)
         try:
             if chunks:
-                result = self.sender.send(endpoint, target.req_id, chunks)
-                done = HandoffDone(target.req_id, ok=True, chunks=result.sent, dedup=result.dedup)
+                result = self.sender.send(endpoint, req_id, chunks)
+                done = HandoffDone(req_id, ok=True, chunks=result.sent, dedup=result.dedup)
                 self.sent_chunks += result.sent
                 log_store(
                     len(chunks) * self.cfg.chunk_size,
@@ -104,31 +124,31 @@ class Producer:
                 )
                 log.info(
                     "request %s: pushed %d chunk(s) to %s (%d already held there)",
-                    target.req_id,
+                    req_id,
                     result.sent,
                     endpoint,
                     result.dedup,
                 )
         except HandoffError as exc:
             self.failed_requests += 1
-            log.error("request %s: push to %s failed: %s", target.req_id, endpoint, exc)
-            done = HandoffDone(target.req_id, ok=False, error=str(exc))
+            log.error("request %s: push to %s failed: %s", req_id, endpoint, exc)
+            done = HandoffDone(req_id, ok=False, error=str(exc))
         except Exception as exc:  # keep the push thread alive whatever happens
             self.failed_requests += 1
-            log.exception("request %s: push to %s failed", target.req_id, endpoint)
-            done = HandoffDone(target.req_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+            log.exception("request %s: push to %s failed", req_id, endpoint)
+            done = HandoffDone(req_id, ok=False, error=f"{type(exc).__name__}: {exc}")
         finally:
             self.sender.free([c.slot for c in chunks])
-        self._notify(target, done)
+        return done
 
     def _notify(self, target: SendTarget, msg: HandoffDone) -> None:
         if not target.proxy_notify or self.tp_rank != 0:
             return
         with self._lock:
-            client = self._push.get(target.proxy_notify)
+            client = self._notifiers.get(target.proxy_notify)
             if client is None:
                 client = PushClient(self._ctx, self._codec, target.proxy_notify)
-                self._push[target.proxy_notify] = client
+                self._notifiers[target.proxy_notify] = client
         client.send(msg)
 
     def forget(self, finished_req_ids: Iterable[str]) -> None:
@@ -140,11 +160,12 @@ class Producer:
                 self.sender.free([c.slot for c in chunks])
 
     def close(self) -> None:
+        self.holds.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            for client in self._push.values():
+            for client in self._notifiers.values():
                 client.close()
-            self._push.clear()
+            self._notifiers.clear()
         self.sender.close()
         self._ctx.term()
         self.transport.close()

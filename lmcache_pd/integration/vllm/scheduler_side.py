@@ -2,7 +2,10 @@
 
 It decides, per request, how many prompt tokens come from held chunks (tiers or a
 transfer from a prefiller) and which fully computed chunks the workers must save (into
-the tiers with ``kv_both``) or push to a decoder (``kv_producer``). Chunk lookups go to
+the tiers with ``kv_both``), push to a decoder named up front (``kv_producer`` behind our
+proxy: push-ahead) or hold for whichever decoder fetches them (``kv_producer`` under the
+standard vLLM PD contract: ``request_finished`` returns the
+:class:`~lmcache_pd.protocol.DecodeParams` that let a decoder fetch them). Chunk lookups go to
 the worker over :mod:`~lmcache_pd.integration.vllm.lookup`. Loads are always scheduled
 asynchronously: the worker writes them into the request's blocks between steps and
 reports them in ``finished_recving``; a chunk that cannot be loaded is reported as an
@@ -12,15 +15,13 @@ invalid block, and vLLM recomputes it or fails the request (``load_failure_polic
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lmcache_pd.chunks import ChunkHasher
-from lmcache_pd.config import Config
+from lmcache_pd.config import Config, LoadFailurePolicy
 from lmcache_pd.integration.vllm.common import (
-    PARAM_CHUNKS,
-    PARAM_SENT,
-    PARAM_TOKENS,
     KVRole,
     LoadSpec,
     PDConnectorMetadata,
@@ -30,6 +31,7 @@ from lmcache_pd.integration.vllm.common import (
     lookup_endpoint,
 )
 from lmcache_pd.integration.vllm.lookup import LookupClient
+from lmcache_pd.protocol import DecodeParams, KVTransferParams
 from lmcache_pd.tiers import log_lookup
 
 if TYPE_CHECKING:
@@ -56,19 +58,29 @@ class _ReqState:
     load_end: int = 0
     load_wait_s: float = 0.0
     transfer_id: str | None = None
-    target: SendTarget | None = None
+    target: SendTarget | None = None  # push-ahead: the decoder named by our proxy
+    hold: str | None = None  # standard contract: hold id the workers keep chunks under
+    pull: DecodeParams | None = None  # decoder: fetch from this prefiller first
+    error: str | None = None  # decoder: unusable params under load_failure_policy=fail
     logged: bool = False
     save_done: bool = False
     load_attempts: int = 0
 
 
-def send_target(params: dict[str, Any] | None) -> SendTarget | None:
-    """The decoder named in a prefill request's ``kv_transfer_params``, if any."""
+def prefill_params(request_id: str, params: dict[str, Any] | None) -> KVTransferParams | None:
+    """A prefill request's ``kv_transfer_params`` (push-ahead or standard), if any."""
     try:
-        return SendTarget.from_request(params)
+        return KVTransferParams.from_request(params)
     except ValueError as exc:
-        log.warning("ignoring %s (params %r)", exc, params)
+        log.warning(
+            "request %s: ignoring %s (params %r); its KV stays here", request_id, exc, params
+        )
         return None
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    return host, int(port)
 
 
 class SchedulerSide:
@@ -86,6 +98,8 @@ class SchedulerSide:
         # builds this connector).
         ktc.kv_load_failure_policy = cfg.load_failure_policy.value
         tp = vllm_config.parallel_config.tensor_parallel_size
+        self.tp_size = tp
+        self.engine_id = str(ktc.engine_id)
         endpoints = [lookup_endpoint(str(ktc.engine_id), r) for r in range(tp)]
         self.lookup_client = LookupClient(endpoints, timeout_s=min(cfg.pd_connect_timeout_s, 5))
         self._reqs: dict[str, _ReqState] = {}
@@ -106,7 +120,11 @@ class SchedulerSide:
             tokens = list(request.prompt_token_ids or [])
             st = _ReqState(request.request_id, tokens, self.hasher.keys(tokens))
             if self.role is KVRole.PRODUCER:
-                st.target = send_target(request.kv_transfer_params)
+                params = prefill_params(request.request_id, request.kv_transfer_params)
+                if params is not None and params.push_ahead:
+                    st.target = params
+                elif params is not None:
+                    st.hold = secrets.token_hex(16)  # unguessable, one-shot
             self._reqs[request.request_id] = st
         return st
 
@@ -127,24 +145,10 @@ class SchedulerSide:
             return 0, False  # earlier loads of this request failed: recompute it
         n = len(st.tokens)
         held = self.lookup_client.lookup(st.keys)
-        target = held
-        wait_s = 0.0
-        params = request.kv_transfer_params or {}
-        if self.role is KVRole.CONSUMER and params.get("do_remote_prefill"):
-            announced = min(int(params.get(PARAM_CHUNKS, 0) or 0), len(st.keys))
-            # With a proxy that waited for HandoffDone (proxy_notify set) the transfer
-            # is over: load what is held. Without one, chunks may still be landing:
-            # wait for them in the worker, bounded by pd_transfer_timeout_s.
-            first_try = st.load_attempts == 0
-            if (
-                first_try
-                and announced > held
-                and params.get(PARAM_SENT)
-                and not params.get("proxy_notify")
-            ):
-                target = announced
-                wait_s = self.cfg.pd_transfer_timeout_s
-            st.transfer_id = str(params.get("req_id")) if params.get("req_id") else None
+        target, wait_s = held, 0.0
+        st.pull = st.error = None
+        if self.role is KVRole.CONSUMER and st.load_attempts == 0:
+            target, wait_s = self._remote_plan(request, st, held)
         st.held = held
         hit_tokens = min(target * self.chunk_size, n)
         if not st.logged:
@@ -158,6 +162,46 @@ class SchedulerSide:
         st.load_end = load_end
         st.load_wait_s = wait_s
         return need, True
+
+    def _remote_plan(self, request: Request, st: _ReqState, held: int) -> tuple[int, float]:
+        """Decoder, first try: how many chunks to load and how long they may take to
+        land, from the request's ``kv_transfer_params`` (:class:`DecodeParams`)."""
+        try:
+            params = DecodeParams.from_request(request.kv_transfer_params)
+        except ValueError as exc:
+            return self._unusable(st, held, str(exc))
+        if params is None:
+            return held, 0.0
+        st.transfer_id = params.req_id
+        announced = min(params.lmcache_pd_chunks, len(st.keys))
+        if params.pulls:
+            if params.lmcache_pd_tp_size != self.tp_size:
+                return self._unusable(
+                    st,
+                    held,
+                    f"prefiller TP={params.lmcache_pd_tp_size} and decoder TP={self.tp_size} "
+                    "differ: fetching held KV across TP sizes is not supported yet",
+                )
+            # fetched even when everything is held here: the push then moves nothing and
+            # frees the prefiller's hold at once instead of at its TTL
+            st.pull = params
+            return max(announced, held), self.cfg.pd_transfer_timeout_s
+        # push-ahead: with a proxy that waited for HandoffDone (proxy_notify set) the
+        # transfer is over; without one, chunks may still be landing: wait for them in
+        # the worker, bounded by pd_transfer_timeout_s
+        if announced > held and params.lmcache_pd_sent and not params.proxy_notify:
+            return announced, self.cfg.pd_transfer_timeout_s
+        return held, 0.0
+
+    def _unusable(self, st: _ReqState, held: int, why: str) -> tuple[int, float]:
+        """Params that cannot be used: recompute (load what is held), or with
+        ``load_failure_policy: fail`` plan a load that fails the request naming ``why``."""
+        if self.cfg.load_failure_policy is LoadFailurePolicy.FAIL:
+            log.error("request %s: %s; failing it (load_failure_policy=fail)", st.req_id, why)
+            st.error = why
+            return len(st.keys), 0.0
+        log.error("request %s: %s; recomputing its prompt", st.req_id, why)
+        return held, 0.0
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -179,6 +223,8 @@ class SchedulerSide:
                 block_ids=list(st.block_ids),
                 wait_s=st.load_wait_s,
                 transfer_id=st.transfer_id,
+                pull=st.pull,
+                error=st.error,
             )
         )
         log.info(
@@ -188,7 +234,7 @@ class SchedulerSide:
             num_external_tokens,
             start,
             end,
-            "held" if st.load_wait_s == 0 else "transfer",
+            "fetch" if st.pull else "held" if st.load_wait_s == 0 else "transfer",
             len(st.tokens) - end,
         )
         st.load_end = 0
@@ -226,7 +272,7 @@ class SchedulerSide:
         n = len(st.tokens)
         full = min(done, n) // self.chunk_size
         if self.role is KVRole.PRODUCER:
-            if st.target is None:
+            if st.target is None and st.hold is None:
                 st.save_done = True
                 return
             last = done >= n
@@ -239,8 +285,8 @@ class SchedulerSide:
                         block_ids=list(st.block_ids),
                         total_tokens=n,
                         target=st.target,
+                        hold=st.hold,
                         last=last,
-                        all_keys=list(st.keys[:full]) if last else [],
                     )
                 )
             st.saved = max(st.saved, full)
@@ -265,16 +311,46 @@ class SchedulerSide:
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         st = self._reqs.pop(request.request_id, None)
-        if self.role is not KVRole.PRODUCER or st is None or st.target is None:
+        if self.role is not KVRole.PRODUCER or st is None:
             return False, None
         # The chunks were gathered out of the blocks in the last prefill step, so the
-        # blocks can be freed now; the push continues from our own send buffer.
-        return False, {
-            "req_id": st.target.req_id,
-            PARAM_CHUNKS: len(st.keys),
-            PARAM_TOKENS: len(st.tokens),
-            PARAM_SENT: bool(st.keys),
-        }
+        # blocks can be freed now; the push (or the hold) runs from our send buffer.
+        if st.target is not None:
+            return False, DecodeParams(
+                req_id=st.target.req_id,
+                lmcache_pd_chunks=len(st.keys),
+                lmcache_pd_tokens=len(st.tokens),
+                lmcache_pd_sent=bool(st.keys),
+            ).to_dict()
+        if st.hold is not None:
+            return False, self._hold_params(st).to_dict()
+        return False, None
+
+    def _hold_params(self, st: _ReqState) -> DecodeParams:
+        """What a decoder needs to fetch ``st``'s held chunks (standard contract)."""
+        nothing = DecodeParams(lmcache_pd_tokens=len(st.tokens))  # decoder computes all
+        if not st.keys:
+            return nothing
+        endpoints = self.lookup_client.pull_endpoints()
+        if not endpoints:
+            log.error(
+                "request %s: the workers did not report their pull endpoints; the decoder "
+                "recomputes this prompt",
+                st.req_id,
+            )
+            return nothing
+        hosts_ports = [_split_endpoint(e) for e in endpoints]
+        host = hosts_ports[0][0]
+        return DecodeParams(
+            remote_engine_id=self.engine_id,
+            remote_host=host,
+            remote_port=hosts_ports[0][1],
+            lmcache_pd_hold=st.hold,
+            lmcache_pd_pull_ports=[port for _, port in hosts_ports],
+            lmcache_pd_chunks=len(st.keys),
+            lmcache_pd_tokens=len(st.tokens),
+            lmcache_pd_tp_size=len(hosts_ports),
+        )
 
     def shutdown(self) -> None:
         self.lookup_client.close()

@@ -22,6 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 MARKER = "lmcache_pd_tiny.json"
+# a plain chat template so /v1/chat/completions works (role: content lines)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 _WORDS = (
     "the a of to and in is it that for on with as was at by be this from or have an "
@@ -97,6 +102,7 @@ def _train_tokenizer(spec: TinySpec, out: Path) -> int:
         pad_token="<|pad|>",
         model_max_length=spec.max_positions,
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
     return tok.get_vocab_size()
 

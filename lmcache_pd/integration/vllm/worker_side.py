@@ -9,7 +9,9 @@ layers of a chunk at once with :mod:`lmcache_pd.kernels.paged_kv`.
 
 Loads run in ``start_load_kv`` (the request is not in the forward of that step: loads
 are async in vLLM's terms). A load whose chunks are still landing from a prefiller waits
-in a helper thread, bounded by ``pd_transfer_timeout_s``. Chunks that cannot be loaded
+in a helper thread, bounded by ``pd_transfer_timeout_s``; under the standard contract
+that thread first fetches them (:class:`~lmcache_pd.pull.Fetcher`: the prefiller pushes
+its held chunks to our receiver). Chunks that cannot be loaded
 are reported as invalid blocks: vLLM then recomputes them (policy ``recompute``) or
 fails the request (policy ``fail``).
 """
@@ -45,6 +47,7 @@ from lmcache_pd.integration.vllm.common import (
 from lmcache_pd.integration.vllm.lookup import LookupServer
 from lmcache_pd.kernels import paged_kv
 from lmcache_pd.layout import KVLayout
+from lmcache_pd.pull import Fetcher, FetchError
 from lmcache_pd.tiers import TieredStore, build_tiers, log_store
 
 if TYPE_CHECKING:
@@ -134,6 +137,7 @@ class WorkerSide:
         self.source: ChunkSource | None = None
         self.receiver: Receiver | None = None
         self.producer: Producer | None = None
+        self.fetcher: Fetcher | None = None
         self.lookup_server: LookupServer | None = None
         self.tp_rank, self.tp_size = 0, 1
         self._lock = threading.Lock()
@@ -208,7 +212,13 @@ class WorkerSide:
                 store=self.store,
             ).start()
             self.source = self.receiver
-            self._waiters = ThreadPoolExecutor(2, thread_name_prefix="lmcache-pd-load")
+            self._waiters = ThreadPoolExecutor(4, thread_name_prefix="lmcache-pd-load")
+            self.fetcher = Fetcher(
+                self.cfg,
+                self.receiver.codec,
+                f"tcp://{self.cfg.advertised_host()}:{self.receiver.port}",
+                tp_rank=self.tp_rank,
+            )
         elif self.role is KVRole.PRODUCER:
             from lmcache_pd.integration.vllm.producer import Producer
 
@@ -216,8 +226,11 @@ class WorkerSide:
         ktc = self.vllm_config.kv_transfer_config
         assert ktc is not None
         self.lookup_server = LookupServer(
-            lookup_endpoint(str(ktc.engine_id), self.tp_rank), self._lookup
+            lookup_endpoint(str(ktc.engine_id), self.tp_rank), self._lookup, self._pull_endpoint
         )
+
+    def _pull_endpoint(self) -> str:
+        return self.producer.holds.endpoint if self.producer is not None else ""
 
     def _lookup(self, keys: list[bytes]) -> int:
         return self.source.lookup(keys) if self.source is not None else 0
@@ -227,14 +240,52 @@ class WorkerSide:
     def start_load(self, meta: PDConnectorMetadata) -> None:
         for spec in meta.loads:
             source = self.source
-            if source is None:
+            if source is None or spec.error is not None:
                 self._finish_load(spec, spec.start)
                 continue
-            if spec.wait_s > 0 and source.lookup(spec.keys) < len(spec.keys):
+            if spec.pull is not None:
+                assert self._waiters is not None
+                if source.lookup(spec.keys) < len(spec.keys):
+                    self._waiters.submit(self._load_after_fetch, spec)
+                    continue
+                self._waiters.submit(self._fetch, spec)  # frees the prefiller's hold now
+                self._load(spec)
+            elif spec.wait_s > 0 and source.lookup(spec.keys) < len(spec.keys):
                 assert self._waiters is not None
                 self._waiters.submit(self._load_after_wait, spec)
             else:
                 self._load(spec)
+
+    def _fetch(self, spec: LoadSpec) -> bool:
+        """Have the prefiller in ``spec.pull`` push its held chunks to our receiver."""
+        assert self.fetcher is not None and spec.pull is not None
+        t0 = time.monotonic()
+        try:
+            endpoint = spec.pull.pull_endpoint(self.tp_rank)
+            done = self.fetcher.fetch(endpoint, spec.pull.lmcache_pd_hold or "")
+        except (FetchError, ValueError) as exc:
+            log.warning(
+                "request %s: fetching its KV failed after %.2f s: %s; the rest is recomputed "
+                "or the request fails (load_failure_policy=%s)",
+                spec.req_id,
+                time.monotonic() - t0,
+                exc,
+                self.cfg.load_failure_policy.value,
+            )
+            return False
+        log.info(
+            "request %s: fetched %d chunk(s) from %s in %.1f ms (%d already held here)",
+            spec.req_id,
+            done.chunks,
+            endpoint,
+            (time.monotonic() - t0) * 1e3,
+            done.dedup,
+        )
+        return True
+
+    def _load_after_fetch(self, spec: LoadSpec) -> None:
+        self._fetch(spec)
+        self._load(spec)
 
     def _load_after_wait(self, spec: LoadSpec) -> None:
         assert self.source is not None
@@ -402,6 +453,9 @@ class WorkerSide:
         if self._waiters is not None:
             self._waiters.shutdown(wait=False, cancel_futures=True)
             self._waiters = None
+        if self.fetcher is not None:
+            self.fetcher.close()
+            self.fetcher = None
         if self.producer is not None:
             self.producer.close()
             self.producer = None
