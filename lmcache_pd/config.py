@@ -298,6 +298,19 @@ def _show(value: Any) -> str:
     return repr(value.value if isinstance(value, enum.Enum) else value)
 
 
+def _drop_sender_peer_aliases(
+    clean: dict[str, Any], origin: dict[str, config_compat.Given], notes: _Notes
+) -> None:
+    """On a sender, LMCache's 1P1D names of the receiver's address are not ours."""
+    for key, given in list(origin.items()):
+        alias = given.alias
+        if alias is None or alias.name not in config_compat.SENDER_PEER_ALIASES:
+            continue
+        del clean[key]
+        notes.renamed.remove(f"{given.label} -> {key}")
+        notes.ignored.append(f"{given.label} (a sender's receiver address: the proxy names it)")
+
+
 def _resolve(layers: list[_Layer]) -> Config:
     """Merge layers (later wins) into a validated :class:`Config`. Within one layer an
     old LMCache name and the key it means must agree. Warns once for old names, once
@@ -305,6 +318,7 @@ def _resolve(layers: list[_Layer]) -> Config:
     notes = _Notes()
     nixl_storage = any(config_compat.nixl_storage_enabled(layer.data) for layer in layers)
     clean: dict[str, Any] = {}
+    origin: dict[str, config_compat.Given] = {}
     for layer in layers:
         split = config_compat.normalize(
             layer.data, _TYPES, label=layer.label, nixl_storage=nixl_storage
@@ -328,6 +342,9 @@ def _resolve(layers: list[_Layer]) -> Config:
                 )
                 continue
             clean[key] = first
+            origin[key] = first_given
+    if clean.get("pd_role") is PDRole.SENDER:
+        _drop_sender_peer_aliases(clean, origin, notes)
     source = next((la.source for la in layers if la.source != "environment"), "config")
     if notes.renamed:
         log.warning(

@@ -259,6 +259,13 @@ ALIASES: dict[str, Alias] = {
     )
 }
 
+# In LMCache's 1P1D NIXL configs a *sender* used these to name the receiver it pushed to.
+# Our sender is told the decoder per request (the proxy's kv_transfer_params), and our
+# pd_peer_host is this engine's own advertised host, so on a sender they are ignored.
+SENDER_PEER_ALIASES = frozenset(
+    {"nixl_peer_host", "nixl_peer_port", "nixl_receiver_host", "nixl_receiver_port"}
+)
+
 # With LMCache's NIXL *storage* backend (extra_config.enable_nixl_storage) these size the
 # storage staging buffer, not a PD buffer: then they are LMCache keys we ignore.
 _NIXL_STORAGE_KEYS = frozenset({"nixl_buffer_size", "nixl_buffer_device"})
