@@ -10,7 +10,7 @@ EXTRAS ?= dev,vllm
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup redis-server demo test lint check bench clean
+.PHONY: setup redis-server demo test test-fast lint check bench clean
 
 setup: $(VENV)/.installed redis-server
 
@@ -38,8 +38,16 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
+# Everything but the tests that start vLLM engines (`-m vllm`); under 2 minutes here.
+test-fast: setup
+	$(PY) -m pytest -q -m "not vllm" $(PYTEST_ARGS)
+
+# Style, dependency rules (pyproject [tool.importlinter]) and types ([tool.mypy]).
 lint: setup
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 check: setup
 	$(VENV)/bin/lmcache-pd check
@@ -48,4 +56,4 @@ bench: setup
 	$(VENV)/bin/lmcache-pd bench transfer --quick --json benchmarks/results/transfer_quick.json --png benchmarks/results/transfer_quick.png
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

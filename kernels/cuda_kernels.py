@@ -164,7 +164,7 @@ def _check(result: Any, what: str) -> Any:
 
 def nvrtc_version() -> tuple[int, int]:
     _, nvrtc = _bindings()
-    return tuple(_check(nvrtc.nvrtcVersion(), "nvrtcVersion"))  # type: ignore[return-value]
+    return tuple(_check(nvrtc.nvrtcVersion(), "nvrtcVersion"))
 
 
 def supported_archs() -> list[int]:

@@ -133,7 +133,7 @@ def _setup(
     layers: list[torch.Tensor], geom: Geometry, chunk: torch.Tensor, widest: int
 ) -> tuple[int, int, torch.Tensor]:
     es = layers[0].element_size()
-    offsets = [t.storage_offset() * es for t in layers] + [chunk.storage_offset() * es]
+    offsets = [int(t.storage_offset()) * es for t in layers] + [int(chunk.storage_offset()) * es]
     unit = _unit(geom, es, offsets, widest)
     return es, unit, chunk.reshape(-1).view(torch.uint8)
 

@@ -304,7 +304,7 @@ def start_in_thread(settings: ProxySettings, timeout_s: float = 10.0) -> ProxyHa
         settings = msgspec.structs.replace(settings, port=free_port(settings.host))
     app = ProxyApp(settings)
     server = uvicorn.Server(_uvicorn_config(app, settings, settings.port))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.run, name="lmcache-pd-proxy", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

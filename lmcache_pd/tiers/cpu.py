@@ -165,7 +165,7 @@ class CPUStore(Store):
             addr = int(array.ctypes.data)
         if prefault:
             array[::4096] = 0
-        self._views.append(memoryview(array).cast("B"))
+        self._views.append(array.data.cast("B"))
         self._regions.append((addr, nbytes))
 
     def slab_regions(self) -> list[tuple[int, int]]:
