@@ -30,6 +30,7 @@ from starlette.responses import Response
 
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.metrics import RateLimitedLog
+from lmcache_pd.router.errors import error_body
 from lmcache_pd.router.handoff import HandoffListener
 from lmcache_pd.router.kv_params import KVTransferParams, decode_params
 from lmcache_pd.router.metrics import ErrorKind, Mode, ProxyMetrics
@@ -71,8 +72,6 @@ class Endpoint(str, enum.Enum):
 class ProxyError(Exception):
     """An error answered to the client as OpenAI-shaped JSON."""
 
-    TYPES = {400: "invalid_request_error", 503: "service_unavailable", 504: "timeout"}
-
     def __init__(self, status: int, message: str, kind: ErrorKind) -> None:
         super().__init__(message)
         self.status = status
@@ -80,16 +79,7 @@ class ProxyError(Exception):
         self.kind = kind
 
     def response(self) -> Response:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.TYPES.get(self.status, "error"),
-                "param": None,
-                "code": self.status,
-            },
-            "object": "error",
-        }
-        return Response(msgspec.json.encode(body), self.status, media_type=_JSON)
+        return Response(error_body(self.message, self.status), self.status, media_type=_JSON)
 
 
 class UpstreamAnswer(Exception):

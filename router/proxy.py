@@ -14,6 +14,7 @@ Imports no torch, numpy, NIXL or vLLM.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -21,7 +22,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from lmcache_pd.config import ConfigError
+from lmcache_pd.router.errors import ErrorType, error_body
 from lmcache_pd.router.flow import (
     Endpoint,
     ProxyError,
@@ -62,10 +65,25 @@ def _auth_secret(settings: ProxySettings) -> bytes:
     return load_config(None).auth_secret()
 
 
-def create_app(settings: ProxySettings) -> FastAPI:
-    """The proxy as an ASGI app; engines, health checks and sockets start with it."""
-    metrics = ProxyMetrics()
-    state: dict[str, Any] = {}
+@dataclass
+class _AppState:
+    """What the routes of one app share: settings, metrics, and the router once the
+    lifespan started it."""
+
+    settings: ProxySettings
+    metrics: ProxyMetrics
+    router: Router | None = None
+
+    def live(self) -> Router:
+        if self.router is None:
+            raise RuntimeError("proxy app used before its lifespan started")
+        return self.router
+
+
+def _lifespan(st: _AppState) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start the upstream client, handoff listener, router and health checker with the
+    app; stop them with it."""
+    settings = st.settings
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +94,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
                 _auth_secret(settings), settings.handoff_host, settings.handoff_port
             )
             await handoff.start()
-        router = Router(settings, client, metrics, handoff)
+        router = Router(settings, client, st.metrics, handoff)
         checker = HealthChecker(
             [router.prefill, router.decode],
             client,
@@ -85,7 +103,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
             settings.health_fail_threshold,
         )
         checker.start()
-        state["router"] = router
+        st.router = router
         app.state.router = router
         log.warning(
             "lmcache-pd proxy on http://%s:%d: %d prefiller(s), %d decoder(s), "
@@ -105,54 +123,108 @@ def create_app(settings: ProxySettings) -> FastAPI:
                 await handoff.stop()
             await client.close()
 
-    app = FastAPI(
-        title="lmcache-pd proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
-    )
+    return lifespan
+
+
+def _forwarded_headers(raw_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers sent on to the engines: JSON content type and the client's auth."""
+    headers = {"content-type": _JSON}
+    for name, value in raw_headers:
+        if name.lower() in _FORWARD_HEADERS:
+            headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+    return headers
+
+
+async def _answer(
+    st: _AppState,
+    endpoint: Endpoint,
+    raw_headers: list[tuple[bytes, bytes]],
+    raw: bytes,
+    receive: Any,
+) -> Response:
+    """The response to one POST (body already read); never raises ProxyError."""
+    try:
+        try:
+            payload = validate(endpoint, msgspec.json.decode(raw))
+        except msgspec.DecodeError as exc:
+            raise ProxyError(
+                400, f"request body is not valid JSON: {exc}", ErrorKind.BAD_REQUEST
+            ) from None
+        serving = st.live().serve(endpoint, payload, _forwarded_headers(raw_headers))
+        resp = await first_of(serving, receive)
+    except ProxyError as exc:
+        if exc.kind is ErrorKind.BAD_REQUEST:
+            st.metrics.errors.labels(exc.kind.value).inc()
+        return exc.response()
+    except UpstreamAnswer as exc:
+        return exc.response()
+    if resp is None:
+        st.metrics.errors.labels(ErrorKind.CLIENT_DISCONNECT.value).inc()
+        return Response(status_code=499)
+    return resp
+
+
+async def _models(st: _AppState) -> Response:
+    """The first healthy engine's ``/v1/models`` answer."""
+    router = st.live()
+    for engine in router.decode.healthy() + router.prefill.healthy():
+        try:
+            reply = await router.client.request(
+                "GET", engine.url + "/v1/models", timeout_s=st.settings.connect_timeout_s * 2
+            )
+        except UpstreamError:
+            continue
+        return reply_response(reply)
+    return ProxyError(503, "no healthy engine answers /v1/models", ErrorKind.NO_ENGINE).response()
+
+
+def _health(router: Router) -> Response:
+    """Every engine's role, state and load; 503 while no decoder is healthy."""
+    ok = bool(router.decode.healthy())
+    body = {
+        "status": "ok" if ok else "unavailable",
+        "engines": [
+            {
+                "role": e.role.value,
+                "url": e.url,
+                "state": e.state.value,
+                "inflight": e.inflight,
+                "last_error": e.last_error,
+            }
+            for e in router.prefill.engines + router.decode.engines
+        ],
+    }
+    return Response(msgspec.json.encode(body), 200 if ok else 503, media_type=_JSON)
+
+
+def _proxy_state(router: Router) -> Response:
+    """Requests in flight, the last finished ones, prefix map and handoff state."""
+    policy = router.decode.policy
+    body = {
+        "inflight": len(router.table),
+        "max_inflight": router.table.max_inflight,
+        "finished": [r.to_dict() for r in list(router.table.finished)[-20:]],
+        "finished_kept": len(router.table.finished),
+        "prefix_map": len(getattr(policy, "prefixes", ())),
+        "handoff_pending": router.handoff.pending if router.handoff else 0,
+        "handoff_address": router.handoff.address if router.handoff else None,
+    }
+    return Response(msgspec.json.encode(body), media_type=_JSON)
+
+
+def _add_routes(app: FastAPI, st: _AppState) -> None:
+    """The HTTP surface: the two OpenAI POST routes, models, health, metrics, state."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         """404/405 and friends, OpenAI-shaped like every other error of the proxy."""
-        body = {
-            "error": {
-                "message": f"{request.method} {request.url.path}: {exc.detail}",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": exc.status_code,
-            },
-            "object": "error",
-        }
-        return Response(msgspec.json.encode(body), exc.status_code, media_type=_JSON)
-
-    async def answer(
-        endpoint: Endpoint, raw_headers: list[tuple[bytes, bytes]], raw: bytes, receive: Any
-    ) -> Response:
-        """The response to one POST (body already read); never raises ProxyError."""
-        router: Router = state["router"]
-        try:
-            try:
-                payload = validate(endpoint, msgspec.json.decode(raw))
-            except msgspec.DecodeError as exc:
-                raise ProxyError(
-                    400, f"request body is not valid JSON: {exc}", ErrorKind.BAD_REQUEST
-                ) from None
-            headers = {"content-type": _JSON}
-            for name, value in raw_headers:
-                if name.lower() in _FORWARD_HEADERS:
-                    headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-            resp = await first_of(router.serve(endpoint, payload, headers), receive)
-        except ProxyError as exc:
-            if exc.kind is ErrorKind.BAD_REQUEST:
-                metrics.errors.labels(exc.kind.value).inc()
-            return exc.response()
-        except UpstreamAnswer as exc:
-            return exc.response()
-        if resp is None:
-            metrics.errors.labels(ErrorKind.CLIENT_DISCONNECT.value).inc()
-            return Response(status_code=499)
-        return resp
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = error_body(message, exc.status_code, ErrorType.INVALID_REQUEST)
+        return Response(body, exc.status_code, media_type=_JSON)
 
     async def handle(request: Request, endpoint: Endpoint) -> Response:
-        return await answer(endpoint, request.headers.raw, await request.body(), request.receive)
+        body = await request.body()
+        return await _answer(st, endpoint, request.headers.raw, body, request.receive)
 
     @app.post(Endpoint.COMPLETIONS.value)
     async def completions(request: Request) -> Response:
@@ -164,60 +236,35 @@ def create_app(settings: ProxySettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        router: Router = state["router"]
-        for engine in router.decode.healthy() + router.prefill.healthy():
-            try:
-                reply = await router.client.request(
-                    "GET", engine.url + "/v1/models", timeout_s=settings.connect_timeout_s * 2
-                )
-            except UpstreamError:
-                continue
-            return reply_response(reply)
-        return ProxyError(
-            503, "no healthy engine answers /v1/models", ErrorKind.NO_ENGINE
-        ).response()
+        return await _models(st)
 
     @app.get("/health")
     async def health() -> Response:
-        router: Router = state["router"]
-        ok = bool(router.decode.healthy())
-        body = {
-            "status": "ok" if ok else "unavailable",
-            "engines": [
-                {
-                    "role": e.role.value,
-                    "url": e.url,
-                    "state": e.state.value,
-                    "inflight": e.inflight,
-                    "last_error": e.last_error,
-                }
-                for e in router.prefill.engines + router.decode.engines
-            ],
-        }
-        return Response(msgspec.json.encode(body), 200 if ok else 503, media_type=_JSON)
+        return _health(st.live())
 
     @app.get("/metrics")
     async def prom() -> Response:
-        data, ctype = metrics.render()
+        data, ctype = st.metrics.render()
         return Response(data, media_type=ctype)
 
     @app.get("/v1/proxy/state")
     async def proxy_state() -> Response:
-        router: Router = state["router"]
-        policy = router.decode.policy
-        body = {
-            "inflight": len(router.table),
-            "max_inflight": router.table.max_inflight,
-            "finished": [r.to_dict() for r in list(router.table.finished)[-20:]],
-            "finished_kept": len(router.table.finished),
-            "prefix_map": len(getattr(policy, "prefixes", ())),
-            "handoff_pending": router.handoff.pending if router.handoff else 0,
-            "handoff_address": router.handoff.address if router.handoff else None,
-        }
-        return Response(msgspec.json.encode(body), media_type=_JSON)
+        return _proxy_state(st.live())
 
-    app.state.metrics = metrics
-    app.state.answer = answer
+
+def create_app(settings: ProxySettings) -> FastAPI:
+    """The proxy as an ASGI app; engines, health checks and sockets start with it."""
+    st = _AppState(settings, ProxyMetrics())
+    app = FastAPI(
+        title="lmcache-pd proxy",
+        lifespan=_lifespan(st),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    _add_routes(app, st)
+    app.state.metrics = st.metrics
+    app.state.answer = functools.partial(_answer, st)
     return app
 
 

@@ -13,19 +13,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import msgspec
 from starlette.responses import Response
 
+from lmcache_pd.router.errors import sse_error_event
 from lmcache_pd.router.table import RequestState
 from lmcache_pd.router.upstream import Stream, UpstreamError
 
 log = logging.getLogger("lmcache_pd.router")
 T = TypeVar("T")
-
-
-def _sse_error(message: str) -> bytes:
-    body = {"error": {"message": message, "type": "upstream_error", "code": 502}}
-    return b"data: " + msgspec.json.encode(body) + b"\n\n"
 
 
 async def first_of(work: Awaitable[T], receive: Any) -> T | None:
@@ -83,7 +78,9 @@ class RelayResponse(Response):
         except UpstreamError as exc:
             state, error = RequestState.FAILED, f"decoder stream broke: {exc}"
             log.warning("%s", error)
-            await send({"type": "http.response.body", "body": _sse_error(error), "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": sse_error_event(error), "more_body": True}
+            )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return state, error
 
