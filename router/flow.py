@@ -23,6 +23,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -30,6 +31,7 @@ from starlette.responses import Response
 
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.metrics import RateLimitedLog
+from lmcache_pd.protocol import HandoffDone
 from lmcache_pd.router.errors import error_body
 from lmcache_pd.router.handoff import HandoffListener
 from lmcache_pd.router.kv_params import KVTransferParams, decode_params
@@ -140,6 +142,24 @@ def _estimate_tokens(endpoint: Endpoint, payload: dict[str, Any]) -> int:
     )
 
 
+@dataclass
+class _Request:
+    """One request on its way through the flow: what the client sent, its record in the
+    request table, its chunk keys and the decoder chosen for it (the same values every
+    step needs, passed as one)."""
+
+    endpoint: Endpoint
+    payload: dict[str, Any]
+    headers: dict[str, str]
+    rec: RequestRecord
+    keys: list[bytes]
+    decoder: Engine
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.payload.get("stream", False))
+
+
 class Router:
     """Routing state and the request flow of one proxy instance."""
 
@@ -214,6 +234,21 @@ class Router:
         return None
 
     # ---- the request -----------------------------------------------------------------
+    async def _prompt_keys(
+        self, endpoint: Endpoint, payload: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[list[bytes], int]:
+        """Chunk keys of the prompt and its token count (-1 when not needed; an estimate
+        when the engines could not tokenize it, and then no keys)."""
+        if not self._need_tokens:
+            return [], -1
+        tokens = await self._tokens(endpoint, payload, headers)
+        if tokens is None:
+            return [], _estimate_tokens(endpoint, payload)
+        try:
+            return self.hasher.keys(tokens), len(tokens)
+        except ValueError:
+            return [], len(tokens)
+
     async def serve(
         self, endpoint: Endpoint, payload: dict[str, Any], headers: dict[str, str]
     ) -> Response:
@@ -225,40 +260,27 @@ class Router:
         self.metrics.table_size.set(len(self.table))
         handed_off = False
         try:
-            keys: list[bytes] = []
-            ntokens = -1
-            if self._need_tokens:
-                tokens = await self._tokens(endpoint, payload, headers)
-                if tokens is not None:
-                    ntokens = len(tokens)
-                    try:
-                        keys = self.hasher.keys(tokens)
-                    except ValueError:
-                        keys = []
-                else:
-                    ntokens = _estimate_tokens(endpoint, payload)
+            keys, ntokens = await self._prompt_keys(endpoint, payload, headers)
             rec.prompt_tokens = ntokens
             choice = self.decode.choose(keys)
             if choice is None:
                 raise ProxyError(503, "no healthy decoder engine", ErrorKind.NO_ENGINE)
-            decoder = choice.engine
+            req = _Request(endpoint, payload, headers, rec, keys, choice.engine)
             # counted in flight from now on, so concurrent arrivals see this choice
-            self.decode.acquire(decoder, keys)
+            self.decode.acquire(req.decoder, keys)
             try:
                 params: dict[str, Any] | None = None
                 mode = Mode.DIRECT
                 short = 0 <= ntokens < self.s.disagg_min_tokens
                 if self.prefill.engines and not short:
-                    params, mode = await self._prefill(
-                        endpoint, payload, headers, decoder, keys, rec
-                    )
+                    params, mode = await self._prefill(req)
             except BaseException:
-                self.decode.release(decoder)
+                self.decode.release(req.decoder)
                 raise
             self.metrics.requests.labels(endpoint.value, mode.value).inc()
             rec.mode = mode.value
             # _decode owns the acquired decoder from here (releases or hands it on)
-            resp = await self._decode(endpoint, payload, headers, decoder, keys, params, rec)
+            resp = await self._decode(req, params)
             handed_off = isinstance(resp, RelayResponse)
             return resp
         except asyncio.CancelledError:
@@ -278,12 +300,10 @@ class Router:
             self.metrics.table_size.set(len(self.table))
 
     # ---- step 1: prefill ----------------------------------------------------------
-    def _prefill_body(
-        self, endpoint: Endpoint, payload: dict[str, Any], sent: KVTransferParams
-    ) -> bytes:
-        body = dict(payload)
+    def _prefill_body(self, req: _Request, sent: KVTransferParams) -> bytes:
+        body = dict(req.payload)
         body["max_tokens"] = 1
-        if endpoint is Endpoint.CHAT:
+        if req.endpoint is Endpoint.CHAT:
             body["max_completion_tokens"] = 1
         body["stream"] = False
         # invalid or wasteful with one token and no stream: the prompt's KV is the same
@@ -292,28 +312,18 @@ class Router:
         body["kv_transfer_params"] = sent.to_dict()
         return msgspec.json.encode(body)
 
-    async def _prefill(
-        self,
-        endpoint: Endpoint,
-        payload: dict[str, Any],
-        headers: dict[str, str],
-        decoder: Engine,
-        keys: list[bytes],
-        rec: RequestRecord,
-    ) -> tuple[dict[str, Any] | None, Mode]:
+    async def _prefill(self, req: _Request) -> tuple[dict[str, Any] | None, Mode]:
         """Prefill on a prefiller (retried on another), or fall back to decode-only."""
-        rec.state = RequestState.PREFILLING
+        req.rec.state = RequestState.PREFILLING
         tried: set[Engine] = set()
         for attempt in range(1 + self.s.prefill_retries):
-            choice = self.prefill.choose(keys, frozenset(tried))
+            choice = self.prefill.choose(req.keys, frozenset(tried))
             if choice is None:
                 break
             tried.add(choice.engine)
-            req_id = rec.req_id if attempt == 0 else f"{rec.req_id}-r{attempt}"
+            req_id = req.rec.req_id if attempt == 0 else f"{req.rec.req_id}-r{attempt}"
             try:
-                result = await self._prefill_on(
-                    choice.engine, req_id, endpoint, payload, headers, decoder, keys, rec
-                )
+                result = await self._prefill_on(req, choice.engine, req_id)
             finally:
                 if self.handoff is not None:
                     self.handoff.discard(req_id)  # whatever happened, no waiter stays
@@ -323,76 +333,89 @@ class Router:
         self._warn.warning(
             "%s: prefill failed on %d prefiller(s); decode-only on %s (the decoder "
             "recomputes the prompt); check the prefillers' logs and GET /health",
-            rec.req_id,
+            req.rec.req_id,
             len(tried),
-            decoder.url,
+            req.decoder.url,
         )
         return None, Mode.FALLBACK
 
     async def _prefill_on(
-        self,
-        p: Engine,
-        req_id: str,
-        endpoint: Endpoint,
-        payload: dict[str, Any],
-        headers: dict[str, str],
-        decoder: Engine,
-        keys: list[bytes],
-        rec: RequestRecord,
+        self, req: _Request, p: Engine, req_id: str
     ) -> tuple[dict[str, Any] | None, Mode] | None:
         """One prefill attempt on ``p``: the decode params, or None if ``p`` failed."""
         sent = KVTransferParams(
             req_id=req_id,
-            decoder_host=decoder.kv_host,
-            decoder_init_port=decoder.kv_port,
+            decoder_host=req.decoder.kv_host,
+            decoder_init_port=req.decoder.kv_port,
             proxy_notify=self.handoff.address if self.handoff else None,
         )
-        data = self._prefill_body(endpoint, payload, sent)
         fut = self.handoff.expect(req_id) if self.handoff else None
-        rec.prefiller = p.url
+        reply = await self._post_prefill(req, p, req_id, self._prefill_body(req, sent))
+        if reply is None:
+            return None
+        answer = reply.json()
+        returned = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        if fut is not None and not await self._handoff_done(req, req_id, fut):
+            return None, Mode.FALLBACK
+        return decode_params(sent, returned), Mode.DISAGG
+
+    async def _post_prefill(
+        self, req: _Request, p: Engine, req_id: str, data: bytes
+    ) -> Reply | None:
+        """POST the prefill step to ``p``: its 2xx answer, None when ``p`` failed (counted,
+        ejected on connect failure); an engine 4xx is the client's fault (UpstreamAnswer)."""
+        req.rec.prefiller = p.url
         t0 = time.perf_counter()
-        self.prefill.acquire(p, keys)
+        self.prefill.acquire(p, req.keys)
         try:
             reply = await self.client.request(
-                "POST", p.url + endpoint.value, data, headers, self.s.prefill_timeout_s
+                "POST", p.url + req.endpoint.value, data, req.headers, self.s.prefill_timeout_s
             )
         except ConnectFailed as exc:
             self.prefill.eject(p, f"connect failed: {exc}")
-            return self._prefill_failed(p, req_id, f"connect failed: {exc}")
+            self._prefill_failed(p, req_id, f"connect failed: {exc}")
+            return None
         except UpstreamError as exc:
-            return self._prefill_failed(p, req_id, f"{type(exc).__name__}: {exc}")
+            self._prefill_failed(p, req_id, f"{type(exc).__name__}: {exc}")
+            return None
         finally:
             self.prefill.release(p)
         if reply.status >= 500:
-            return self._prefill_failed(p, req_id, f"HTTP {reply.status}")
+            self._prefill_failed(p, req_id, f"HTTP {reply.status}")
+            return None
         if reply.status >= 400:
             raise UpstreamAnswer(reply)  # the client's request is at fault: same on D
         self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
-        answer = reply.json()
-        returned = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-        if fut is not None and self.handoff is not None:
-            rec.state = RequestState.HANDOFF
-            t1 = time.perf_counter()
-            done = await self.handoff.wait(req_id, fut, self.s.handoff_timeout_s)
-            self.metrics.handoff_wait_seconds.observe(time.perf_counter() - t1)
-            if done is None:
-                self.metrics.errors.labels(ErrorKind.HANDOFF_TIMEOUT.value).inc()
-                self._warn.warning(
-                    "%s: no HandoffDone within handoff_timeout_s=%.1f; decoding with the "
-                    "params anyway (the decoder recomputes what is missing)",
-                    req_id,
-                    self.s.handoff_timeout_s,
-                )
-            elif not done.ok:
-                self.metrics.errors.labels(ErrorKind.HANDOFF_FAILED.value).inc()
-                self.metrics.fallbacks.inc()
-                self._warn.warning(
-                    "%s: handoff failed (%s); decode-only, the decoder recomputes",
-                    req_id,
-                    done.error,
-                )
-                return None, Mode.FALLBACK
-        return decode_params(sent, returned), Mode.DISAGG
+        return reply
+
+    async def _handoff_done(
+        self, req: _Request, req_id: str, fut: asyncio.Future[HandoffDone]
+    ) -> bool:
+        """Wait for the prefiller's HandoffDone: False when it reports a failed handoff
+        (decode-only); True when it succeeded or did not come in time (decode anyway)."""
+        assert self.handoff is not None
+        req.rec.state = RequestState.HANDOFF
+        t1 = time.perf_counter()
+        done = await self.handoff.wait(req_id, fut, self.s.handoff_timeout_s)
+        self.metrics.handoff_wait_seconds.observe(time.perf_counter() - t1)
+        if done is None:
+            self.metrics.errors.labels(ErrorKind.HANDOFF_TIMEOUT.value).inc()
+            self._warn.warning(
+                "%s: no HandoffDone within handoff_timeout_s=%.1f; decoding with the "
+                "params anyway (the decoder recomputes what is missing)",
+                req_id,
+                self.s.handoff_timeout_s,
+            )
+        elif not done.ok:
+            self.metrics.errors.labels(ErrorKind.HANDOFF_FAILED.value).inc()
+            self.metrics.fallbacks.inc()
+            self._warn.warning(
+                "%s: handoff failed (%s); decode-only, the decoder recomputes",
+                req_id,
+                done.error,
+            )
+            return False
+        return True
 
     def _prefill_failed(self, p: Engine, req_id: str, why: str) -> None:
         self.metrics.errors.labels(ErrorKind.PREFILL_FAILED.value).inc()
@@ -400,83 +423,94 @@ class Router:
         self._warn.warning("%s: prefill on %s failed: %s", req_id, p.url, why)
 
     # ---- step 2: decode -----------------------------------------------------------
-    async def _decode(
-        self,
-        endpoint: Endpoint,
-        payload: dict[str, Any],
-        headers: dict[str, str],
-        decoder: Engine,
-        keys: list[bytes],
-        params: dict[str, Any] | None,
-        rec: RequestRecord,
-    ) -> Response:
-        """Send the decoder the request; owns ``decoder``'s in-flight slot (acquired by
-        :meth:`serve`): releases it, or hands it to the relay of a streamed answer."""
-        rec.state = RequestState.DECODING
-        stream = bool(payload.get("stream", False))
+    async def _decode(self, req: _Request, params: dict[str, Any] | None) -> Response:
+        """Send the decoder the request, failing over to another decoder (decode-only)
+        while decoders are unreachable. Owns ``req.decoder``'s in-flight slot (acquired
+        by :meth:`serve`) and those of failover targets."""
+        req.rec.state = RequestState.DECODING
+        decoder = req.decoder
         tried: set[Engine] = set()
         while True:
-            body = dict(payload)
-            body.pop("kv_transfer_params", None)
-            if params is not None:
-                body["kv_transfer_params"] = params
-            data = msgspec.json.encode(body)
-            rec.decoder = decoder.url
             if tried:  # a failover target; the first decoder was acquired by serve()
-                self.decode.acquire(decoder, keys)
+                self.decode.acquire(decoder, req.keys)
             tried.add(decoder)
-            url = decoder.url + endpoint.value
-            handed = False
             try:
-                if stream:
-                    answer = await self.client.open(
-                        url, data, headers, self.s.decode_timeout_s, self.s.stream_idle_timeout_s
-                    )
-                else:
-                    answer = await self.client.request(
-                        "POST", url, data, headers, self.s.decode_timeout_s
-                    )
-                self.metrics.ttft_seconds.observe(time.monotonic() - rec.started)
-                if isinstance(answer, Stream):
-                    handed = True
-                    return RelayResponse(answer, self._closer(decoder, rec))
-                if answer.status >= 400:
-                    self.metrics.errors.labels(ErrorKind.UPSTREAM.value).inc()
-                return reply_response(answer)
+                return await self._decode_on(req, decoder, params)
             except ConnectFailed as exc:
-                self.decode.release(decoder)
-                handed = True
-                self.decode.eject(decoder, f"connect failed: {exc}")
-                self.metrics.errors.labels(ErrorKind.UPSTREAM_CONNECT.value).inc()
-                choice = self.decode.choose(keys, frozenset(tried))
-                if choice is None:
-                    raise ProxyError(
-                        503,
-                        f"no healthy decoder engine (last: {decoder.url} unreachable)",
-                        ErrorKind.NO_ENGINE,
-                    ) from None
-                self._warn.warning(
-                    "%s: decoder %s unreachable; decode-only on %s",
-                    rec.req_id,
-                    decoder.url,
-                    choice.engine.url,
+                decoder = self._failover(req, decoder, exc, tried, params is not None)
+                params = None
+
+    async def _decode_on(
+        self, req: _Request, decoder: Engine, params: dict[str, Any] | None
+    ) -> Response:
+        """One decode attempt; releases ``decoder``'s in-flight slot, or hands it to the
+        relay of a streamed answer. ConnectFailed propagates (the caller fails over)."""
+        body = dict(req.payload)
+        body.pop("kv_transfer_params", None)
+        if params is not None:
+            body["kv_transfer_params"] = params
+        data = msgspec.json.encode(body)
+        req.rec.decoder = decoder.url
+        url = decoder.url + req.endpoint.value
+        handed = False
+        try:
+            if req.stream:
+                answer = await self.client.open(
+                    url, data, req.headers, self.s.decode_timeout_s, self.s.stream_idle_timeout_s
                 )
-                if params is not None:
-                    self.metrics.fallbacks.inc()
-                decoder, params = choice.engine, None
-            except Deadline:
-                raise ProxyError(
-                    504,
-                    f"decoder {decoder.url} did not answer within the deadline",
-                    ErrorKind.DEADLINE,
-                ) from None
-            except Broken as exc:
-                raise ProxyError(
-                    503, f"decoder {decoder.url} failed: {exc}", ErrorKind.UPSTREAM_CONNECT
-                ) from None
-            finally:
-                if not handed:
-                    self.decode.release(decoder)
+            else:
+                answer = await self.client.request(
+                    "POST", url, data, req.headers, self.s.decode_timeout_s
+                )
+            self.metrics.ttft_seconds.observe(time.monotonic() - req.rec.started)
+            if isinstance(answer, Stream):
+                handed = True
+                return RelayResponse(answer, self._closer(decoder, req.rec))
+            if answer.status >= 400:
+                self.metrics.errors.labels(ErrorKind.UPSTREAM.value).inc()
+            return reply_response(answer)
+        except Deadline:
+            raise ProxyError(
+                504,
+                f"decoder {decoder.url} did not answer within the deadline",
+                ErrorKind.DEADLINE,
+            ) from None
+        except Broken as exc:
+            raise ProxyError(
+                503, f"decoder {decoder.url} failed: {exc}", ErrorKind.UPSTREAM_CONNECT
+            ) from None
+        finally:
+            if not handed:
+                self.decode.release(decoder)
+
+    def _failover(
+        self,
+        req: _Request,
+        decoder: Engine,
+        exc: ConnectFailed,
+        tried: set[Engine],
+        had_params: bool,
+    ) -> Engine:
+        """Eject the unreachable ``decoder`` and pick another (decode-only: the KV went
+        to the one that is gone); ProxyError(503) when none is left."""
+        self.decode.eject(decoder, f"connect failed: {exc}")
+        self.metrics.errors.labels(ErrorKind.UPSTREAM_CONNECT.value).inc()
+        choice = self.decode.choose(req.keys, frozenset(tried))
+        if choice is None:
+            raise ProxyError(
+                503,
+                f"no healthy decoder engine (last: {decoder.url} unreachable)",
+                ErrorKind.NO_ENGINE,
+            )
+        self._warn.warning(
+            "%s: decoder %s unreachable; decode-only on %s",
+            req.rec.req_id,
+            decoder.url,
+            choice.engine.url,
+        )
+        if had_params:
+            self.metrics.fallbacks.inc()
+        return choice.engine
 
     def _closer(self, decoder: Engine, rec: RequestRecord) -> Callable[[RequestState, str], None]:
         def close(state: RequestState, error: str) -> None:

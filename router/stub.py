@@ -138,8 +138,8 @@ class StubEngine:
         if method == "GET" and path == "/health":
             return await self._reply(send, 200 if self.healthy else 503, b"{}")
         if method == "GET" and path == "/v1/models":
-            body = {"object": "list", "data": [{"id": "stub", "object": "model"}]}
-            return await self._reply(send, 200, msgspec.json.encode(body))
+            models = {"object": "list", "data": [{"id": "stub", "object": "model"}]}
+            return await self._reply(send, 200, msgspec.json.encode(models))
         try:
             body = msgspec.json.decode(raw) if raw else {}
         except msgspec.DecodeError:
