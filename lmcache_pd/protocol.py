@@ -16,8 +16,16 @@ The handoff (DESIGN.md):
         group's notification ``lmcpd:<lease>:<first>:<count>`` lets the receiver
         verify those chunks while later groups are still in flight ...
     Done{req_id, lease}                  ->
-                                          <- Committed{stored, bad}         (or Error)
+                                          <- Committed{stored, bad, grant}  (or Error)
     Cancel{req_id, lease, reason}        ->  (slots freed at once)
+
+Credit path (one round trip): a ``Grant`` in ``HelloAck`` or ``Committed`` lends slots
+ahead of time; the sender WRITEs into them at once and then sends everything in one
+message:
+
+    ... NIXL WRITEs into grant.slots, groups notified ``lmcpd:<grant.lease>:...`` ...
+    Push{req_id, lease, keys, nbytes, checksums, skipped} ->
+                                          <- Committed{stored, bad, missing, grant, recent}
 
 and, prefiller -> proxy over a PUSH socket: ``HandoffDone``.
 
@@ -104,12 +112,30 @@ class Compat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return out
 
 
+class Grant(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Receive slots lent to one sender ahead of its next request (credits).
+
+    The sender writes a request's chunks into ``slots`` at once, notifying each WRITE
+    group as ``lmcpd:<lease>:<first>:<count>`` (positions in ``slots``), and describes
+    them afterwards in one :class:`Push`: one control round trip per request instead of
+    Offer/Accept + Done/Committed. The receiver frees an unused grant ``ttl_s`` after it
+    issued it; a sender uses a grant only within half of that by its own clock, and
+    only once (each reply to a ``Push`` or ``Done`` may carry the next grant).
+    """
+
+    lease: int
+    slots: list[int]
+    ttl_s: float
+
+
 class Hello(Msg, tag="hello"):
-    """Sender introduces itself. Payload frame 0: the sender's transport metadata."""
+    """Sender introduces itself. Payload frame 0: the sender's transport metadata.
+    ``want_grant``: slots the sender would like lent for its first request (0: none)."""
 
     agent: str
     compat: Compat
     tp_rank: int = 0
+    want_grant: int = 0
 
 
 class HelloAck(Msg, tag="hello_ack"):
@@ -122,6 +148,7 @@ class HelloAck(Msg, tag="hello_ack"):
     slot_descs: list[tuple[int, int, int]]
     # transports.base.MemKind's values (the router imports this module, never transports)
     mem_kind: Literal["DRAM", "VRAM"] = "DRAM"
+    grant: Grant | None = None
 
 
 class Offer(Msg, tag="offer"):
@@ -164,13 +191,38 @@ class Done(Msg, tag="done"):
     lease: int
 
 
+class Push(Msg, tag="push"):
+    """Sender -> receiver, the whole request on the credit path, sent right after the
+    WRITEs into a :class:`Grant` were posted: chunk ``keys[i]`` (``nbytes[i]`` used
+    bytes, checksum ``checksums[i]``) went to ``grant.slots[i]`` of ``lease``.
+    ``skipped``: keys of the request the sender believes the receiver holds (not sent);
+    any it does not hold come back in ``Committed.missing``. ``want_grant``: slots the
+    sender would like lent for its next request. Answered with ``Committed`` once every
+    group's notification landed (or ``Error``)."""
+
+    req_id: str
+    lease: int
+    keys: list[bytes]
+    nbytes: list[int]
+    checksums: list[int]
+    skipped: list[bytes] = msgspec.field(default_factory=list)
+    want_grant: int = 0
+
+
 class Committed(Msg, tag="committed"):
-    """Receiver verified the chunks: ``stored`` are offer indices now held, ``bad`` the
-    ones rejected (checksum mismatch); bad chunks are never handed on."""
+    """Receiver verified the chunks: ``stored`` are offer (or push) indices now held,
+    ``bad`` the ones rejected (checksum mismatch); bad chunks are never handed on.
+    ``missing``: skipped keys of a ``Push`` the receiver does not hold (send them again).
+    ``grant``: slots lent for the sender's next request. ``recent``: keys that became
+    held here since this sender's previous reply (from any source, newest last, capped),
+    so the sender can skip them without asking."""
 
     req_id: str
     stored: list[int]
     bad: list[int]
+    missing: list[bytes] = msgspec.field(default_factory=list)
+    grant: Grant | None = None
+    recent: list[bytes] = msgspec.field(default_factory=list)
 
 
 class Cancel(Msg, tag="cancel"):
@@ -387,6 +439,7 @@ Message = (
     | Accept
     | Busy
     | Done
+    | Push
     | Committed
     | Cancel
     | Fetch
