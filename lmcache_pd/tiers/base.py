@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
+
+from lmcache_pd.chunks import longest_prefix
 
 Buffer = bytes | bytearray | memoryview
 
@@ -31,12 +33,13 @@ class Store(abc.ABC):
 
     def contains(self, keys: Sequence[bytes]) -> int:
         """Length of the longest prefix of ``keys`` held in this store."""
-        n = 0
-        for key in keys:
-            if key not in self:
-                break
-            n += 1
-        return n
+        return longest_prefix(keys, self._membership())
+
+    def _membership(self) -> Container[object]:
+        """What ``key in`` is asked of for each key by :meth:`contains`: the store
+        itself; a tier with a plain in-memory index returns the index (no method call
+        per key), an unavailable tier an empty container."""
+        return self
 
     @abc.abstractmethod
     def evict(self, key: bytes) -> bool:

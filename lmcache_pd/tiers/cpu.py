@@ -20,13 +20,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
 
 from lmcache_pd.tiers.base import Buffer, Store
-from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
+from lmcache_pd.tiers.metrics import Count, DropReason, TierCounters, TierMetrics, tier_metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +106,22 @@ class CPUStore(Store):
         self._writing: dict[bytes, int] = {}
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
         self._used = 0
-        self._counts: dict[str, int] = dict.fromkeys(
-            (
-                "hits",
-                "misses",
-                "bytes_written",
-                "bytes_read",
-                "evictions",
-                "dropped_writes",
-                "rejected_too_large",
-                "duplicate_puts",
-            ),
-            0,
-        )
         self._metrics = metrics if metrics is not None else tier_metrics()
-        self._m = self._metrics.bind(self.tier, self.capacity_bytes)
+        self._counts = TierCounters(
+            self._metrics,
+            self.tier,
+            self.capacity_bytes,
+            (
+                Count.HITS,
+                Count.MISSES,
+                Count.BYTES_WRITTEN,
+                Count.BYTES_READ,
+                Count.EVICTIONS,
+                Count.DROPPED_WRITES,
+                Count.REJECTED_TOO_LARGE,
+                Count.DUPLICATE_PUTS,
+            ),
+        )
         log.info(
             "CPU tier: %d slots of %d bytes (%.3f GB) in %d slab(s), backend=%s, pinned=%s",
             num_slots,
@@ -200,8 +201,7 @@ class CPUStore(Store):
             if entry.refs == 0:
                 del self._index[key]
                 self._used -= entry.length
-                self._counts["evictions"] += 1
-                self._m["evictions"].inc()
+                self._counts.inc(Count.EVICTIONS)
                 return entry.slot
         return None
 
@@ -209,16 +209,8 @@ class CPUStore(Store):
         del self._writing[key]
         self._index[key] = _Entry(slot, length)
         self._used += length
-        self._counts["bytes_written"] += length
-        self._m["bytes_written"].inc(length)
-        self._m["used_bytes"].set(self._used)
-        self._m["entries"].set(len(self._index))
-
-    def _drop(self, reason: str) -> None:
-        self._counts["dropped_writes"] += 1
-        self._m["dropped_writes"].inc()
-        if reason:
-            self._counts[reason] += 1
+        self._counts.inc(Count.BYTES_WRITTEN, length)
+        self._counts.gauges(self._used, len(self._index))
 
     # --- writes ---
 
@@ -228,14 +220,14 @@ class CPUStore(Store):
         :meth:`commit` or :meth:`abort`. None when the key is held or being written, the
         chunk is too large, or every slot is pinned."""
         if nbytes > self.slot_bytes:
-            self._drop("rejected_too_large")
+            self._counts.drop(DropReason.TOO_LARGE)
             return None
         with self._lock:
             if key in self._index or key in self._writing:
                 return None
             slot = self._take_slot_locked()
             if slot is None:
-                self._drop("")
+                self._counts.drop(DropReason.NO_FREE_SLOT)
                 return None
             self._writing[key] = slot
         return self._slot_view(slot, nbytes)
@@ -256,7 +248,7 @@ class CPUStore(Store):
         src = as_byte_view(data)
         n = src.nbytes
         if n > self.slot_bytes:
-            self._drop("rejected_too_large")
+            self._counts.drop(DropReason.TOO_LARGE)
             log.warning("CPU tier: chunk of %d bytes exceeds the %d-byte slot", n, self.slot_bytes)
             return False
         with self._lock:
@@ -264,11 +256,11 @@ class CPUStore(Store):
             if entry is not None or key in self._writing:
                 if entry is not None:
                     self._index.move_to_end(key)
-                self._counts["duplicate_puts"] += 1
+                self._counts.inc(Count.DUPLICATE_PUTS)
                 return True
             slot = self._take_slot_locked()
             if slot is None:
-                self._drop("")
+                self._counts.drop(DropReason.NO_FREE_SLOT)
                 return False
             self._writing[key] = slot
         try:
@@ -285,14 +277,8 @@ class CPUStore(Store):
     def __contains__(self, key: object) -> bool:
         return key in self._index
 
-    def contains(self, keys: Sequence[bytes]) -> int:
-        index = self._index
-        n = 0
-        for key in keys:
-            if key not in index:
-                break
-            n += 1
-        return n
+    def _membership(self) -> Container[object]:
+        return self._index
 
     def __len__(self) -> int:
         return len(self._index)
@@ -305,17 +291,14 @@ class CPUStore(Store):
             entry = self._index.get(key)
             if entry is None:
                 if record:
-                    self._counts["misses"] += 1
-                    self._m["misses"].inc()
+                    self._counts.inc(Count.MISSES)
                 return None
             entry.refs += 1
             if not record:
                 return self._slot_view(entry.slot, entry.length).toreadonly()
             self._index.move_to_end(key)
-            self._counts["hits"] += 1
-            self._counts["bytes_read"] += entry.length
-            self._m["hits"].inc()
-            self._m["bytes_read"].inc(entry.length)
+            self._counts.inc(Count.HITS)
+            self._counts.inc(Count.BYTES_READ, entry.length)
             slot, length = entry.slot, entry.length
         return self._slot_view(slot, length).toreadonly()
 
@@ -373,8 +356,7 @@ class CPUStore(Store):
             del self._index[key]
             self._used -= entry.length
             self._free.append(entry.slot)
-            self._m["used_bytes"].set(self._used)
-            self._m["entries"].set(len(self._index))
+            self._counts.gauges(self._used, len(self._index))
             return True
 
     def clear(self) -> None:
@@ -384,7 +366,7 @@ class CPUStore(Store):
 
     def stats(self) -> dict[str, int | float]:
         with self._lock:
-            out: dict[str, int | float] = dict(self._counts)
+            out: dict[str, int | float] = dict(self._counts.snapshot())
             out.update(
                 entries=len(self._index),
                 used_bytes=self._used,

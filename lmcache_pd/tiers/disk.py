@@ -32,6 +32,7 @@ load); turn it on for durability across power loss.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import itertools
 import logging
@@ -41,14 +42,14 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container
 from pathlib import Path
 
 import xxhash
 
 from lmcache_pd.tiers.base import Buffer, Store
 from lmcache_pd.tiers.cpu import as_byte_view
-from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
+from lmcache_pd.tiers.metrics import Count, DropReason, TierCounters, TierMetrics, tier_metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ SUFFIX = ".kv"
 TMP_PREFIX = ".tmp-"
 BLOCK = 1 << 20  # read/write + hash granularity: keeps the hashed block in cache
 _OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# errnos that mean "no room": the disk or quota is full, or the file would be too large
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 Done = Callable[[], None]
 
@@ -71,26 +74,62 @@ def encode_header(key: bytes, fingerprint: bytes, length: int, checksum: int) ->
     )
 
 
+class Fault(str, enum.Enum):
+    """What is wrong with a stored chunk entry."""
+
+    UNREADABLE = "unreadable"  # cannot be opened or read
+    TRUNCATED = "truncated"  # shorter (or longer) than its header says
+    NOT_A_CHUNK = "not_a_chunk"  # bad magic
+    VERSION = "version"  # another format version
+    KEY_MISMATCH = "key_mismatch"  # the header names another key
+    FOREIGN = "foreign"  # written for another layout (fingerprint)
+    SYMLINK = "symlink"  # a symlink where a chunk file belongs
+    CHECKSUM = "checksum"  # payload checksum mismatch
+
+
+class HeaderProblem(str):
+    """Why an entry is not valid: the message (a ``str``, so callers can log it as is)
+    and its :class:`Fault` (what callers branch on)."""
+
+    fault: Fault
+
+    def __new__(cls, message: str, fault: Fault) -> HeaderProblem:
+        self = super().__new__(cls, message)
+        self.fault = fault
+        return self
+
+
 def parse_header(
     head: bytes | memoryview, key: bytes, size: int, fingerprint: bytes
-) -> tuple[int, int] | str:
+) -> tuple[int, int] | HeaderProblem:
     """Check a chunk header (the first ``HEADER_SIZE`` bytes of an entry of ``size``
     bytes in all) for ``key`` and the layout ``fingerprint``: ``(payload length,
     xxh3-64 checksum)``, or why it is not a valid entry. Shared by the disk and remote
     tiers."""
     if len(head) < HEADER_SIZE:
-        return f"truncated header ({len(head)} of {HEADER_SIZE} bytes)"
+        return HeaderProblem(
+            f"truncated header ({len(head)} of {HEADER_SIZE} bytes)", Fault.TRUNCATED
+        )
     magic, version, hsize, klen, kfield, fp, length, checksum = HEADER.unpack(head)
     if magic != MAGIC:
-        return "not a chunk file (bad magic)"
+        return HeaderProblem("not a chunk file (bad magic)", Fault.NOT_A_CHUNK)
     if version != FORMAT_VERSION or hsize != HEADER_SIZE:
-        return f"format version {version} (header {hsize}), expected {FORMAT_VERSION}"
+        return HeaderProblem(
+            f"format version {version} (header {hsize}), expected {FORMAT_VERSION}",
+            Fault.VERSION,
+        )
     if klen != len(key) or kfield[:klen] != key:
-        return "key in header does not match the file name"
+        return HeaderProblem("key in header does not match the file name", Fault.KEY_MISMATCH)
     if fp != fingerprint:
-        return f"written for another layout (fingerprint {fp.hex()}, ours {fingerprint.hex()})"
+        return HeaderProblem(
+            f"written for another layout (fingerprint {fp.hex()}, ours {fingerprint.hex()})",
+            Fault.FOREIGN,
+        )
     if size != HEADER_SIZE + length:
-        return f"truncated or padded: {size} bytes on disk, header says {HEADER_SIZE + length}"
+        return HeaderProblem(
+            f"truncated or padded: {size} bytes on disk, header says {HEADER_SIZE + length}",
+            Fault.TRUNCATED,
+        )
     return length, checksum
 
 
@@ -145,26 +184,27 @@ class DiskStore(Store):
         self._used = 0
         self._disabled: str | None = None
         self._tmp_ids = itertools.count()
-        self._counts: dict[str, int] = dict.fromkeys(
-            (
-                "hits",
-                "misses",
-                "bytes_written",
-                "bytes_read",
-                "evictions",
-                "dropped_writes",
-                "queue_full_drops",
-                "rejected_too_large",
-                "duplicate_puts",
-                "corrupt_files",
-                "foreign_files",
-                "write_errors",
-                "files_loaded",
-            ),
-            0,
-        )
         self._metrics = metrics if metrics is not None else tier_metrics()
-        self._m = self._metrics.bind(self.tier, self.capacity_bytes, extra=("corrupt_files",))
+        self._counts = TierCounters(
+            self._metrics,
+            self.tier,
+            self.capacity_bytes,
+            (
+                Count.HITS,
+                Count.MISSES,
+                Count.BYTES_WRITTEN,
+                Count.BYTES_READ,
+                Count.EVICTIONS,
+                Count.DROPPED_WRITES,
+                Count.QUEUE_FULL_DROPS,
+                Count.REJECTED_TOO_LARGE,
+                Count.DUPLICATE_PUTS,
+                Count.CORRUPT_FILES,
+                Count.FOREIGN_FILES,
+                Count.WRITE_ERRORS,
+                Count.FILES_LOADED,
+            ),
+        )
         self._queue: queue.Queue[tuple[bytes, memoryview, Done | None] | None] = queue.Queue(
             maxsize=max(1, queue_size)
         )
@@ -183,7 +223,7 @@ class DiskStore(Store):
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            self._disable(f"cannot use the directory: {exc}")
+            self._disable(f"cannot use the directory: {exc}", exc.errno)
             return
         t0 = time.perf_counter()
         found: list[tuple[int, bytes, int]] = []
@@ -197,7 +237,8 @@ class DiskStore(Store):
                 if key is None:
                     continue  # not ours: left alone
                 if entry.is_symlink():
-                    self._corrupt(key, Path(entry.path), "is a symlink", miss=False)
+                    link = HeaderProblem("is a symlink", Fault.SYMLINK)
+                    self._corrupt(key, Path(entry.path), link, miss=False)
                     continue
                 if not entry.is_file(follow_symlinks=False):
                     continue
@@ -214,7 +255,7 @@ class DiskStore(Store):
             for _, key, size in found:
                 self._index[key] = size
                 self._used += size
-            self._counts["files_loaded"] = len(found)
+            self._counts.set(Count.FILES_LOADED, len(found))
             victims = self._make_room_locked(0)
             self._update_gauges_locked()
         self._unlink_all(victims)
@@ -227,19 +268,19 @@ class DiskStore(Store):
                 time.perf_counter() - t0,
             )
 
-    def _check_file(self, path: str, key: bytes, size: int) -> str | None:
+    def _check_file(self, path: str, key: bytes, size: int) -> HeaderProblem | None:
         try:
             fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
         except OSError as exc:
-            return f"cannot open: {exc.strerror}"
+            return HeaderProblem(f"cannot open: {exc.strerror}", Fault.UNREADABLE)
         try:
             head = os.pread(fd, HEADER_SIZE, 0)
         finally:
             os.close(fd)
         parsed = self._parse_header(head, key, size)
-        return parsed if isinstance(parsed, str) else None
+        return parsed if isinstance(parsed, HeaderProblem) else None
 
-    def _parse_header(self, head: bytes, key: bytes, size: int) -> tuple[int, int] | str:
+    def _parse_header(self, head: bytes, key: bytes, size: int) -> tuple[int, int] | HeaderProblem:
         return parse_header(head, key, size, self.fingerprint)
 
     # --- paths ---
@@ -268,25 +309,26 @@ class DiskStore(Store):
         write is dropped or fails)."""
         key = _check_key(key)
         view = as_byte_view(data)
-        reason = ""
+        reason: DropReason | None = None
+        duplicate = False
         with self._lock:
             if self._disabled is not None:
-                reason = "disabled"
+                reason = DropReason.DISABLED
             elif key in self._index or key in self._pending:
-                self._counts["duplicate_puts"] += 1
-                reason = "duplicate"
+                self._counts.inc(Count.DUPLICATE_PUTS)
+                duplicate = True
             elif HEADER_SIZE + view.nbytes > self.capacity_bytes:
-                reason = "rejected_too_large"
+                reason = DropReason.TOO_LARGE
             elif self._queue.full():
-                reason = "queue_full_drops"
+                reason = DropReason.QUEUE_FULL
             else:
                 self._pending.add(key)
-        if reason:
+        if duplicate or reason is not None:
             if on_written is not None:
                 on_written()
-            if reason == "duplicate":
-                return True
-            self._drop(reason)
+            if reason is None:
+                return True  # already held or queued
+            self._counts.drop(reason)
             return False
         if on_written is None:
             view = memoryview(view.tobytes())
@@ -297,16 +339,9 @@ class DiskStore(Store):
                 self._pending.discard(key)
             if on_written is not None:
                 on_written()
-            self._drop("queue_full_drops")
+            self._counts.drop(DropReason.QUEUE_FULL)
             return False
         return True
-
-    def _drop(self, reason: str) -> None:
-        with self._lock:
-            self._counts["dropped_writes"] += 1
-            if reason in self._counts:
-                self._counts[reason] += 1
-        self._m["dropped_writes"].inc()
 
     def _writer(self) -> None:
         while True:
@@ -319,9 +354,8 @@ class DiskStore(Store):
                 if self._disabled is None:
                     self._write(key, view)
             except OSError as exc:
-                with self._lock:
-                    self._counts["write_errors"] += 1
-                self._disable(f"writing {key.hex()}{SUFFIX} failed: {exc}")
+                self._counts.inc(Count.WRITE_ERRORS)
+                self._disable(f"writing {key.hex()}{SUFFIX} failed: {exc}", exc.errno)
             except Exception:
                 log.exception("disk tier: unexpected error writing %s", key.hex())
             finally:
@@ -369,9 +403,8 @@ class DiskStore(Store):
                 self._used -= old
             self._index[key] = size
             self._used += size
-            self._counts["bytes_written"] += length
+            self._counts.inc(Count.BYTES_WRITTEN, length)
             self._update_gauges_locked()
-        self._m["bytes_written"].inc(length)
 
     def _make_room_locked(self, size: int) -> list[bytes]:
         victims: list[bytes] = []
@@ -380,8 +413,7 @@ class DiskStore(Store):
             self._used -= old
             victims.append(key)
         if victims:
-            self._counts["evictions"] += len(victims)
-            self._m["evictions"].inc(len(victims))
+            self._counts.inc(Count.EVICTIONS, len(victims))
             self._update_gauges_locked()
         return victims
 
@@ -394,10 +426,11 @@ class DiskStore(Store):
                     log.warning("disk tier: cannot delete %s: %s", key.hex(), exc)
 
     def _update_gauges_locked(self) -> None:
-        self._m["used_bytes"].set(self._used)
-        self._m["entries"].set(len(self._index))
+        self._counts.gauges(self._used, len(self._index))
 
-    def _disable(self, why: str) -> None:
+    def _disable(self, why: str, err: int | None = None) -> None:
+        """Stop using the tier (``why`` is logged; ``err`` is the errno that caused it,
+        if an OSError did)."""
         with self._lock:
             if self._disabled is not None:
                 return
@@ -406,7 +439,7 @@ class DiskStore(Store):
             self._used = 0
             self._update_gauges_locked()
         hint = ""
-        if "No space" in why or "quota" in why.lower() or "too large" in why.lower():
+        if err in _DISK_FULL:
             hint = " (the disk is full: free space or lower max_local_disk_size)"
         log.error(
             "disk tier at %s disabled: %s%s. lmcache-pd keeps serving from the CPU tier "
@@ -439,16 +472,8 @@ class DiskStore(Store):
     def __contains__(self, key: object) -> bool:
         return self._disabled is None and key in self._index
 
-    def contains(self, keys: Sequence[bytes]) -> int:
-        if self._disabled is not None:
-            return 0
-        index = self._index
-        n = 0
-        for key in keys:
-            if key not in index:
-                break
-            n += 1
-        return n
+    def _membership(self) -> Container[object]:
+        return self._index if self._disabled is None else ()
 
     def __len__(self) -> int:
         return len(self._index)
@@ -462,9 +487,7 @@ class DiskStore(Store):
         return None if view is None else view.nbytes
 
     def _miss(self) -> None:
-        with self._lock:
-            self._counts["misses"] += 1
-        self._m["misses"].inc()
+        self._counts.inc(Count.MISSES)
 
     def _read(self, key: bytes, out: memoryview | None) -> memoryview | None:
         if self._disabled is not None or key not in self._index:
@@ -482,14 +505,14 @@ class DiskStore(Store):
             return None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                self._corrupt(key, path, "is a symlink")
+                self._corrupt(key, path, HeaderProblem("is a symlink", Fault.SYMLINK))
             else:
                 log.warning("disk tier: cannot open %s: %s (a miss)", path, exc)
                 self._miss()
             return None
         try:
             parsed = self._parse_header(os.pread(fd, HEADER_SIZE, 0), key, os.fstat(fd).st_size)
-            if isinstance(parsed, str):
+            if isinstance(parsed, HeaderProblem):
                 self._corrupt(key, path, parsed)
                 return None
             length, checksum = parsed
@@ -505,42 +528,38 @@ class DiskStore(Store):
                 block = dst[pos : pos + BLOCK]
                 got = os.preadv(fd, [block], HEADER_SIZE + pos)
                 if got <= 0:
-                    self._corrupt(key, path, "truncated while reading")
+                    problem = HeaderProblem("truncated while reading", Fault.TRUNCATED)
+                    self._corrupt(key, path, problem)
                     return None
                 hasher.update(block[:got])
                 pos += got
         finally:
             os.close(fd)
         if hasher.intdigest() != checksum:
-            self._corrupt(key, path, "checksum mismatch (xxh3-64)")
+            self._corrupt(key, path, HeaderProblem("checksum mismatch (xxh3-64)", Fault.CHECKSUM))
             return None
         with self._lock:
             if key in self._index:
                 self._index.move_to_end(key)
-            self._counts["hits"] += 1
-            self._counts["bytes_read"] += length
-        self._m["hits"].inc()
-        self._m["bytes_read"].inc(length)
+            self._counts.inc(Count.HITS)
+            self._counts.inc(Count.BYTES_READ, length)
         with contextlib.suppress(OSError):
             os.utime(path)  # keeps the LRU order across restarts
         return dst
 
-    def _corrupt(self, key: bytes, path: Path, why: str, miss: bool = True) -> None:
-        foreign = why.startswith("written for another layout")
+    def _corrupt(self, key: bytes, path: Path, why: HeaderProblem, miss: bool = True) -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
         with self._lock:
             size = self._index.pop(key, None)
             if size is not None:
                 self._used -= size
-            self._counts["corrupt_files"] += 1
-            self._counts["misses"] += miss
-            if foreign:
-                self._counts["foreign_files"] += 1
+            self._counts.inc(Count.CORRUPT_FILES)
+            if miss:
+                self._counts.inc(Count.MISSES)
+            if why.fault is Fault.FOREIGN:
+                self._counts.inc(Count.FOREIGN_FILES)
             self._update_gauges_locked()
-        self._m["corrupt_files"].inc()
-        if miss:
-            self._m["misses"].inc()
         log.warning(
             "disk tier: %s %s; deleted it%s",
             path,
@@ -567,7 +586,7 @@ class DiskStore(Store):
 
     def stats(self) -> dict[str, int | float]:
         with self._lock:
-            out: dict[str, int | float] = dict(self._counts)
+            out: dict[str, int | float] = dict(self._counts.snapshot())
             out.update(
                 entries=len(self._index),
                 used_bytes=self._used,

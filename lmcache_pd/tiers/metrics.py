@@ -1,15 +1,20 @@
-"""Prometheus metrics of the CPU and disk tiers (one set per registry, labelled by tier).
+"""Tier counters: typed names, plain counts for ``stats()`` and their Prometheus mirrors.
 
-Every store also keeps plain integer counters for ``stats()``; these Prometheus series
-mirror them for scraping. Pass ``prometheus_client.REGISTRY`` to export them with the
+:class:`Count` names every counter a tier keeps; :class:`TierCounters` is the one path
+that updates a tier's plain count and its Prometheus series together (the CPU and disk
+tiers use it; :class:`DropReason` says why a put stored nothing). The Prometheus series
+(:class:`TierMetrics`, one set per registry, labelled by tier) mirror the counts for
+scraping. Pass ``prometheus_client.REGISTRY`` to export them with the
 process's other metrics; by default each :class:`TierMetrics` gets a private registry so
 several stores (tests, benchmarks) never collide.
 """
 
 from __future__ import annotations
 
+import enum
 import threading
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -69,6 +74,103 @@ TIER_METRICS = (
     "entries",
     "capacity_bytes",
 )
+
+
+class Count(str, enum.Enum):
+    """A tier counter; the value is its key in ``stats()`` (and its Prometheus name,
+    for the mirrored ones)."""
+
+    HITS = "hits"
+    MISSES = "misses"
+    BYTES_WRITTEN = "bytes_written"
+    BYTES_READ = "bytes_read"
+    EVICTIONS = "evictions"
+    DROPPED_WRITES = "dropped_writes"
+    REJECTED_TOO_LARGE = "rejected_too_large"
+    QUEUE_FULL_DROPS = "queue_full_drops"
+    DUPLICATE_PUTS = "duplicate_puts"
+    CORRUPT_FILES = "corrupt_files"
+    FOREIGN_FILES = "foreign_files"
+    WRITE_ERRORS = "write_errors"
+    FILES_LOADED = "files_loaded"
+
+
+# Counts with a Prometheus counter of the same name in TierMetrics.
+_MIRRORED = frozenset(
+    {
+        Count.HITS,
+        Count.MISSES,
+        Count.BYTES_WRITTEN,
+        Count.BYTES_READ,
+        Count.EVICTIONS,
+        Count.DROPPED_WRITES,
+        Count.CORRUPT_FILES,
+    }
+)
+
+
+class DropReason(str, enum.Enum):
+    """Why a put stored nothing (each also counts one ``dropped_writes``)."""
+
+    TOO_LARGE = "too_large"  # the chunk is larger than a slot / the tier
+    QUEUE_FULL = "queue_full"  # the write-behind queue is full
+    NO_FREE_SLOT = "no_free_slot"  # every slot pinned or being written
+    DISABLED = "disabled"  # the tier disabled itself
+
+    @property
+    def counter(self) -> Count | None:
+        """The reason's own counter, if it has one."""
+        return _REASON_COUNTS.get(self)
+
+
+_REASON_COUNTS = {
+    DropReason.TOO_LARGE: Count.REJECTED_TOO_LARGE,
+    DropReason.QUEUE_FULL: Count.QUEUE_FULL_DROPS,
+}
+
+
+class TierCounters:
+    """One tier's counters: the plain counts ``stats()`` reports, and their Prometheus
+    mirrors, always updated together. Thread-safe."""
+
+    def __init__(
+        self, metrics: TierMetrics, tier: str, capacity_bytes: int, names: Sequence[Count]
+    ) -> None:
+        self._counts: dict[Count, int] = dict.fromkeys(names, 0)
+        extra = tuple(n.value for n in names if n in _MIRRORED and n.value not in TIER_METRICS)
+        self._m = metrics.bind(tier, capacity_bytes, extra=extra)
+        self._lock = threading.Lock()
+
+    def inc(self, name: Count, amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += amount
+        if name in _MIRRORED and amount:
+            self._m[name.value].inc(amount)
+
+    def set(self, name: Count, value: int) -> None:
+        """Set a count that is a level, not an event count (``files_loaded``)."""
+        with self._lock:
+            self._counts[name] = value
+
+    def drop(self, reason: DropReason) -> None:
+        """A put stored nothing: one ``dropped_writes`` and the reason's own count."""
+        self.inc(Count.DROPPED_WRITES)
+        own = reason.counter
+        if own is not None and own in self._counts:
+            self.inc(own)
+
+    def gauges(self, used_bytes: int, entries: int) -> None:
+        self._m["used_bytes"].set(used_bytes)
+        self._m["entries"].set(entries)
+
+    def __getitem__(self, name: Count) -> int:
+        with self._lock:
+            return self._counts[name]
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts by their ``stats()`` names."""
+        with self._lock:
+            return {name.value: value for name, value in self._counts.items()}
 
 
 def tier_metrics(registry: CollectorRegistry | None = None) -> TierMetrics:

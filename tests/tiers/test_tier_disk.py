@@ -23,7 +23,14 @@ from hypothesis import strategies as st
 
 from lmcache_pd.layout import preset
 from lmcache_pd.tiers import DiskStore
-from lmcache_pd.tiers.disk import HEADER_SIZE, MAGIC
+from lmcache_pd.tiers.disk import (
+    HEADER_SIZE,
+    MAGIC,
+    Fault,
+    HeaderProblem,
+    encode_header,
+    parse_header,
+)
 
 from .tier_helpers import key_of, payload
 
@@ -276,6 +283,7 @@ def test_disk_full_disables_tier(make, tmp_path: Path, caplog: pytest.LogCapture
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and "disabled" in errors[0].getMessage()
         assert "CPU tier" in errors[0].getMessage()
+        assert "the disk is full" in errors[0].getMessage()  # ENOSPC, by errno
         assert not store.put(key_of(20), b"x")
         assert key_of(0) not in store and store.get(key_of(0)) is None
         assert store.stats()["disabled"] == 1 and store.stats()["write_errors"] == 1
@@ -293,6 +301,21 @@ def test_unusable_directory_disables_tier(make, tmp_path: Path) -> None:
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         ro = make(path=mnt)
         assert ro.disabled is not None and "Read-only" in ro.disabled
+
+
+def test_header_problems_are_typed() -> None:
+    key, fp = key_of(3), b"f" * 16
+    head = encode_header(key, fp, 10, 123)
+    assert parse_header(head, key, len(head) + 10, fp) == (10, 123)
+    cases = {
+        Fault.TRUNCATED: parse_header(head[:20], key, 30, fp),
+        Fault.NOT_A_CHUNK: parse_header(b"X" + head[1:], key, len(head) + 10, fp),
+        Fault.KEY_MISMATCH: parse_header(head, key_of(4), len(head) + 10, fp),
+        Fault.FOREIGN: parse_header(head, key, len(head) + 10, b"g" * 16),
+    }
+    for fault, problem in cases.items():
+        assert isinstance(problem, HeaderProblem) and problem.fault is fault, (fault, problem)
+        assert str(problem)  # a message to log
 
 
 def test_concurrent_readers_never_see_half_written_chunks(make) -> None:
