@@ -161,9 +161,7 @@ def _accepted_dtypes(layout: KVShape) -> tuple[torch.dtype, ...]:
     return (layout.torch_dtype,)
 
 
-def expected_layer_shape(
-    fmt: PagedFormat, layout: KVShapeLike, num_blocks: int | str = "B"
-) -> str:
+def expected_layer_shape(fmt: PagedFormat, layout: KVShapeLike, num_blocks: int | str = "B") -> str:
     """Human-readable expected per-layer shape of ``fmt`` for ``layout``."""
     n, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
     shapes = {
