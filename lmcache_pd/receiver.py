@@ -11,6 +11,13 @@ with every group landed, good chunks become *ready* and bad ones are rejected; a
 that sees no ``Done`` within its TTL expires and its slots are freed: a dead sender never
 leaks slots.
 
+Credits: each connected sender may be lent a **grant** of free slots (at Hello, then with
+every ``Committed``) which it writes into before asking; its ``Push`` then turns the grant
+into an ordinary lease (the ``Push`` plays the part of ``Offer`` and ``Done`` at once).
+Notifications that land before their ``Push`` are kept with the grant. An unused grant is
+freed after ``pd_lease_ttl_s``; grants never evict held chunks and together never take
+more than half of the buffer.
+
 Ready chunks stay in the buffer (LRU; unpinned ones are evicted for new leases) and are
 copied into the ``store`` when one is configured. Engine-facing calls (``lookup``,
 ``wait_for``, ``acquire``/``release``, ``read``) are thread-safe.
@@ -25,7 +32,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,11 +56,13 @@ from lmcache_pd.protocol import (
     Done,
     Error,
     ErrorCode,
+    Grant,
     Hello,
     HelloAck,
     LeaseNotif,
     Message,
     Offer,
+    Push,
 )
 from lmcache_pd.tiers.base import Store
 from lmcache_pd.transports.base import MemKind, Transport
@@ -65,6 +74,8 @@ _POLL_MIN_S = 50e-6
 _POLL_FAST_MAX_S = 250e-6
 _POLL_SLOW_MAX_S = 10e-3
 _FAST_WINDOW_S = 0.5
+_RECENT_KEYS = 4096  # keys made ready lately, told to senders so they can skip them
+_RECENT_PER_REPLY = 1024
 
 
 @dataclass
@@ -83,6 +94,8 @@ class _Lease:
     landed: set[int] = field(default_factory=set)  # positions in ``want``
     bad: list[int] = field(default_factory=list)  # offer indices that failed the checksum
     done: Done | None = None  # set when the sender says every WRITE completed
+    early: list[tuple[int, int]] = field(default_factory=list)  # grant: notifs before Push
+    missing: list[bytes] = field(default_factory=list)  # Push: skipped keys not held here
 
 
 @dataclass
@@ -97,6 +110,9 @@ class _PeerInfo:
     agent: str
     hello: Hello
     leases: set[int] = field(default_factory=set)
+    grant: int | None = None  # lease id of the slots lent to this sender now
+    want_grant: int = 0
+    recent_seen: int = 0  # last ``_recent`` sequence number told to this sender
 
 
 class Receiver:
@@ -132,6 +148,9 @@ class Receiver:
         self._lock = threading.Condition()
         self._ready: OrderedDict[bytes, _Ready] = OrderedDict()
         self._leases: dict[int, _Lease] = {}
+        self._grants: dict[int, _Lease] = {}  # lent slots not yet pushed into
+        self._recent: deque[tuple[int, bytes]] = deque(maxlen=_RECENT_KEYS)
+        self._recent_seq = 0
         self._peers: dict[bytes, _PeerInfo] = {}
         self._next_lease = 1
         self._thread: threading.Thread | None = None
@@ -166,6 +185,7 @@ class Receiver:
             self._thread.join(5.0)
         with self._lock:
             self._leases.clear()
+            self._grants.clear()
             self._ready.clear()
             self._lock.notify_all()
         self.buffer.close()
@@ -225,6 +245,8 @@ class Receiver:
             return self._on_hello(identity, msg, payload)
         if isinstance(msg, Offer):
             return self._on_offer(identity, msg), []
+        if isinstance(msg, Push):
+            return self._on_push(identity, msg), []
         if isinstance(msg, Done):
             return self._on_done(identity, msg), []
         if isinstance(msg, Cancel):
@@ -232,6 +254,9 @@ class Receiver:
                 lease = self._leases.get(msg.lease)
                 if lease is not None and lease.identity == identity:
                     self._drop_lease(lease, f"cancelled by sender: {msg.reason}")
+                grant = self._grants.get(msg.lease)
+                if grant is not None and grant.identity == identity:
+                    self._drop_grant(grant)
             return None, []
         req_id = getattr(msg, "req_id", None)
         return Error(
@@ -258,16 +283,145 @@ class Receiver:
         with self._lock:
             # a sender that reconnects (new socket identity) replaces its old entry
             for old in [i for i, p in self._peers.items() if p.agent == agent and i != identity]:
-                del self._peers[old]
-            self._peers[identity] = _PeerInfo(agent=agent, hello=msg)
+                self._drop_peer_grant(self._peers.pop(old))
+            self._drop_peer_grant(self._peers.get(identity))
+            # a new sender hears of the recent keys too (first reply): it can skip them
+            peer = self._peers[identity] = _PeerInfo(
+                agent=agent, hello=msg, want_grant=msg.want_grant
+            )
+            grant = self._issue_grant(identity, peer, msg.want_grant)
         ack = HelloAck(
             agent=self.transport.name,
             num_slots=self.buffer.num_slots,
             slot_bytes=self.buffer.slot_bytes,
             slot_descs=self.buffer.descs,
-            mem_kind=self.buffer.kind.value,
+            mem_kind="VRAM" if self.buffer.kind is MemKind.VRAM else "DRAM",
+            grant=grant,
         )
         return ack, [self.transport.metadata()]
+
+    # ------------------------------------------------------------------ credits
+    def _issue_grant(
+        self, identity: bytes, peer: _PeerInfo, want: int, reuse: Sequence[int] = ()
+    ) -> Grant | None:
+        """Lend ``peer`` up to ``want`` slots for its next request: ``reuse`` (slots of
+        its last grant it did not use) first, then free slots; never evicts held chunks,
+        at most a quarter of the buffer per sender and half for all. Lock held."""
+        cap = self.buffer.num_slots // 4
+        granted = sum(len(g.slots) for g in self._grants.values())
+        n = min(want, cap, max(0, self.buffer.num_slots // 2 - granted))
+        slots = list(reuse[:n])
+        if len(reuse) > n:
+            self.buffer.free(list(reuse[n:]))
+        extra = min(n - len(slots), self.buffer.free_count)
+        if extra > 0:
+            slots += self.buffer.alloc(extra)
+        if not slots:
+            return None
+        now = time.monotonic()
+        lease = _Lease(
+            lease=self._next_lease,
+            req_id="",
+            identity=identity,
+            keys=[],
+            nbytes=[],
+            checksums=[],
+            have=[],
+            want=[],
+            slots=slots,
+            granted_at=now,
+            deadline=now + self.cfg.pd_lease_ttl_s,
+        )
+        self._next_lease += 1
+        self._grants[lease.lease] = lease
+        peer.grant = lease.lease
+        self.counters.inc("grants")
+        return Grant(lease=lease.lease, slots=slots, ttl_s=self.cfg.pd_lease_ttl_s)
+
+    def _current_grant(self, identity: bytes, peer: _PeerInfo) -> Grant | None:
+        """The grant to state in a reply: the sender's one replaces its grant with it
+        (None: it has none). One past half its life is renewed. Lock held."""
+        now = time.monotonic()
+        lease = self._grants.get(peer.grant) if peer.grant is not None else None
+        if lease is not None and lease.deadline - now >= self.cfg.pd_lease_ttl_s / 2:
+            return Grant(lease=lease.lease, slots=lease.slots, ttl_s=lease.deadline - now)
+        reuse: list[int] = []
+        if lease is not None:  # renewed under a new lease id with the same slots
+            self._grants.pop(lease.lease, None)
+            reuse = lease.slots
+        elif peer.want_grant <= 0:
+            return None
+        return self._issue_grant(identity, peer, max(peer.want_grant, len(reuse)), reuse)
+
+    def _drop_grant(self, grant: _Lease) -> None:
+        """Take a grant back and free its slots (lock held)."""
+        self._grants.pop(grant.lease, None)
+        self.buffer.free(grant.slots)
+        peer = self._peers.get(grant.identity)
+        if peer is not None and peer.grant == grant.lease:
+            peer.grant = None
+
+    def _drop_peer_grant(self, peer: _PeerInfo | None) -> None:
+        if peer is not None and peer.grant is not None:
+            grant = self._grants.get(peer.grant)
+            if grant is not None:
+                self._drop_grant(grant)
+            peer.grant = None
+
+    def _recent_for(self, peer: _PeerInfo) -> list[bytes]:
+        """Keys made ready since ``peer`` was last told (newest last, capped). Lock held."""
+        out = [key for seq, key in self._recent if seq > peer.recent_seen]
+        peer.recent_seen = self._recent_seq
+        return out[-_RECENT_PER_REPLY:]
+
+    def _on_push(self, identity: bytes, msg: Push) -> Message | None:
+        def err(code: ErrorCode, text: str) -> Error:
+            return Error(req_id=msg.req_id, code=code, message=text)
+
+        with self._lock:
+            peer = self._peers.get(identity)
+            if peer is None:
+                return err(
+                    ErrorCode.UNKNOWN_PEER, "no Hello from this sender (receiver restarted?)"
+                )
+            lease = self._grants.get(msg.lease)
+            if lease is None or lease.identity != identity:
+                return err(
+                    ErrorCode.UNKNOWN_LEASE,
+                    f"grant {msg.lease} unknown or expired (TTL {self.cfg.pd_lease_ttl_s}s)",
+                )
+            problem = self._check_chunks(msg.keys, msg.nbytes, msg.checksums, len(lease.slots))
+            if problem is None and any(len(k) != 16 for k in msg.skipped):
+                problem = "skipped chunk keys must be 16 bytes"
+            if problem is not None:
+                self._drop_grant(lease)
+                return err(ErrorCode.BAD_REQUEST, problem)
+            del self._grants[lease.lease]
+            peer.grant = None
+            peer.want_grant = msg.want_grant
+            k = len(msg.keys)
+            leftover = lease.slots[k:]
+            now = time.monotonic()
+            lease.req_id = msg.req_id
+            lease.keys, lease.nbytes = list(msg.keys), list(msg.nbytes)
+            lease.checksums = list(msg.checksums)
+            lease.want, lease.slots = list(range(k)), lease.slots[:k]
+            lease.done = Done(req_id=msg.req_id, lease=lease.lease)
+            lease.granted_at, lease.deadline = now, now + self.cfg.pd_lease_ttl_s
+            lease.missing = [key for key in msg.skipped if not self._held(key)]
+            self._issue_grant(identity, peer, msg.want_grant, leftover)  # told in Committed
+            self._leases[lease.lease] = lease
+            peer.leases.add(lease.lease)
+            self.counters.inc("requests")
+            self.counters.inc("pushes")
+            self.counters.inc("dedupe_hits", len(msg.skipped) - len(lease.missing))
+            early, lease.early = lease.early, []
+        for first, count in early:
+            self._verify(lease, first, count)
+        if len(lease.landed) == len(lease.want):
+            with self._lock:
+                return self._commit(lease)
+        return None  # committed when the last data notification arrives
 
     def _held(self, key: bytes) -> bool:
         return key in self._ready or (self.store is not None and key in self.store)
@@ -321,20 +475,24 @@ class Receiver:
 
         if identity not in self._peers:
             return err(ErrorCode.UNKNOWN_PEER, "no Hello from this sender (receiver restarted?)")
-        if not len(msg.keys) == len(msg.nbytes) == len(msg.checksums):
-            return err(ErrorCode.BAD_REQUEST, "Offer keys, nbytes and checksums differ in length")
-        if len(msg.keys) > self.buffer.num_slots:
-            return err(
-                ErrorCode.BAD_REQUEST,
-                f"Offer of {len(msg.keys)} chunks exceeds the receive buffer "
-                f"({self.buffer.num_slots} slots); send in batches",
+        problem = self._check_chunks(msg.keys, msg.nbytes, msg.checksums, self.buffer.num_slots)
+        return None if problem is None else err(ErrorCode.BAD_REQUEST, problem)
+
+    def _check_chunks(
+        self, keys: list[bytes], nbytes: list[int], checksums: list[int], room: int
+    ) -> str | None:
+        """What is wrong with a chunk list of an Offer or Push (``room`` slots), if anything."""
+        if not len(keys) == len(nbytes) == len(checksums):
+            return "keys, nbytes and checksums differ in length"
+        if len(keys) > room:
+            return (
+                f"{len(keys)} chunks exceed the receive buffer ({room} slots available of "
+                f"{self.buffer.num_slots}); send in batches"
             )
-        if any(len(k) != 16 for k in msg.keys):
-            return err(ErrorCode.BAD_REQUEST, "chunk keys must be 16 bytes")
-        if any(not 0 < n <= self.buffer.slot_bytes for n in msg.nbytes):
-            return err(
-                ErrorCode.BAD_REQUEST, f"chunk sizes must be in 1..{self.buffer.slot_bytes} bytes"
-            )
+        if any(len(k) != 16 for k in keys):
+            return "chunk keys must be 16 bytes"
+        if any(not 0 < n <= self.buffer.slot_bytes for n in nbytes):
+            return f"chunk sizes must be in 1..{self.buffer.slot_bytes} bytes"
         return None
 
     def _take_slots(self, n: int) -> list[int] | None:
@@ -403,6 +561,8 @@ class Receiver:
                     stored.append(i)
                 continue
             self._ready[key] = _Ready(slot=slot, nbytes=nbytes)
+            self._recent_seq += 1
+            self._recent.append((self._recent_seq, key))
             if self.store is not None:
                 self.store.put(key, self.buffer.to_host(slot, nbytes))
             stored.append(i)
@@ -411,7 +571,19 @@ class Receiver:
         self.counters.inc("bytes", moved)
         self._forget_lease(lease)
         self._lock.notify_all()
-        return Committed(req_id=lease.req_id, stored=sorted(stored), bad=sorted(bad))
+        grant, recent = None, []
+        peer = self._peers.get(lease.identity)
+        if peer is not None:
+            grant = self._current_grant(lease.identity, peer)
+            recent = self._recent_for(peer)
+        return Committed(
+            req_id=lease.req_id,
+            stored=sorted(stored),
+            bad=sorted(bad),
+            missing=lease.missing,
+            grant=grant,
+            recent=recent,
+        )
 
     def _forget_lease(self, lease: _Lease) -> None:
         self._leases.pop(lease.lease, None)
@@ -432,21 +604,35 @@ class Receiver:
         delay = _POLL_MIN_S
         while True:
             if not self._leases:
+                # idle: block until a message, waking only to take back unused grants
                 self._wake.clear()
-                await self._wake.wait()
+                with self._lock:
+                    deadlines = [g.deadline for g in self._grants.values()]
+                try:
+                    timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+                self._expire_grants()
                 delay = _POLL_MIN_S
                 continue
             replies: list[tuple[bytes, Message]] = []
             notifs = self.transport.notifications()
             for _peer, text in notifs:
                 notif = LeaseNotif.decode(text)
-                lease = self._leases.get(notif.lease) if notif else None
-                if lease is None or notif is None:
+                if notif is None:
+                    continue
+                lease = self._leases.get(notif.lease)
+                if lease is None:
+                    grant = self._grants.get(notif.lease)
+                    if grant is not None:  # landed before its Push: kept for it
+                        grant.early.append((notif.first, notif.count))
                     continue
                 self._verify(lease, notif.first, notif.count)
                 if lease.done is not None and len(lease.landed) == len(lease.want):
                     with self._lock:
                         replies.append((lease.identity, self._commit(lease)))
+            self._expire_grants()
             now = time.monotonic()
             with self._lock:
                 for lease in [ls for ls in self._leases.values() if ls.deadline <= now]:
@@ -480,6 +666,13 @@ class Receiver:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+
+    def _expire_grants(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for grant in [g for g in self._grants.values() if g.deadline <= now]:
+                self.counters.inc("grant_expiries")
+                self._drop_grant(grant)
 
     # ------------------------------------------------------------------ engine side
     def lookup(self, keys: Sequence[bytes]) -> int:
@@ -563,6 +756,7 @@ class Receiver:
             return {
                 "free": self.buffer.free_count,
                 "leased": leased,
+                "granted": sum(len(g.slots) for g in self._grants.values()),
                 "ready": len(self._ready),
                 "total": self.buffer.num_slots,
             }

@@ -7,13 +7,20 @@ is blocking and thread-safe (one request per peer at a time) and every step has 
 deadline:
 
 1. first contact: ``Hello`` (compat + NIXL metadata) -> ``HelloAck`` (receiver's slots
-   and metadata); descriptor lists of the remote slots are prepared once per peer;
-2. per batch of at most the receiver's slot count: ``Offer`` -> ``Accept`` (or ``Busy``:
-   wait ``retry_after`` and retry, at most ``pd_busy_max_retries`` times);
-3. NIXL WRITEs of the wanted chunks into the granted slots, in groups of about
-   ``GROUP_BYTES``, each with a notification naming its chunks, so the receiver verifies
-   a group while the next is in flight;
-4. ``Done`` -> ``Committed{stored, bad}``.
+   and metadata, and usually a :class:`~lmcache_pd.protocol.Grant` of slots lent ahead);
+   descriptor lists of the remote slots are prepared once per peer;
+2. **credit path** (one round trip): when the chunks the receiver does not already hold
+   (as far as this sender knows: what it committed there, and the ``recent`` keys each
+   reply lists) fit the current grant, and the grant is younger than half its TTL, the
+   chunks are written into it at once and one ``Push`` describes them ->
+   ``Committed{stored, bad, missing, grant}``; ``missing`` skipped chunks go by step 3;
+3. otherwise, per batch of at most the receiver's slot count: ``Offer`` -> ``Accept``
+   (or ``Busy``: wait ``retry_after`` and retry, at most ``pd_busy_max_retries`` times),
+   NIXL WRITEs of the wanted chunks into the leased slots, ``Done`` -> ``Committed``.
+
+WRITEs go in groups of about ``GROUP_BYTES``, each with a notification naming its chunks,
+so the receiver verifies a group while the next is in flight. Every reply may carry the
+next grant.
 
 Failures raise :class:`HandoffError` naming the cause; a failed batch sends ``Cancel``
 so the receiver frees its slots at once (its lease TTL covers a sender that dies).
@@ -24,8 +31,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -47,24 +55,31 @@ from lmcache_pd.protocol import (
     Done,
     Error,
     ErrorCode,
+    Grant,
     Hello,
     HelloAck,
     LeaseNotif,
     Offer,
+    Push,
 )
 from lmcache_pd.transports.base import MemKind, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
 GROUP_BYTES = 16 * 1024 * 1024  # WRITE group size: verification overlaps later groups
+MAX_KNOWN_KEYS = 65536  # per receiver: keys this sender believes it holds (skipped)
+MAX_GRANT_WANT = 64  # slots asked to be lent ahead, at most
 
 
 class HandoffError(RuntimeError):
     """A handoff failed; the message names the cause and what to check."""
 
-    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+    def __init__(
+        self, message: str, code: ErrorCode | None = None, *, reconnect: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.reconnect = reconnect  # a fresh Hello may succeed (receiver restarted)
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,34 @@ class _Peer:
     slot_bytes: int
     remote: Any
     lock: threading.Lock
+    grant: Grant | None = None
+    grant_at: float = 0.0
+    known: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+
+    def learn(self, keys: Sequence[bytes]) -> None:
+        """Remember keys the receiver holds (bounded, oldest forgotten first)."""
+        for key in keys:
+            self.known[key] = None
+            self.known.move_to_end(key)
+        while len(self.known) > MAX_KNOWN_KEYS:
+            self.known.popitem(last=False)
+
+    def take_grant(self, fresh: int) -> Grant | None:
+        """The grant, if it fits ``fresh`` chunks and is within the first half of the
+        time it had left when stated (so it cannot expire at the receiver before our
+        Push lands); used once."""
+        grant = self.grant
+        if grant is None or fresh > len(grant.slots):
+            return None
+        self.grant = None
+        if time.monotonic() - self.grant_at >= grant.ttl_s / 2:
+            return None
+        return grant
+
+    def keep(self, reply: Committed) -> None:
+        """Every reply states our grant (None: we have none) and what became held."""
+        self.grant, self.grant_at = reply.grant, time.monotonic()
+        self.learn(reply.recent)
 
 
 class Sender:
@@ -132,6 +175,9 @@ class Sender:
             cfg.pd_buffer_device,
         )
         self.local = transport.prep_local(self.buffer.descs, self.buffer.kind)
+        # slots asked to be lent ahead: as many as one request of ours could use (the
+        # receiver caps it at a quarter of its buffer per sender, half for all)
+        self._want_grant = min(self.buffer.num_slots, MAX_GRANT_WANT)
         self._ctx = zmq.Context()
         self._peers: dict[str, _Peer] = {}
         self._peers_lock = threading.Lock()
@@ -169,7 +215,12 @@ class Sender:
             return peer
 
     def _hello(self, endpoint: str, client: DealerClient) -> _Peer:
-        hello = Hello(agent=self.transport.name, compat=self.compat, tp_rank=self.tp_rank)
+        hello = Hello(
+            agent=self.transport.name,
+            compat=self.compat,
+            tp_rank=self.tp_rank,
+            want_grant=self._want_grant,
+        )
         try:
             reply, payload = client.request(
                 hello, [self.transport.metadata()], self.cfg.pd_connect_timeout_s
@@ -186,14 +237,22 @@ class Sender:
                 f"({self.buffer.slot_bytes})",
                 ErrorCode.INCOMPATIBLE,
             )
-        agent = self.transport.add_peer(payload[0])
+        try:
+            agent = self.transport.add_peer(payload[0])
+        except TransportError as exc:
+            raise HandoffError(
+                f"data transfer to {endpoint} failed: its transport agent: {exc}",
+                ErrorCode.TRANSFER,
+            ) from None
         descs = [(a, min(n, self.buffer.slot_bytes), d) for a, n, d in reply.slot_descs]
         remote = self.transport.prep_remote(agent, descs, MemKind(reply.mem_kind))
         self.transport.connect(agent)
         log.info("connected to receiver %s (%s, %d slots)", endpoint, agent, reply.num_slots)
-        return _Peer(
+        peer = _Peer(
             endpoint, client, agent, reply.num_slots, reply.slot_bytes, remote, threading.Lock()
         )
+        peer.grant, peer.grant_at = reply.grant, time.monotonic()
+        return peer
 
     def _forget(self, peer: _Peer) -> None:
         with self._peers_lock:
@@ -224,8 +283,8 @@ class Sender:
             try:
                 totals = self._send_batches(peer, req_id, chunks)
             except HandoffError as exc:
-                if exc.code is ErrorCode.UNKNOWN_PEER:  # the receiver restarted: re-Hello once
-                    self._forget(peer)
+                if exc.code is ErrorCode.UNKNOWN_PEER or exc.reconnect:
+                    self._forget(peer)  # the receiver restarted: re-Hello once
                     totals = self._send_batches(self._peer(endpoint), req_id, chunks)
                 else:
                     raise
@@ -242,6 +301,10 @@ class Sender:
     ) -> tuple[int, int, int, int]:
         sent = dedup = nbytes = bad = 0
         with peer.lock:
+            fresh = [c for c in chunks if c.key not in peer.known]
+            grant = peer.take_grant(len(fresh))
+            if grant is not None:
+                chunks, (sent, dedup, nbytes, bad) = self._push(peer, req_id, chunks, grant)
             for start in range(0, len(chunks), peer.num_slots):
                 s, d, b, x = self._send_batch(peer, req_id, chunks[start : start + peer.num_slots])
                 sent, dedup, nbytes, bad = sent + s, dedup + d, nbytes + b, bad + x
@@ -251,6 +314,95 @@ class Sender:
                 ErrorCode.CHECKSUM,
             )
         return sent, dedup, nbytes, bad
+
+    def _post_writes(
+        self, peer: _Peer, lease: int, chunks: Sequence[OutChunk], slots: Sequence[int]
+    ) -> list[Any]:
+        """Post the WRITEs of ``chunks`` into remote ``slots`` in notified groups."""
+        per_group = max(1, GROUP_BYTES // self.buffer.slot_bytes)
+        handles: list[Any] = []
+        try:
+            for first in range(0, len(chunks), per_group):
+                group = chunks[first : first + per_group]
+                handles.append(
+                    self.transport.write(
+                        self.local,
+                        [c.slot for c in group],
+                        peer.remote,
+                        list(slots[first : first + len(group)]),
+                        LeaseNotif(lease, first, len(group)).encode(),
+                    )
+                )
+        except BaseException:
+            for handle in handles:
+                self.transport.release(handle)
+            raise
+        return handles
+
+    def _push(
+        self, peer: _Peer, req_id: str, chunks: list[OutChunk], grant: Grant
+    ) -> tuple[list[OutChunk], tuple[int, int, int, int]]:
+        """The credit path: WRITE the chunks the receiver lacks into ``grant`` and send
+        one ``Push``. Returns the chunks still to send the slow way (skipped ones the
+        receiver no longer holds) and ``(sent, dedup, bytes, bad)``."""
+        fresh = [c for c in chunks if c.key not in peer.known]
+        skipped = [c for c in chunks if c.key in peer.known]
+        push = Push(
+            req_id=req_id,
+            lease=grant.lease,
+            keys=[c.key for c in fresh],
+            nbytes=[c.nbytes for c in fresh],
+            checksums=[c.checksum or NO_CHECKSUM for c in fresh],
+            skipped=[c.key for c in skipped],
+            want_grant=self._want_grant,
+        )
+        self.counters.inc("pushes")
+        handles: list[Any] = []
+        try:
+            handles = self._post_writes(peer, grant.lease, fresh, grant.slots)
+            peer.client.send(push)
+            for handle in handles:
+                self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
+            reply = self._reply(peer, req_id)
+        except TransportError as exc:
+            self.counters.inc("transfer_errors")
+            self._cancel(peer, req_id, grant.lease, str(exc))
+            raise HandoffError(
+                f"data transfer to {peer.endpoint} failed: {exc}",
+                ErrorCode.TRANSFER,
+                reconnect=True,
+            ) from None
+        finally:
+            for handle in handles:
+                self.transport.release(handle)
+        if not isinstance(reply, Committed):
+            raise HandoffError(f"unexpected reply to Push: {type(reply).__name__}")
+        peer.keep(reply)
+        peer.learn([fresh[i].key for i in reply.stored if i not in reply.bad])
+        for key in reply.missing:
+            peer.known.pop(key, None)
+        moved = sum(fresh[i].nbytes for i in reply.stored)
+        sent = len(fresh) - len(reply.bad)
+        dedup = len(skipped) - len(reply.missing)
+        self.counters.inc("dedupe_hits", dedup)
+        self.counters.inc("chunks", sent)
+        self.counters.inc("bytes", moved)
+        if reply.bad:
+            self.counters.inc("checksum_failures", len(reply.bad))
+        missing = set(reply.missing)
+        rest = [c for c in skipped if c.key in missing]
+        return rest, (sent, dedup, moved, len(reply.bad))
+
+    def _reply(self, peer: _Peer, req_id: str) -> Any:
+        """The receiver's answer to a message already sent (bounded wait)."""
+        try:
+            reply, _ = peer.client.recv(self.cfg.pd_connect_timeout_s, req_id)
+        except ControlTimeout as exc:
+            self._forget(peer)
+            raise HandoffError(f"receiver stopped answering: {exc}", ErrorCode.TIMEOUT) from None
+        if isinstance(reply, Error):
+            raise HandoffError(f"receiver error ({reply.code.value}): {reply.message}", reply.code)
+        return reply
 
     def _request(self, peer: _Peer, msg: Any) -> Any:
         try:
@@ -296,20 +448,9 @@ class Sender:
         if not accept.want:
             return 0, len(accept.have), 0, 0
         wanted = [batch[i] for i in accept.want]
-        per_group = max(1, GROUP_BYTES // self.buffer.slot_bytes)
         handles: list[Any] = []
         try:
-            for first in range(0, len(wanted), per_group):
-                group = wanted[first : first + per_group]
-                handles.append(
-                    self.transport.write(
-                        self.local,
-                        [c.slot for c in group],
-                        peer.remote,
-                        accept.slots[first : first + per_group],
-                        LeaseNotif(accept.lease, first, len(group)).encode(),
-                    )
-                )
+            handles = self._post_writes(peer, accept.lease, wanted, accept.slots)
             for handle in handles:
                 self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
             reply = self._request(peer, Done(req_id=req_id, lease=accept.lease))
@@ -328,6 +469,8 @@ class Sender:
                 self.transport.release(handle)
         if not isinstance(reply, Committed):
             raise HandoffError(f"unexpected reply to Done: {type(reply).__name__}")
+        peer.keep(reply)
+        peer.learn([batch[i].key for i in reply.stored if i not in reply.bad])
         wanted_idx = set(accept.want)
         moved = sum(batch[i].nbytes for i in reply.stored if i in wanted_idx)
         self.counters.inc("chunks", len(accept.want) - len(reply.bad))
