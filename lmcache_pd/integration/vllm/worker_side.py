@@ -91,7 +91,7 @@ class TierSource:
         return self.store.contains(keys)
 
     def acquire(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]:
-        return [self.store.acquire(k) for k in keys]
+        return self.store.acquire_many(keys)  # remote chunks: one round trip
 
     def release(self, keys: Sequence[bytes]) -> None:
         for k in keys:
