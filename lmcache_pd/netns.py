@@ -124,7 +124,9 @@ class Host:
         """``fn(*args, **kwargs)`` in a thread joined to this namespace; its result or error.
 
         Only sockets opened inside ``fn`` live in the namespace (a pooled client made
-        outside it keeps its own namespace)."""
+        outside it keeps its own namespace). Start processes that use UCX with
+        :meth:`popen` instead: ``ip netns exec`` also remounts ``/sys``, where UCX looks
+        up the namespace's network devices."""
         out: dict[str, Any] = {}
 
         def body() -> None:

@@ -156,10 +156,10 @@ class NsServer(VLLMServer):
     def url(self) -> str:
         return f"http://{self.host.addr}:{self.port}"
 
-    def start(self) -> NsServer:
-        # a child forked from a thread inside the namespace lives in that namespace
-        self.host.call(super().start)
-        return self
+    def command(self) -> list[str]:
+        # `ip netns exec`, not a child of a setns thread: it also remounts /sys, where
+        # UCX looks for the namespace's devices (pd0)
+        return [*self.host.prefix(), *super().command()]
 
     def wait_ready(self, timeout_s: float = 300.0) -> NsServer:
         self.host.call(super().wait_ready, timeout_s)
@@ -218,6 +218,7 @@ def hosts_1p1d(
             pd_bind_host=pair.b.addr,
             pd_peer_init_port=kv_port,
             pd_transfer_timeout_s=20.0,
+            max_local_cpu_size=0.05,
         ),
         env={**host_env(pair.b), "VLLM_CPU_OMP_THREADS_BIND": "1"},
     )
