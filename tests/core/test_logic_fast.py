@@ -302,3 +302,50 @@ def test_memory_transport_refuses_unregistered_memory(fabric: MemoryFabric) -> N
     finally:
         a.close()
         b.close()
+
+
+def test_credit_path_pushes_into_the_grant_in_one_round_trip(fabric: MemoryFabric) -> None:
+    with pair(make_config(), fabric) as (rx, tx):
+        first, _ = fill(tx, keys(1), seed=12)
+        tx.send(rx.endpoint, "first", first)  # HelloAck/Committed lend the next grant
+        assert rx.slot_usage()["granted"] > 0
+        pushes = tx.counters["pushes"]
+        chunks, data = fill(tx, keys(2, start=300), seed=13)
+        res = tx.send(rx.endpoint, "credit", chunks)
+        assert (res.sent, res.dedup, res.bad) == (2, 0, 0)
+        assert tx.counters["pushes"] == pushes + 1 and rx.counters["pushes"] >= 1
+        assert [rx.read(c.key) for c in chunks] == data
+        assert rx.slot_usage()["leased"] == 0
+
+
+def test_credit_path_rejects_a_corrupted_chunk(fabric: MemoryFabric) -> None:
+    transports: list[CorruptingTransport] = []
+
+    def make(f: MemoryFabric) -> MemoryTransport:
+        transports.append(CorruptingTransport(f, bad=0))
+        return transports[0]
+
+    with pair(make_config(), fabric, make) as (rx, tx):
+        warm, _ = fill(tx, keys(1, start=700), seed=14)
+        tx.send(rx.endpoint, "warm", warm)
+        transports[0].bad = 1
+        pushes = tx.counters["pushes"]
+        chunks, data = fill(tx, keys(2, start=800), seed=15)
+        with pytest.raises(HandoffError, match="checksum") as info:
+            tx.send(rx.endpoint, "bad-credit", chunks)
+        assert info.value.code is ErrorCode.CHECKSUM
+        assert tx.counters["pushes"] == pushes + 1
+        assert rx.read(chunks[0].key) is None and rx.read(chunks[1].key) == data[1]
+        assert rx.slot_usage()["leased"] == 0
+
+
+def test_unused_grant_is_freed_after_the_lease_ttl(fabric: MemoryFabric) -> None:
+    cfg = make_config(pd_lease_ttl_s=0.4)
+    with pair(cfg, fabric) as (rx, tx):
+        chunks, _ = fill(tx, keys(1), seed=16)
+        tx.send(rx.endpoint, "once", chunks)
+        assert rx.slot_usage()["granted"] > 0
+        assert wait_until(lambda: rx.slot_usage()["granted"] == 0, 5.0)
+        assert rx.counters["grant_expiries"] >= 1
+        usage = rx.slot_usage()
+        assert usage["free"] == usage["total"] - usage["ready"]
