@@ -149,6 +149,7 @@ class Receiver:
         self._ready: OrderedDict[bytes, _Ready] = OrderedDict()
         self._leases: dict[int, _Lease] = {}
         self._grants: dict[int, _Lease] = {}  # lent slots not yet pushed into
+        self._to_store: list[bytes] = []  # committed, not yet copied into the store
         self._recent: deque[tuple[int, bytes]] = deque(maxlen=_RECENT_KEYS)
         self._recent_seq = 0
         self._peers: dict[bytes, _PeerInfo] = {}
@@ -236,6 +237,7 @@ class Receiver:
                 reply, out = Error(code=ErrorCode.INTERNAL, message=str(exc)), []
             if reply is not None:
                 await self.server.send(identity, reply, out)
+            self._store_committed()
             self._wake.set()  # type: ignore[union-attr]
 
     def _handle(
@@ -305,17 +307,23 @@ class Receiver:
         self, identity: bytes, peer: _PeerInfo, want: int, reuse: Sequence[int] = ()
     ) -> Grant | None:
         """Lend ``peer`` up to ``want`` slots for its next request: ``reuse`` (slots of
-        its last grant it did not use) first, then free slots; never evicts held chunks,
-        at most a quarter of the buffer per sender and half for all. Lock held."""
-        cap = self.buffer.num_slots // 4
+        its last grant it did not use) first, then free slots, then - only when a tier
+        ``store`` also holds every ready chunk, so dedupe loses nothing - slots of the
+        least recently used unpinned ready chunks. Grants together take at most half
+        the buffer, shared evenly by the connected senders. Lock held."""
+        half = self.buffer.num_slots // 2
+        cap = max(1, half // max(1, len(self._peers)))
         granted = sum(len(g.slots) for g in self._grants.values())
-        n = min(want, cap, max(0, self.buffer.num_slots // 2 - granted))
+        n = min(want, cap, max(0, half - granted))  # ``reuse`` is no longer in _grants
         slots = list(reuse[:n])
         if len(reuse) > n:
             self.buffer.free(list(reuse[n:]))
-        extra = min(n - len(slots), self.buffer.free_count)
+        extra = n - len(slots)
         if extra > 0:
-            slots += self.buffer.alloc(extra)
+            room = self.buffer.free_count
+            if self.store is not None:
+                room += sum(1 for k, r in self._ready.items() if r.pins == 0 and k in self.store)
+            slots += self._take_slots(min(extra, room), stored_only=True) or []
         if not slots:
             return None
         now = time.monotonic()
@@ -432,6 +440,10 @@ class Receiver:
             return bad
         self.counters.inc("requests")
         with self._lock:
+            # a sender that offers does not write into its grant for this request (it
+            # holds its connection's lock until our reply, which states a new grant):
+            # its slots are better used here
+            self._drop_peer_grant(self._peers.get(identity))
             have = [i for i, k in enumerate(msg.keys) if self._held(k)]
             want = [i for i, k in enumerate(msg.keys) if not self._held(k)]
             for i in have:
@@ -495,14 +507,19 @@ class Receiver:
             return f"chunk sizes must be in 1..{self.buffer.slot_bytes} bytes"
         return None
 
-    def _take_slots(self, n: int) -> list[int] | None:
-        """Free slots for ``n`` chunks, evicting unpinned ready chunks (LRU) if needed.
-        Called with the lock held. None when there is not enough room."""
+    def _take_slots(self, n: int, stored_only: bool = False) -> list[int] | None:
+        """Free slots for ``n`` chunks, evicting unpinned ready chunks (LRU) if needed
+        (``stored_only``: only chunks the tier store holds too). Called with the lock
+        held. None when there is not enough room."""
         if n == 0:
             return []
         free = self.buffer.free_count
         if free < n:
-            evictable = [k for k, r in self._ready.items() if r.pins == 0]
+            evictable = [
+                k
+                for k, r in self._ready.items()
+                if r.pins == 0 and (not stored_only or (self.store is not None and k in self.store))
+            ]
             if free + len(evictable) < n:
                 return None
             for key in evictable[: n - free]:
@@ -564,7 +581,7 @@ class Receiver:
             self._recent_seq += 1
             self._recent.append((self._recent_seq, key))
             if self.store is not None:
-                self.store.put(key, self.buffer.to_host(slot, nbytes))
+                self._to_store.append(key)  # after the reply: off the sender's wait
             stored.append(i)
             moved += nbytes
         self.counters.inc("chunks", len(lease.want) - len(bad))
@@ -584,6 +601,25 @@ class Receiver:
             grant=grant,
             recent=recent,
         )
+
+    def _store_committed(self) -> None:
+        """Copy chunks committed since the last call into the tier ``store`` (loop
+        thread, right after their ``Committed`` went out). Each is pinned meanwhile, so
+        it cannot be evicted; until it is in the store, the buffer still holds it."""
+        if not self._to_store or self.store is None:
+            return
+        keys, self._to_store = self._to_store, []
+        for key in keys:
+            with self._lock:
+                entry = self._ready.get(key)
+                if entry is None:
+                    continue
+                entry.pins += 1
+            try:
+                self.store.put(key, self.buffer.to_host(entry.slot, entry.nbytes))
+            finally:
+                with self._lock:
+                    entry.pins -= 1
 
     def _forget_lease(self, lease: _Lease) -> None:
         self._leases.pop(lease.lease, None)
@@ -657,6 +693,7 @@ class Receiver:
                 )
             for identity, reply in replies:
                 await self.server.send(identity, reply)
+            self._store_committed()
             if notifs:
                 delay = _POLL_MIN_S
             else:

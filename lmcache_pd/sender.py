@@ -131,11 +131,10 @@ class _Peer:
     def take_grant(self, fresh: int) -> Grant | None:
         """The grant, if it fits ``fresh`` chunks and is within the first half of the
         time it had left when stated (so it cannot expire at the receiver before our
-        Push lands); used once."""
-        grant = self.grant
+        Push lands). Used once either way: an Offer makes the receiver take it back."""
+        grant, self.grant = self.grant, None
         if grant is None or fresh > len(grant.slots):
             return None
-        self.grant = None
         if time.monotonic() - self.grant_at >= grant.ttl_s / 2:
             return None
         return grant

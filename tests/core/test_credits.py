@@ -54,12 +54,14 @@ def test_requests_after_hello_take_one_round_trip_and_arrive_bit_exact() -> None
 
 
 def test_request_larger_than_the_grant_takes_the_offer_path() -> None:
-    cfg = make_config(pd_buffer_size=8 * 16 * 1024)  # grants of at most 2
+    cfg = make_config(pd_buffer_size=8 * 16 * 1024)  # grants of at most 4
     rng = np.random.default_rng(2)
     with receiver(cfg) as rx, sender(cfg) as tx:
-        chunks, data = fill(tx, keys_of(rng, 4), rng)
+        chunks, data = fill(tx, keys_of(rng, 5), rng)
         res = tx.send(rx.endpoint, "big", chunks)
-        assert res.sent == 4 and tx.counters["pushes"] == 0
+        assert res.sent == 5 and tx.counters["pushes"] == 0
+        # the Offer took the sender's unused grant back (no Busy), the reply lent anew
+        assert rx.counters["busy"] == 0
         assert [rx.read(c.key) for c in chunks] == data
 
 
