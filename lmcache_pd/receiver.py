@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -149,7 +150,9 @@ class Receiver:
         self._ready: OrderedDict[bytes, _Ready] = OrderedDict()
         self._leases: dict[int, _Lease] = {}
         self._grants: dict[int, _Lease] = {}  # lent slots not yet pushed into
-        self._to_store: list[bytes] = []  # committed, not yet copied into the store
+        self._to_store: list[bytes] = []  # committed, not yet queued for the store
+        self._store_queue: queue.SimpleQueue[tuple[bytes, _Ready] | None] = queue.SimpleQueue()
+        self._store_thread: threading.Thread | None = None
         self._recent: deque[tuple[int, bytes]] = deque(maxlen=_RECENT_KEYS)
         self._recent_seq = 0
         self._peers: dict[bytes, _PeerInfo] = {}
@@ -184,6 +187,9 @@ class Receiver:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop_event.set)
             self._thread.join(5.0)
+        if self._store_thread is not None:
+            self._store_queue.put(None)  # copies queued before still land in the store
+            self._store_thread.join(30.0)
         with self._lock:
             self._leases.clear()
             self._grants.clear()
@@ -603,23 +609,48 @@ class Receiver:
         )
 
     def _store_committed(self) -> None:
-        """Copy chunks committed since the last call into the tier ``store`` (loop
-        thread, right after their ``Committed`` went out). Each is pinned meanwhile, so
-        it cannot be evicted; until it is in the store, the buffer still holds it."""
+        """Hand chunks committed since the last call to the store thread (loop thread,
+        right after their ``Committed`` went out). Each is pinned until it is copied,
+        so it cannot be evicted; until then the buffer still holds it."""
         if not self._to_store or self.store is None:
             return
         keys, self._to_store = self._to_store, []
-        for key in keys:
-            with self._lock:
+        with self._lock:
+            for key in keys:
                 entry = self._ready.get(key)
-                if entry is None:
-                    continue
-                entry.pins += 1
+                if entry is not None:
+                    entry.pins += 1
+                    self._store_queue.put((key, entry))
+        if self._store_thread is None:
+            self._store_thread = threading.Thread(
+                target=self._store_loop, name="lmcache-pd-rx-store", daemon=True
+            )
+            self._store_thread.start()
+
+    def _store_loop(self) -> None:
+        """Copies committed chunks into the tier store, off the loop thread (blocks on
+        its queue: no spinning). ``None`` stops it."""
+        assert self.store is not None
+        while (item := self._store_queue.get()) is not None:
+            key, entry = item
             try:
                 self.store.put(key, self.buffer.to_host(entry.slot, entry.nbytes))
+            except Exception:  # a failing tier must not stop the receiver
+                log.exception("copying a received chunk into the tier store failed")
             finally:
                 with self._lock:
                     entry.pins -= 1
+
+    def flush_store(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every committed chunk was handed to the store (tests, shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                busy = bool(self._to_store) or any(r.pins for r in self._ready.values())
+            if not busy and self._store_queue.empty():
+                return True
+            time.sleep(0.005)
+        return False
 
     def _forget_lease(self, lease: _Lease) -> None:
         self._leases.pop(lease.lease, None)
