@@ -5,9 +5,11 @@ For llama-8b chunks (256 tokens = 32 MiB each) from one chunk up to 8k tokens:
 - ``raw_nixl_gbps``: one prepped NIXL WRITE of the chunks into a bare agent in another
   process (target progressed by polling, as our receiver does), timed until the target
   saw the notification: the floor of what any handoff can do;
-- ``handoff_gbps``: Offer -> Accept -> WRITEs -> Done -> Committed from this process to
-  a real receiver process that verifies every chunk's xxh3 checksum (sender checksums
-  are taken at gather time, outside the timed region, as the engine does);
+- ``handoff_gbps``: the whole handoff from this process to a real receiver process that
+  verifies every chunk's xxh3 checksum (sender checksums are taken at gather time,
+  outside the timed region, as the engine does). The receiver runs as a decoder does:
+  a receive buffer of two requests with a CPU tier behind it, so after Hello every
+  request takes the credit path (WRITEs into the lent grant, one Push -> Committed);
 - ``handoff_noverify_gbps``: the same with ``pd_verify_checksums: false``;
 - ``memcpy_gbps``: numpy copy of the same bytes.
 
@@ -88,7 +90,8 @@ class Handoff:
         env = {"LMCACHE_PD_VERIFY_CHECKSUMS": "true" if verify else "false"}
         self.rx = PeerProcess(
             "receiver", "--layout", "llama-8b", "--chunk-size", str(CHUNK),
-            "--buffer-bytes", str(n * SLOT), "--timeout", "60", env=env,
+            "--buffer-bytes", str(2 * n * SLOT), "--cpu-store-bytes", str(2 * n * SLOT),
+            "--timeout", "60", env=env,
         )  # fmt: skip
         cfg = load_config(
             overrides={

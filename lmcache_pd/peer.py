@@ -36,6 +36,7 @@ from lmcache_pd.config import Config, load_config
 from lmcache_pd.layout import KVLayout, preset
 from lmcache_pd.receiver import Receiver
 from lmcache_pd.sender import HandoffError, OutChunk, Sender
+from lmcache_pd.tiers import build_tiers
 from lmcache_pd.transports.nixl import NixlTransport
 
 _PERIOD = 64 * 1024
@@ -115,12 +116,16 @@ def _config(args: argparse.Namespace) -> tuple[Config, KVLayout]:
     if args.timeout:
         overrides["pd_connect_timeout_s"] = args.timeout
         overrides["pd_transfer_timeout_s"] = args.timeout
+    if args.cpu_store_bytes:
+        overrides["local_cpu"] = True
+        overrides["max_local_cpu_size"] = args.cpu_store_bytes / 1e9
     return load_config(args.config, overrides), preset(args.layout)
 
 
 def run_receiver(args: argparse.Namespace) -> int:
     cfg, layout = _config(args)
-    rx = Receiver(cfg, layout, NixlTransport(), port=args.port).start()
+    store = build_tiers(cfg, layout) if args.cpu_store_bytes else None
+    rx = Receiver(cfg, layout, NixlTransport(), port=args.port, store=store).start()
     print(f"READY {rx.endpoint}", flush=True)
     _stdin_closed().wait()
     verified = bad = 0
@@ -135,6 +140,8 @@ def run_receiver(args: argparse.Namespace) -> int:
                 bad += not ok
     stats = {**rx.stats(), "pattern_verified": verified, "pattern_bad": bad}
     rx.close()
+    if store is not None:
+        store.close()
     print("STATS " + json.dumps(stats), flush=True)
     return 0
 
@@ -246,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default=None)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--verify", action="store_true", help="receiver: check pattern bytes")
+    parser.add_argument(
+        "--cpu-store-bytes", type=int, default=0, help="receiver: a CPU tier behind the buffer"
+    )
     parser.add_argument("--endpoint", default="")
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=1024)
