@@ -115,6 +115,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     remote_write_queue_size: int = 64
     # the prefiller's pull endpoint (standard PD contract), per TP rank; 0 = a free port
     pd_pull_port: Port = 0
+    # vLLM-format KV events of our tiers (lmcache_pd.events): ZMQ PUB on this port of
+    # pd_bind_host and a replay/snapshot ROUTER on the next one (TP rank 0); 0 = off
+    pd_kv_events_port: int = 0
+    pd_kv_events_queue: int = 10_000
 
     def port_for_rank(self, name: str, rank: int = 0) -> int:
         """A port key (int or per-TP-rank list) resolved for TP rank ``rank``."""
