@@ -8,7 +8,9 @@ prefiller and every decoder served at least a quarter of the requests (vLLM's ow
 ``request_success`` counters); every decoder received KV
 (``vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}``) and computed at
 most the last partial chunk of each prompt; no request fell back to decode-only; no
-request waited for a transfer deadline.
+request waited for a transfer deadline. A prefiller told to push to a decoder KV
+endpoint nobody listens on fails within ``pd_connect_timeout_s`` and the proxy serves
+the request decode-only.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ MAX_TOKENS = 8
 REQUESTS = 32
 CONCURRENCY = 4
 TRANSFER_TIMEOUT_S = 20.0
+CONNECT_TIMEOUT_S = 3.0  # prefillers: a decoder's control port must answer within this
 # no stall: one request of ours takes ~1 s here; a missed handoff waits 20 s
 REQUEST_LIMIT_S = TRANSFER_TIMEOUT_S - 5.0
 
@@ -60,7 +63,9 @@ def xpyd(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             tiny_model,
             work / f"prefiller{i}.log",
             name=f"prefiller{i}",
-            kv_transfer_config=connector_config("kv_producer", **common),
+            kv_transfer_config=connector_config(
+                "kv_producer", **common, pd_connect_timeout_s=CONNECT_TIMEOUT_S
+            ),
             env=_cores(0),  # prefillers on core 0, decoders on core 1
         )
         for i in range(2)
@@ -203,3 +208,33 @@ def test_2p2d_mixed_requests_identical_and_spread(xpyd: XPYD) -> None:
     assert _sample(proxy_metrics, "lmcache_pd_proxy_decode_only_fallbacks_total") == 0
     pushes = [p.log_text().count("pushed ") for p in xpyd.prefillers]
     assert all(n >= REQUESTS / 4 for n in pushes), pushes
+
+
+def test_push_to_unreachable_decoder_falls_back_to_decode_only(xpyd: XPYD) -> None:
+    """The proxy names a decoder KV endpoint nobody listens on: the prefiller's push
+    fails within pd_connect_timeout_s, its HandoffDone says so, the proxy decodes
+    without KV params and the decoder recomputes: same tokens, one fallback counted."""
+    prefiller, decoder = xpyd.prefillers[0], xpyd.decoders[0]
+    dead = free_port()
+    proxy, url = spawn(
+        [
+            *("--prefiller", prefiller.url, "--decoder", decoder.url),
+            *("--decoder-kv", f"127.0.0.1:{dead}", "--handoff-port", "0"),
+        ]
+    )
+    try:
+        prompt = make_prompts(1, seed=43, min_words=90, max_words=90)[0]
+        path, body = _body(0, prompt)
+        want = _post(xpyd.plain.url, path, body)[0]
+        got, seconds = _post(url, path, body)
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+    assert got == want
+    assert seconds < CONNECT_TIMEOUT_S + 10, seconds
+    assert _sample(metrics, "lmcache_pd_proxy_decode_only_fallbacks_total") == 1
+    failures = [
+        ln for ln in prefiller.log_text().splitlines() if "push to" in ln and f":{dead}" in ln
+    ]
+    assert failures and "failed" in failures[-1], failures
