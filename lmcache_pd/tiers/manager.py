@@ -123,33 +123,44 @@ class TieredStore(Store):
     # --- writes ---
 
     def put(self, key: bytes, data: Buffer) -> bool:
-        """Copy into the CPU tier and queue write-behinds to disk and remote. True when
-        held by (or queued for) at least one tier. A chunk the CPU tier already holds
+        """Copy into the CPU tier and queue write-behinds to disk and remote (both read
+        the CPU slot in place, pinned, while pins are available; else they copy). True
+        when held by (or queued for) at least one tier. A chunk the CPU tier already held
         (put before, or promoted from disk or remote) is not sent to the remote again."""
-        cpu, remote = self.cpu, self.remote
+        cpu, disk, remote = self.cpu, self.disk, self.remote
         known = cpu is not None and key in cpu
         stored = cpu.put(key, data) if cpu is not None else False
-        queued = self._put_disk(key, data, stored)
-        if remote is not None and not known:
-            queued = remote.put(key, data) or queued
+        queued = False
+        if disk is not None and disk.disabled is None and key not in disk:
+            view = self._lend(key) if stored else None
+            if view is not None:
+                queued = disk.put(key, view, on_written=lambda: self._unpin_written(cpu, key))
+            else:
+                queued = disk.put(key, data)
+        if remote is not None and remote.disabled is None and not known:
+            view = self._lend(key) if stored else None
+            if view is not None:
+                ok = remote.put(key, view, on_written=lambda: self._unpin_written(cpu, key))
+            else:
+                ok = remote.put(key, data)
+            queued = ok or queued
         return stored or queued
 
-    def _put_disk(self, key: bytes, data: Buffer, stored: bool) -> bool:
-        cpu, disk = self.cpu, self.disk
-        if disk is None or disk.disabled is not None or key in disk:
-            return False
-        view = None
-        if stored and cpu is not None:
-            with self._lock:
-                room = self._wb_pins < self.max_write_pins
-                self._wb_pins += room
-            if room:
-                view = cpu.acquire(key, record=False)
-                if view is None:
-                    self._unpin_written(None, key)
-        if view is not None:
-            return disk.put(key, view, on_written=lambda: self._unpin_written(cpu, key))
-        return disk.put(key, data)
+    def _lend(self, key: bytes) -> memoryview | None:
+        """The CPU slot of ``key`` pinned for a write-behind (release with
+        :meth:`_unpin_written`), or None when no pin is free."""
+        cpu = self.cpu
+        if cpu is None:
+            return None
+        with self._lock:
+            room = self._wb_pins < self.max_write_pins
+            self._wb_pins += room
+        if not room:
+            return None
+        view = cpu.acquire(key, record=False)
+        if view is None:
+            self._unpin_written(None, key)
+        return view
 
     def _unpin_written(self, cpu: CPUStore | None, key: bytes) -> None:
         with self._lock:

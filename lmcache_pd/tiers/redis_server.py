@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -48,7 +49,9 @@ def _free_port() -> int:
 
 class RedisServer:
     """One ``redis-server`` process on ``127.0.0.1:port`` (and a unix socket), owned by
-    this object. ``maxmemory`` (bytes, 0: none) comes with ``allkeys-lru``."""
+    this object. ``maxmemory`` (bytes, 0: none) comes with ``allkeys-lru``. ``prefix``
+    runs it elsewhere (``ip netns exec NS``) listening on ``bind``; readiness is probed
+    over the unix socket, which any namespace reaches."""
 
     def __init__(
         self,
@@ -58,6 +61,9 @@ class RedisServer:
         maxmemory: int = 0,
         binary: str | None = None,
         start_timeout_s: float = 10.0,
+        extra_args: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+        bind: Sequence[str] = ("127.0.0.1",),
     ) -> None:
         found = binary or redis_server_binary()
         if found is None:
@@ -70,6 +76,9 @@ class RedisServer:
         self.unix_socket = self.dir / "redis.sock"
         self.maxmemory = maxmemory
         self.start_timeout_s = start_timeout_s
+        self.extra_args = list(extra_args)
+        self.prefix = list(prefix)  # e.g. `ip netns exec NS`: run it in a network namespace
+        self.bind = list(bind)
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -78,19 +87,20 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: object) -> redis.Redis:
-        """A plain redis-py client of this server (tests, baselines)."""
-        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)  # type: ignore[arg-type]
+        """A plain redis-py client of this server over its unix socket (tests, baselines)."""
+        return redis.Redis(unix_socket_path=str(self.unix_socket), **kwargs)  # type: ignore[arg-type]
 
     def start(self) -> None:
         """Start (or restart) the server on its port; returns once it answers PING."""
         if self.proc is not None and self.proc.poll() is None:
             return
         args = [
+            *self.prefix,
             self.binary,
             "--port",
             str(self.port),
             "--bind",
-            "127.0.0.1",
+            *self.bind,
             "--unixsocket",
             str(self.unix_socket),
             "--unixsocketperm",
@@ -112,6 +122,7 @@ class RedisServer:
         ]
         if self.maxmemory:
             args += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "allkeys-lru"]
+        args += self.extra_args
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )

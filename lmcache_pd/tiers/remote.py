@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -58,6 +58,7 @@ PROBE_BACKOFF_S = (1.0, 30.0)  # first re-probe of a down server, then doubling 
 MAX_BATCH_ITEMS = 64
 MAX_BATCH_BYTES = 256 << 20
 READ_SIZE = 1 << 20  # socket read size: large values arrive in few reads
+SMALL_VALUE = 64 << 10  # values up to this size are sent as one joined buffer
 
 
 class RemoteScheme(str, enum.Enum):
@@ -84,6 +85,15 @@ class DownCause(str, enum.Enum):
     LOADING = "server loading its dataset"
     CONNECTION = "connection error"
     ERROR = "server error"
+
+
+def _call_done(item: _Write) -> None:
+    done, item.done = item.done, None
+    if done is not None:
+        try:
+            done()
+        except Exception:
+            log.exception("remote tier: on_written callback failed")
 
 
 def down_cause(exc: BaseException) -> DownCause:
@@ -213,7 +223,16 @@ def _db(text: str | None, bad: Any) -> int:
 
 class _Write(msgspec.Struct):
     key: bytes
-    value: bytearray  # header (filled by the writer) + payload
+    payload: memoryview  # a private copy, or borrowed until ``done`` is called
+    done: Callable[[], None] | None = None
+
+
+# One round trip, one command for a whole prompt: per-key existence, no values moved.
+EXISTS_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('EXISTS', key) end
+return out
+"""
 
 
 _STOP = object()
@@ -295,6 +314,8 @@ class RemoteStore(Store):
         self._m = self._metrics.bind(self.tier, 0, extra=("corrupt_files",))
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_size))
         self._warned_write_error = False
+        self._lua = True
+        self._exists_script = self.client.register_script(EXISTS_LUA)
         try:
             self.client.ping()
         except redis.exceptions.RedisError as exc:
@@ -399,7 +420,7 @@ class RemoteStore(Store):
                 self._queue.task_done()
                 continue
             batch: list[_Write] = [item]
-            nbytes = len(item.value)
+            nbytes = item.payload.nbytes
             stop = False
             while len(batch) < MAX_BATCH_ITEMS and nbytes < MAX_BATCH_BYTES:
                 try:
@@ -413,13 +434,14 @@ class RemoteStore(Store):
                     self._queue.task_done()
                     continue
                 batch.append(nxt)
-                nbytes += len(nxt.value)
+                nbytes += nxt.payload.nbytes
             try:
                 self._write_batch(batch)
             except Exception:
                 log.exception("remote tier: unexpected error writing %d chunks", len(batch))
             finally:
-                for _ in batch:
+                for w in batch:
+                    _call_done(w)
                     self._queue.task_done()
             if stop:
                 self._queue.task_done()
@@ -431,24 +453,14 @@ class RemoteStore(Store):
             return
         rkeys = [self.redis_key(w.key) for w in batch]
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for rkey in rkeys:
-                pipe.exists(rkey)
-            held = pipe.execute()
+            held = self._exists(rkeys)
             todo = [(w, rkey) for w, rkey, h in zip(batch, rkeys, held, strict=True) if not h]
             if len(todo) < len(batch):
                 with self._lock:
                     self._counts["duplicate_puts"] += len(batch) - len(todo)
             if not todo:
                 return
-            pipe = self.client.pipeline(transaction=False)
-            for w, rkey in todo:
-                payload = memoryview(w.value)[HEADER_SIZE:]
-                w.value[:HEADER_SIZE] = encode_header(
-                    w.key, self.fingerprint, payload.nbytes, xxhash.xxh3_64_intdigest(payload)
-                )
-                pipe.set(rkey, w.value)
-            results = pipe.execute(raise_on_error=False)
+            results = self._send_sets(todo)
         except redis.exceptions.RedisError as exc:
             self._mark_down(exc)
             self._drop(len(batch))
@@ -459,7 +471,7 @@ class RemoteStore(Store):
             if isinstance(res, BaseException):
                 failed.append(res)
             else:
-                written += len(w.value) - HEADER_SIZE
+                written += w.payload.nbytes
         with self._lock:
             self._counts["bytes_written"] += written
             self._counts["write_errors"] += len(failed)
@@ -478,6 +490,37 @@ class RemoteStore(Store):
                 failed[0],
             )
 
+    def _send_sets(self, todo: list[tuple[_Write, bytes]]) -> list[object]:
+        """Pipelined ``SET key <header><payload>`` without joining header and payload:
+        each command goes out as separate buffers (the payload straight from the
+        caller's memory), then all replies are read."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            for w, rkey in todo:
+                payload = w.payload
+                header = encode_header(
+                    w.key, self.fingerprint, payload.nbytes, xxhash.xxh3_64_intdigest(payload)
+                )
+                size = HEADER_SIZE + payload.nbytes
+                head = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(rkey), rkey, size)
+                if payload.nbytes <= SMALL_VALUE:
+                    conn.send_packed_command([head + header + payload + b"\r\n"], False)
+                else:
+                    conn.send_packed_command([head + header, payload, b"\r\n"], False)
+            results: list[object] = []
+            for _ in todo:
+                try:
+                    results.append(conn.read_response())
+                except redis.exceptions.ResponseError as exc:  # e.g. OOM: per command
+                    results.append(exc)
+            return results
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
     def _drop(self, n: int, reason: str = "") -> None:
         with self._lock:
             self._counts["dropped_writes"] += n
@@ -487,22 +530,27 @@ class RemoteStore(Store):
 
     # --- writes ---
 
-    def put(self, key: bytes, data: Buffer) -> bool:
-        """Queue a copy of ``data`` for the server; False if dropped (tier off, queue
-        full). Never waits on the network."""
+    def put(self, key: bytes, data: Buffer, on_written: Callable[[], None] | None = None) -> bool:
+        """Queue ``data`` for the server; False if dropped (tier off, queue full). Never
+        waits on the network. Without ``on_written`` the bytes are copied. With it,
+        ``data`` is borrowed: it must stay valid and unchanged until ``on_written()`` is
+        called (exactly once, also when the write is dropped or fails)."""
+        item = _Write(bytes(key), as_byte_view(data), on_written)
         if not self._up():
             self._drop(1)
+            _call_done(item)
             return False
-        src = as_byte_view(data)
         if self._queue.full():
             self._drop(1, "queue_full_drops")
+            _call_done(item)
             return False
-        value = bytearray(HEADER_SIZE + src.nbytes)
-        value[HEADER_SIZE:] = src
+        if on_written is None:
+            item.payload = memoryview(item.payload.tobytes())
         try:
-            self._queue.put_nowait(_Write(bytes(key), value))
+            self._queue.put_nowait(item)
         except queue.Full:
             self._drop(1, "queue_full_drops")
+            _call_done(item)
             return False
         return True
 
@@ -528,16 +576,32 @@ class RemoteStore(Store):
         if not self._up():
             return [False] * len(keys)
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(self.redis_key(key))
-            found = pipe.execute()
+            found = self._exists([self.redis_key(key) for key in keys])
         except redis.exceptions.RedisError as exc:
             self._mark_down(exc)
             return [False] * len(keys)
         with self._lock:
             self._counts["lookups"] += 1
         return [bool(n) for n in found]
+
+    def _exists(self, rkeys: list[bytes]) -> list[int]:
+        """Per-key existence in one round trip: one ``EVALSHA`` of :data:`EXISTS_LUA`, or
+        a pipeline of ``EXISTS`` where the server refuses scripts (said once)."""
+        if self._lua:
+            try:
+                return [int(n) for n in self._exists_script(keys=rkeys)]
+            except redis.exceptions.ResponseError as exc:  # scripting off or not allowed
+                self._lua = False
+                log.warning(
+                    "remote tier %s refuses Lua scripts (%s): lookups use a pipeline of "
+                    "EXISTS instead (still one round trip, more client CPU)",
+                    self.url.redacted(),
+                    exc,
+                )
+        pipe = self.client.pipeline(transaction=False)
+        for rkey in rkeys:
+            pipe.exists(rkey)
+        return [int(n) for n in pipe.execute()]
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, (bytes, bytearray)):

@@ -120,10 +120,32 @@ def test_lookup_and_get_many_take_one_round_trip(redis_server: RedisServer) -> N
     assert [bytes(g) for g in got if g is not None] == [payload(i, 1024) for i in range(8)]
     assert delay <= lookup_s < 2 * delay, lookup_s  # two round trips would be >= 0.3 s
     assert delay <= get_s < 2 * delay, get_s
-    exists = stats1["cmdstat_exists"]["calls"] - stats0.get("cmdstat_exists", {}).get("calls", 0)
-    assert exists == 128
+
+    def calls(stats: dict, cmd: str) -> int:
+        return int(stats.get(f"cmdstat_{cmd}", {}).get("calls", 0))
+
+    assert calls(stats1, "evalsha") - calls(stats0, "evalsha") == 1  # one command
+    assert calls(stats1, "exists") - calls(stats0, "exists") == 128  # run inside it
     for cmd in ("cmdstat_get", "cmdstat_mget"):
         assert stats1.get(cmd, {}).get("calls", 0) == stats0.get(cmd, {}).get("calls", 0)
+
+
+def test_lookup_without_scripting_falls_back_to_a_pipeline(
+    redis_factory: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_factory(extra_args=["--rename-command", "EVALSHA", ""])
+    s = remote(server.url)
+    try:
+        s.put(key_of(1), payload(1, 256))
+        assert s.flush(10)
+        with caplog.at_level(logging.WARNING, logger=WARN):
+            assert s.contains([key_of(1), key_of(2)]) == 1
+            assert s.contains([key_of(1), key_of(2)]) == 1
+        lines = [m for m in down_warnings(caplog) if "Lua" in m]
+        assert len(lines) == 1, lines
+        assert s.state is RemoteState.UP
+    finally:
+        s.close()
 
 
 def test_namespaced_by_layout_and_chunk_size(redis_server: RedisServer) -> None:
@@ -373,6 +395,8 @@ def test_cpu_plus_remote_shares_and_promotes(redis_server: RedisServer) -> None:
         for i, key in enumerate(keys):
             assert a.put(key, payload(i, SLOT))
         assert a.flush(10)
+        assert a.cpu is not None and a.cpu.stats()["pinned"] == 0  # lent slots released
+        assert a.stats()["remote.bytes_written"] == 4 * SLOT
         assert b.contains(keys) == 4 and b.contains([*keys, key_of(50)]) == 4
         views = b.acquire_many(keys)
         assert [bytes(v) for v in views if v is not None] == [payload(i, SLOT) for i in range(4)]

@@ -1,0 +1,301 @@
+"""Benchmark of the remote tier (Redis/Valkey) against raw redis-py on the same server.
+
+In one run, against one ``redis-server`` started on a free loopback port (or ``--url``):
+
+* put: ``RemoteStore.put`` of ``--chunks`` llama-8b chunks (32 MiB each at 256 tokens),
+  timed until the write-behind queue is flushed (copy, checksum, header, ``EXISTS`` check,
+  ``SET``), vs a raw redis-py pipeline ``SET`` of the same bytes -> ``put_over_raw``;
+* get: ``RemoteStore.get_many`` of those chunks (one round trip, header and xxh3-64
+  checksum verified) vs a raw pipelined ``GET`` of the same bytes -> ``get_over_raw``;
+* lookup of a 32k-token prompt (128 chunks, small values): our one-round-trip pipelined
+  ``EXISTS`` vs one ``MGET`` of the same keys (which moves the values) and one variadic
+  ``EXISTS`` (a count only, no per-key answer), in µs; server read events per lookup.
+
+Target: put and get ratios >= 0.8. Figures are medians of ``--reps`` interleaved rounds.
+Run ``python benchmarks/remote.py [--quick] --json F --png P`` or
+``lmcache-pd bench remote ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from lmcache_pd.layout import preset
+from lmcache_pd.tiers.redis_server import RedisServer
+from lmcache_pd.tiers.remote import RemoteStore, parse_remote_url
+
+TARGET = 0.8
+RATIOS = ("put_over_raw", "get_over_raw")
+CHUNK_TOKENS = 256
+PROMPT_CHUNKS = 128  # a 32k-token prompt
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _key(i: int, salt: int) -> bytes:
+    return (salt * 1_000_003 + i).to_bytes(8, "little") * 2
+
+
+def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, float]:
+    layout = preset("llama-8b")
+    n, slot = len(src), src[0].nbytes
+    total = n * slot
+    store = RemoteStore(url, layout.fingerprint(), CHUNK_TOKENS, timeout_s=10.0, queue_size=n)
+    raw = redis.Redis(**parse_remote_url(url).client_kwargs(), socket_timeout=30)
+    samples: dict[str, list[float]] = {k: [] for k in ("raw_put", "put", "raw_get", "get")}
+    views = [memoryview(a) for a in src]
+    keys: list[bytes] = []
+    raw_keys: list[bytes] = []
+    got: list[Any] = []
+
+    def raw_put() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for rk, v in zip(raw_keys, views, strict=True):
+            pipe.set(rk, v)
+        pipe.execute()
+
+    def put() -> None:
+        for k, v in zip(keys, views, strict=True):
+            if not store.put(k, v):
+                raise RuntimeError("remote tier dropped a write")
+        if not store.flush(120):
+            raise RuntimeError("remote tier writes did not finish")
+
+    def raw_get() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for rk in raw_keys:
+            pipe.get(rk)
+        got[:] = pipe.execute()
+
+    def get() -> None:
+        got[:] = store.get_many(keys)
+
+    try:
+        for rep in range(reps + 1):  # round 0 warms up
+            keys[:] = [_key(i, rep) for i in range(n)]
+            raw_keys[:] = [b"bench-raw:" + k.hex().encode() for k in keys]
+            row: dict[str, float] = {}
+            puts = [("raw_put", raw_put), ("put", put)]
+            gets = [("raw_get", raw_get), ("get", get)]
+            for name, fn in puts if rep % 2 else puts[::-1]:  # alternate who goes first
+                row[name] = _timed(fn)
+            for name, fn in gets if rep % 2 else gets[::-1]:
+                row[name] = _timed(fn)
+                if name == "get":
+                    for i, g in enumerate(got):
+                        if g is None or g != views[i]:
+                            raise RuntimeError(f"remote tier returned wrong bytes for chunk {i}")
+            got.clear()
+            raw.delete(*raw_keys, *[store.redis_key(k) for k in keys])
+            if rep:
+                for k, v in row.items():
+                    samples[k].append(v)
+        stats = store.stats()
+        if stats["corrupt_values"] or stats["dropped_writes"]:
+            raise RuntimeError(f"remote tier counted problems: {stats}")
+    finally:
+        store.close()
+        raw.close()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {f"{k}_gbps": total / v / 1e9 for k, v in med.items()}
+
+
+def _read_events(client: redis.Redis) -> int:
+    return int(client.info("stats")["total_reads_processed"])
+
+
+def bench_lookup(url: str, rounds: int) -> dict[str, float]:
+    layout = preset("llama-8b")
+    store = RemoteStore(
+        url, layout.fingerprint(), CHUNK_TOKENS, timeout_s=10.0, queue_size=PROMPT_CHUNKS
+    )
+    client = redis.Redis(**parse_remote_url(url).client_kwargs(), socket_timeout=30)
+    keys = [_key(i, 999) for i in range(PROMPT_CHUNKS)]
+    rkeys = [store.redis_key(k) for k in keys]
+    try:
+        for i, k in enumerate(keys):  # small values: the lookup's cost, not the bytes'
+            store.put(k, i.to_bytes(4, "little") * 256)
+        store.flush(60)
+
+        def best(fn: Callable[[], object]) -> float:
+            times = []
+            for _ in range(rounds):
+                times.append(_timed(fn))
+            return statistics.median(times) * 1e6
+
+        ours = best(lambda: store.contains(keys))
+        mget = best(lambda: client.mget(rkeys))
+        exists_count = best(lambda: client.exists(*rkeys))
+        ping = best(client.ping)
+        if store.contains(keys) != PROMPT_CHUNKS:
+            raise RuntimeError("lookup did not find the prompt's chunks")
+        # server read events: INFO, then the operation, then INFO; PING for reference
+        ev: dict[str, int] = {}
+        for name, fn in (("ping", client.ping), ("lookup", lambda: store.contains(keys))):
+            a = _read_events(client)
+            fn()
+            ev[name] = _read_events(client) - a
+        client.delete(*rkeys)
+    finally:
+        store.close()
+        client.close()
+    return {
+        "prompt_chunks": float(PROMPT_CHUNKS),
+        "lookup_us": ours,
+        "mget_us": mget,
+        "exists_count_us": exists_count,
+        "ping_us": ping,
+        "mget_over_lookup": mget / ours,
+        "lookup_read_events": float(ev["lookup"]),
+        "ping_read_events": float(ev["ping"]),
+    }
+
+
+def _table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    b, lk, r = result["bandwidth"], result["lookup"], result["ratios"]
+    table = Table(
+        title=f"remote tier: {result['chunks']} x {result['chunk_bytes'] >> 20} MiB llama-8b "
+        f"chunks, redis-server {result['server_version']} on loopback"
+    )
+    for col, just in (("path", "left"), ("tier GB/s", "right"), ("raw redis-py GB/s", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    table.add_column("ratio", justify="right")
+    table.add_column(f"≥ {TARGET}")
+    rows = [
+        ("put (until flushed) vs pipelined SET", b["put_gbps"], b["raw_put_gbps"], "put_over_raw"),
+        ("get_many vs pipelined GET", b["get_gbps"], b["raw_get_gbps"], "get_over_raw"),
+    ]
+    for name, tier, base, key in rows:
+        ok = "[green]yes[/green]" if r[key] >= TARGET else "[red]no[/red]"
+        table.add_row(name, f"{tier:.2f}", f"{base:.2f}", f"{r[key]:.2f}", ok)
+    console = Console()
+    console.print(table)
+    console.print(
+        f"lookup of {int(lk['prompt_chunks'])} chunks (32k tokens): {lk['lookup_us']:.0f} µs "
+        f"(pipelined EXISTS, {int(lk['lookup_read_events'])} server read events incl. the "
+        f"INFO, PING: {int(lk['ping_read_events'])}); one MGET {lk['mget_us']:.0f} µs "
+        f"({lk['mget_over_lookup']:.2f}x ours); variadic EXISTS (count only) "
+        f"{lk['exists_count_us']:.0f} µs; PING {lk['ping_us']:.0f} µs"
+    )
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b, lk, r = result["bandwidth"], result["lookup"], result["ratios"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [2, 1.6]})
+    names = ["put", "get"]
+    tier = [b["put_gbps"], b["get_gbps"]]
+    base = [b["raw_put_gbps"], b["raw_get_gbps"]]
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, base, 0.4, label="raw redis-py pipeline (SET / GET)", color="#999999")
+    ax.bar(x + 0.2, tier, 0.4, label="lmcache-pd remote tier", color="#1f77b4")
+    for i, key in enumerate(RATIOS):
+        ax.text(x[i] + 0.2, tier[i], f"{r[key]:.2f}x", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("GB/s")
+    ax.set_title(f"{result['chunks']} x {result['chunk_bytes'] >> 20} MiB chunks, loopback")
+    ax.set_ylim(0, max(tier + base) * 1.35)
+    ax.legend(fontsize=8, loc="upper left")
+    labels = ["ours\n(EXISTS pipe)", "one MGET", "EXISTS\n(count)", "PING"]
+    values = [lk["lookup_us"], lk["mget_us"], lk["exists_count_us"], lk["ping_us"]]
+    ax2.bar(labels, values, color=["#1f77b4", "#999999", "#bbbbbb", "#dddddd"])
+    ax2.set_ylabel("µs")
+    ax2.set_title(f"lookup of {int(lk['prompt_chunks'])} chunks (32k tokens)")
+    ax2.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(quick: bool, chunks: int | None, reps: int | None, url: str | None) -> dict[str, Any]:
+    layout = preset("llama-8b")
+    slot = layout.bytes_per_chunk(CHUNK_TOKENS)
+    n = chunks or (4 if quick else 8)
+    reps = reps or (5 if quick else 7)
+    rng = np.random.default_rng(1)
+    src = [rng.integers(0, 256, slot, dtype=np.uint8) for _ in range(n)]
+    server = None if url else RedisServer()
+    url = url or server.url  # type: ignore[union-attr]
+    t0 = time.perf_counter()
+    try:
+        version = redis.Redis(**parse_remote_url(url).client_kwargs()).info("server")
+        bandwidth = bench_bandwidth(url, src, reps)
+        lookup = bench_lookup(url, 50 if quick else 200)
+    finally:
+        if server is not None:
+            server.stop()
+    ratios = {
+        "put_over_raw": bandwidth["put_gbps"] / bandwidth["raw_put_gbps"],
+        "get_over_raw": bandwidth["get_gbps"] / bandwidth["raw_get_gbps"],
+    }
+    return {
+        "benchmark": "remote",
+        "quick": quick,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "redis_py": redis.__version__,
+        "hiredis": importlib.util.find_spec("hiredis") is not None,
+        "server_version": version.get("redis_version", "?"),
+        "layout": "llama-8b",
+        "chunk_size_tokens": CHUNK_TOKENS,
+        "chunk_bytes": slot,
+        "chunks": n,
+        "reps": reps,
+        "bandwidth": bandwidth,
+        "lookup": lookup,
+        "ratios": ratios,
+        "target": TARGET,
+        "meets_target": {k: v >= TARGET for k, v in ratios.items()},
+        "elapsed_s": time.perf_counter() - t0,
+        "notes": "medians of interleaved rounds on one loopback redis-server; put is timed "
+        "until the write-behind queue is flushed; get verifies header and checksum",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 chunks, 5 rounds (< 1 min)")
+    parser.add_argument("--chunks", type=int, help="32 MiB chunks per round (default 8)")
+    parser.add_argument("--reps", type=int, help="measured rounds (default 7)")
+    parser.add_argument("--url", help="use this server (redis://...) instead of starting one")
+    parser.add_argument("--json", type=Path, help="write the results as JSON")
+    parser.add_argument("--png", type=Path, help="write a bar chart (PNG)")
+    args = parser.parse_args(argv)
+    result = run(args.quick, args.chunks, args.reps, args.url)
+    _table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.png:
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        _plot(result, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
