@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import pytest
 
 from lmcache_pd.peer import PeerProcess
+from lmcache_pd.tiers.redis_server import INSTALL_HINT, redis_server_binary
 
 os.environ.setdefault("LMCACHE_PD_AUTH_SECRET", secrets.token_hex(32))
 os.environ.setdefault("LMCACHE_PD_NIXL_LOG", "WARNING")
@@ -46,3 +47,15 @@ def receiver_process(*args: str) -> Iterator[ReceiverProc]:
 @pytest.fixture
 def spawn_receiver():
     return receiver_process
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    """The ``redis-server`` binary of the remote-tier tests: skip with the reason where
+    it is missing, fail under CI (``CI=true``), where .ci/run installs it."""
+    binary = redis_server_binary()
+    if binary is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the remote-tier tests: {INSTALL_HINT}")
+        pytest.skip(INSTALL_HINT)
+    return binary

@@ -2,35 +2,24 @@
 
 ``redis_server`` is one server shared by the session (tests use their own key
 namespaces); ``redis_factory`` starts dedicated servers for the fault tests (kill,
-restart, pause) and stops them afterwards. Without the ``redis-server`` binary the
-remote-tier tests skip with the reason, except in CI (``CI=true``), where they fail.
+restart, pause) and stops them afterwards. Both use ``redis_binary`` (tests/conftest.py):
+without the binary they skip with the reason, except in CI (``CI=true``), where they fail.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from lmcache_pd.layout import preset
-from lmcache_pd.tiers.redis_server import INSTALL_HINT, RedisServer, redis_server_binary
+from lmcache_pd.tiers.redis_server import RedisServer
 
 
 @pytest.fixture
 def fingerprint() -> bytes:
     return preset("tiny").fingerprint()
-
-
-@pytest.fixture(scope="session")
-def redis_binary() -> str:
-    binary = redis_server_binary()
-    if binary is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI must run the remote-tier tests: {INSTALL_HINT}")
-        pytest.skip(INSTALL_HINT)
-    return binary
 
 
 @pytest.fixture(scope="session")
