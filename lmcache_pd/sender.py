@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 GROUP_BYTES = 16 * 1024 * 1024  # WRITE group size: verification overlaps later groups
 MAX_KNOWN_KEYS = 65536  # per receiver: keys this sender believes it holds (skipped)
 MAX_GRANT_WANT = 64  # slots asked to be lent ahead, at most
+MAX_PEERS = 64  # receiver connections kept per sender (least recently used closed)
 
 
 class HandoffError(RuntimeError):
@@ -178,7 +179,8 @@ class Sender:
         # receiver caps it at a quarter of its buffer per sender, half for all)
         self._want_grant = min(self.buffer.num_slots, MAX_GRANT_WANT)
         self._ctx = zmq.Context()
-        self._peers: dict[str, _Peer] = {}
+        self._peers: OrderedDict[str, _Peer] = OrderedDict()  # least recently used first
+        self._connecting: dict[str, threading.Lock] = {}
         self._peers_lock = threading.Lock()
 
     # ------------------------------------------------------------------ slots
@@ -200,8 +202,19 @@ class Sender:
 
     # ------------------------------------------------------------------ peers
     def _peer(self, endpoint: str) -> _Peer:
+        """The connection to ``endpoint``, saying Hello first if there is none. Hellos
+        to different receivers run in parallel: one unreachable decoder never holds up
+        pushes to the others. At most ``MAX_PEERS`` connections are kept (the least
+        recently used idle one is closed; it reconnects when needed again)."""
         with self._peers_lock:
             peer = self._peers.get(endpoint)
+            if peer is not None:
+                self._peers.move_to_end(endpoint)
+                return peer
+            connecting = self._connecting.setdefault(endpoint, threading.Lock())
+        with connecting:
+            with self._peers_lock:
+                peer = self._peers.get(endpoint)
             if peer is not None:
                 return peer
             client = DealerClient(self._ctx, self.codec, endpoint, self.counters)
@@ -210,7 +223,14 @@ class Sender:
             except BaseException:
                 client.close()
                 raise
-            self._peers[endpoint] = peer
+            with self._peers_lock:
+                self._peers[endpoint] = peer
+                idle = [p for p in self._peers.values() if p is not peer and not p.lock.locked()][
+                    : max(0, len(self._peers) - MAX_PEERS)
+                ]
+            for old in idle:
+                log.info("closing the least recently used connection to %s", old.endpoint)
+                self._forget(old)
             return peer
 
     def _hello(self, endpoint: str, client: DealerClient) -> _Peer:
