@@ -64,6 +64,7 @@ class RedisServer:
         extra_args: Sequence[str] = (),
         prefix: Sequence[str] = (),
         bind: Sequence[str] = ("127.0.0.1",),
+        password: str | None = None,
     ) -> None:
         found = binary or redis_server_binary()
         if found is None:
@@ -79,6 +80,7 @@ class RedisServer:
         self.extra_args = list(extra_args)
         self.prefix = list(prefix)  # e.g. `ip netns exec NS`: run it in a network namespace
         self.bind = list(bind)
+        self.password = password  # needed off loopback (protected mode)
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -88,7 +90,11 @@ class RedisServer:
 
     def client(self, **kwargs: object) -> redis.Redis:
         """A plain redis-py client of this server over its unix socket (tests, baselines)."""
-        return redis.Redis(unix_socket_path=str(self.unix_socket), **kwargs)  # type: ignore[arg-type]
+        return redis.Redis(
+            unix_socket_path=str(self.unix_socket),
+            password=self.password,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
     def start(self) -> None:
         """Start (or restart) the server on its port; returns once it answers PING."""
@@ -122,6 +128,8 @@ class RedisServer:
         ]
         if self.maxmemory:
             args += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "allkeys-lru"]
+        if self.password:
+            args += ["--requirepass", self.password]
         args += self.extra_args
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
