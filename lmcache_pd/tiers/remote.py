@@ -9,11 +9,15 @@ or checksum (flipped, truncated, written for another layout) is a miss: it is de
 counted and logged.
 
 Reads are batched: :meth:`RemoteStore.held` asks about a whole prompt's chunks in one
-round trip (a pipeline of ``EXISTS``, which moves no values), :meth:`RemoteStore.get_many`
-fetches many chunks in one round trip. Writes go behind a bounded queue drained by one
-thread (``remote_write_queue_size``): a full queue drops the write and counts it, the
-engine never waits on the server. The writer skips chunks the server already holds (one
-``EXISTS`` round trip per batch) so engines sharing a prefix do not resend it.
+round trip and one command (``EVALSHA`` of a script that answers per key and moves no
+values; a pipeline of ``EXISTS`` where the server refuses scripts),
+:meth:`RemoteStore.get_many` fetches many chunks in one pipelined round trip. Writes go
+behind a bounded queue drained by one thread (``remote_write_queue_size``): a full queue
+drops the write and counts it, the engine never waits on the server. A put either copies
+the bytes or borrows them until written (``on_written``; the tiered store lends its pinned
+CPU slots), and each ``SET`` goes out as header + payload buffers, so the payload is never
+copied on the way out. The writer skips chunks the server already holds (one existence
+check per batch) so engines sharing a prefix do not resend it.
 
 Faults: every socket wait (connect, each read) is bounded by ``remote_timeout_s`` and
 redis-py does not retry, so no call waits longer than that on a dead or stalled server.
