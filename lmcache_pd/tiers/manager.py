@@ -176,7 +176,10 @@ class TieredStore(Store):
         )
 
     def __contains__(self, key: object) -> bool:
-        return self._local(key) or (self.remote is not None and key in self.remote)
+        """Held in the CPU or disk tier: an index lookup, never a network call (callers
+        test keys one by one, some under locks). :meth:`contains` also asks the remote
+        tier, once per prompt."""
+        return self._local(key)
 
     def contains(self, keys: Sequence[bytes]) -> int:
         """Longest prefix of ``keys`` held in any tier: CPU and disk by index, then the

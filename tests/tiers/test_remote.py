@@ -398,6 +398,7 @@ def test_cpu_plus_remote_shares_and_promotes(redis_server: RedisServer) -> None:
         assert a.cpu is not None and a.cpu.stats()["pinned"] == 0  # lent slots released
         assert a.stats()["remote.bytes_written"] == 4 * SLOT
         assert b.contains(keys) == 4 and b.contains([*keys, key_of(50)]) == 4
+        assert keys[0] not in b  # `in` is the local index only: never a network call
         views = b.acquire_many(keys)
         assert [bytes(v) for v in views if v is not None] == [payload(i, SLOT) for i in range(4)]
         for key in keys:
