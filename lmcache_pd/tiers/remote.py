@@ -634,7 +634,7 @@ class RemoteStore(Store):
             pipe = self.client.pipeline(transaction=False)
             for rkey in rkeys:
                 pipe.get(rkey)
-            values = pipe.execute()
+            values = pipe.execute(raise_on_error=False)
         except redis.exceptions.RedisError as exc:
             self._mark_down(exc)
             self._count_misses(len(keys))
@@ -644,6 +644,14 @@ class RemoteStore(Store):
         hits = nbytes = 0
         for key, rkey, value in zip(keys, rkeys, values, strict=True):
             if value is None:
+                out.append(None)
+                continue
+            if isinstance(value, redis.exceptions.ResponseError):  # e.g. WRONGTYPE
+                bad.append((rkey, f"cannot be read as a chunk ({value})"))
+                out.append(None)
+                continue
+            if isinstance(value, BaseException):
+                self._mark_down(value)
                 out.append(None)
                 continue
             view = memoryview(value)

@@ -184,7 +184,7 @@ def _foreign(key: bytes) -> Callable[[bytes], bytes]:
     return rewrite
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated", "foreign", "garbage"])
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "foreign", "garbage", "a list"])
 def test_corrupt_value_is_a_miss_deleted_and_counted(
     damage: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -203,8 +203,13 @@ def test_corrupt_value_is_a_miss_deleted_and_counted(
             "truncated": lambda v: v[: len(v) - 1000],
             "foreign": _foreign(key),
             "garbage": lambda v: b"not a chunk",
+            "a list": lambda v: v,
         }[damage](value)
-        client.set(rkey, damaged)
+        if damage == "a list":  # another program's key of another type
+            client.delete(rkey)
+            client.rpush(rkey, b"x")
+        else:
+            client.set(rkey, damaged)
         with caplog.at_level(logging.WARNING, logger=WARN):
             assert s.get(key) is None
         assert client.exists(rkey) == 0  # deleted
