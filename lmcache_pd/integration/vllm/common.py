@@ -24,6 +24,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from lmcache_pd.config import Config, ConfigError, PDRole, load_config
+from lmcache_pd.kernels.geometry import TORCH_DTYPES
 from lmcache_pd.layout import AttentionKind, KVLayout
 from lmcache_pd.protocol import DecodeParams, KVTransferParams
 
@@ -95,14 +96,7 @@ def load_connector_config(kv_transfer_config: KVTransferConfig, role: KVRole) ->
     return cfg
 
 
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float8_e4m3fn: "float8_e4m3fn",
-    torch.float8_e5m2: "float8_e5m2",
-    torch.uint8: "uint8",
-}
+_DTYPE_NAMES = {t: name for name, t in TORCH_DTYPES.items()}  # the kernels' one table
 _CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
