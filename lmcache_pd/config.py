@@ -242,7 +242,10 @@ def _check_ranges(cfg: Config) -> list[str]:
         ports = value if isinstance(value, list) else [value]
         if not ports:
             errors.append(f"{name}: port list is empty")
-        low = 0 if name == "pd_pull_port" else 1  # 0: a free port, advertised in params
+        # 0: a free port. pd_pull_port: advertised in kv_transfer_params; pd_peer_init_port:
+        # named in Fetch (standard contract; several decoder replicas per host, as under
+        # Ray Serve). Push-ahead through our proxy needs a fixed decoder port.
+        low = 0 if name in ("pd_pull_port", "pd_peer_init_port") else 1
         for port in ports:
             if not low <= port <= 65535:
                 errors.append(f"{name}: port {port} out of range {low}..65535")
