@@ -79,6 +79,10 @@ class ChunkHasher:
         self.algorithm = HashAlgorithm(algorithm)
         self.seed = chain_seed(fingerprint, chunk_size, self.algorithm)
 
+    def next_key(self, prev: bytes | None, tokens: Sequence[int]) -> bytes:
+        """Key of the chunk ``tokens`` after the chunk keyed ``prev`` (None: the first)."""
+        return _digest(self.algorithm, (prev or self.seed) + _pack_tokens(tokens))
+
     def keys(self, tokens: Sequence[int], include_partial: bool = False) -> list[bytes]:
         """Prefix-chain keys of ``tokens``: one per chunk (see :func:`chunk_spans`)."""
         keys: list[bytes] = []

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import os
 import queue
@@ -377,7 +378,7 @@ class KVEventPublisher:
                 if op is _Op.STOP:
                     return
                 if op is _Op.LEARN:
-                    self._guard(lambda a=arg: self._learn(a))
+                    self._guard(functools.partial(self._learn, arg))
                 else:
                     self._guard(self._poll)
                     next_poll = time.monotonic() + self.poll_s

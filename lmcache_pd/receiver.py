@@ -817,6 +817,11 @@ class Receiver:
                     del self._ready[key]
                     self.buffer.free([entry.slot])
 
+    def ready_keys(self) -> list[bytes]:
+        """Keys of the chunks held in the receive buffer (KV events)."""
+        with self._lock:
+            return list(self._ready)
+
     def slot_usage(self) -> dict[str, int]:
         """Slots free, leased and holding ready chunks (for leak checks)."""
         with self._lock:

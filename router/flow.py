@@ -34,9 +34,10 @@ from lmcache_pd.metrics import RateLimitedLog
 from lmcache_pd.protocol import HandoffDone
 from lmcache_pd.router.errors import error_body
 from lmcache_pd.router.handoff import HandoffListener
+from lmcache_pd.router.kv_events import Subscriptions
 from lmcache_pd.router.kv_params import KVTransferParams, decode_params
 from lmcache_pd.router.metrics import ErrorKind, Mode, ProxyMetrics
-from lmcache_pd.router.policy import Engine, Role, make_policy
+from lmcache_pd.router.policy import CacheAware, Engine, Role, make_policy
 from lmcache_pd.router.pool import EnginePool
 from lmcache_pd.router.relay import RelayResponse
 from lmcache_pd.router.settings import PolicyKind, ProxySettings
@@ -185,6 +186,13 @@ class Router:
         self.decode = EnginePool(Role.DECODER, settings.decoders, policy(), metrics, kv)
         self.table = RequestTable(settings.max_inflight, settings.finished_history)
         self.hasher = ChunkHasher(HASH_FINGERPRINT, settings.chunk_size, settings.hash_algorithm)
+        decode_policy = self.decode.policy
+        self.events = Subscriptions.for_decoders(
+            [settings.events_endpoint(i) for i in range(len(settings.decoders))],
+            decode_policy.held if isinstance(decode_policy, CacheAware) else None,
+            self.hasher,
+            settings.events_resync_s,
+        )
         self._need_tokens = (
             settings.policy is PolicyKind.CACHE_AWARE or settings.disagg_min_tokens > 0
         )

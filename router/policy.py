@@ -12,6 +12,9 @@ policies:
   ``inflight + 1 > load_guard_factor * (least inflight of all + 1)``, in which case the
   least-loaded engine takes it (and from then on holds the prefix too).
   No known prefix -> least loaded, ties in turn, so unrelated prompts spread.
+  Engines that publish KV events (``decoder_events``, :mod:`lmcache_pd.router.kv_events`)
+  are not guessed: what they hold comes from their events into the exact
+  :class:`~lmcache_pd.router.kv_events.HeldMap`, consulted together with the guesses.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lmcache_pd.router.kv_events import HeldMap
 from lmcache_pd.router.settings import PolicyKind
 
 
@@ -79,15 +83,20 @@ class PrefixMap:
     def __len__(self) -> int:
         return len(self._map)
 
-    def longest(self, keys: Sequence[bytes], allowed: int) -> tuple[int, int]:
+    def longest(
+        self, keys: Sequence[bytes], allowed: int, held: HeldMap | None = None
+    ) -> tuple[int, int]:
         """(holders bitmask within ``allowed``, matched chunks) of the longest known
-        prefix; (0, 0) if none.
+        prefix, guessed or (``held``) announced; (0, 0) if none.
 
         Keys are a prefix chain, so an engine holding key ``i`` got the whole prefix up
         to ``i``; scan from the longest down.
         """
         for i in range(len(keys) - 1, -1, -1):
-            mask = self._map.get(keys[i], 0) & allowed
+            mask = self._map.get(keys[i], 0)
+            if held is not None:
+                mask |= held.get(keys[i])
+            mask &= allowed
             if mask:
                 return mask, i + 1
         return 0, 0
@@ -150,6 +159,7 @@ class CacheAware(Policy):
     def __init__(self, max_entries: int, load_guard_factor: float) -> None:
         super().__init__()
         self.prefixes = PrefixMap(max_entries)
+        self.held = HeldMap(max_entries)
         self.load_guard_factor = load_guard_factor
 
     def _pick(self, cands: list[Engine], keys: Sequence[bytes]) -> Choice:
@@ -159,7 +169,7 @@ class CacheAware(Policy):
         allowed = 0
         for e in cands:
             allowed |= 1 << e.index
-        mask, matched = self.prefixes.longest(keys, allowed)
+        mask, matched = self.prefixes.longest(keys, allowed, self.held)
         if not mask:
             return Choice(least, RouteReason.LEAST_LOADED)
         best = self._least([e for e in cands if mask >> e.index & 1])
@@ -168,7 +178,7 @@ class CacheAware(Policy):
         return Choice(best, RouteReason.AFFINITY, matched)
 
     def record(self, engine: Engine, keys: Sequence[bytes]) -> None:
-        if keys:
+        if keys and not self.held.subscribed >> engine.index & 1:  # events say it exactly
             self.prefixes.record(keys, engine.index)
 
 

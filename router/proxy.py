@@ -103,6 +103,7 @@ def _lifespan(st: _AppState) -> Callable[[FastAPI], AbstractAsyncContextManager[
             settings.health_fail_threshold,
         )
         checker.start()
+        router.events.start()
         st.router = router
         app.state.router = router
         log.warning(
@@ -119,6 +120,7 @@ def _lifespan(st: _AppState) -> Callable[[FastAPI], AbstractAsyncContextManager[
             yield
         finally:
             await checker.stop()
+            await router.events.stop()
             if handoff is not None:
                 await handoff.stop()
             await client.close()
@@ -206,6 +208,8 @@ def _proxy_state(router: Router) -> Response:
         "finished": [r.to_dict() for r in list(router.table.finished)[-20:]],
         "finished_kept": len(router.table.finished),
         "prefix_map": len(getattr(policy, "prefixes", ())),
+        "held_map": len(getattr(policy, "held", ())),
+        "kv_events": [sub.status() for sub in router.events.subs],
         "handoff_pending": router.handoff.pending if router.handoff else 0,
         "handoff_address": router.handoff.address if router.handoff else None,
     }

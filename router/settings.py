@@ -35,6 +35,10 @@ class ProxySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # control endpoint (host:port) of each decoder, aligned with ``decoders``;
     # missing entries default to the decoder URL's host with port 7300 + index.
     decoder_kv: list[str] = msgspec.field(default_factory=list)
+    # KV-event PUB endpoint (host:port) of each decoder, aligned with ``decoders`` (its
+    # replay/snapshot socket is the next port); "" or missing = none (cache_aware guesses)
+    decoder_events: list[str] = msgspec.field(default_factory=list)
+    events_resync_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 9000
     policy: PolicyKind = PolicyKind.ROUND_ROBIN
@@ -81,6 +85,7 @@ class ProxySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "tokenize_timeout_s",
             "stream_idle_timeout_s",
             "load_guard_factor",
+            "events_resync_s",
         ):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -98,8 +103,22 @@ class ProxySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             errors.append("disagg_min_tokens and prefill_retries must be >= 0")
         for entry in self.decoder_kv:
             _split_host_port(entry, errors)
+        for entry in self.decoder_events:
+            if entry:
+                _split_host_port(entry, errors, "decoder_events")
+        if len(self.decoder_events) > len(self.decoders):
+            errors.append(
+                f"decoder_events: {len(self.decoder_events)} endpoints for "
+                f"{len(self.decoders)} decoders"
+            )
         if errors:
             raise core_config.ConfigError(errors)
+
+    def events_endpoint(self, index: int) -> tuple[str, int] | None:
+        """KV-event PUB (host, port) of decoder ``index``, or None."""
+        if index < len(self.decoder_events) and self.decoder_events[index]:
+            return _split_host_port(self.decoder_events[index], [], "decoder_events")
+        return None
 
     def decoder_endpoint(self, index: int) -> tuple[str, int]:
         """Control (host, port) of decoder ``index``: from ``decoder_kv`` or the default."""
@@ -121,10 +140,10 @@ def _url_host(url: str) -> str:
     return rest.rsplit(":", 1)[0] if ":" in rest else rest
 
 
-def _split_host_port(text: str, errors: list[str]) -> tuple[str, int]:
+def _split_host_port(text: str, errors: list[str], key: str = "decoder_kv") -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        errors.append(f"decoder_kv: expected host:port, got {text!r}")
+        errors.append(f"{key}: expected host:port, got {text!r}")
         return "", 0
     return host.strip("[]"), int(port)
 
@@ -178,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoder control endpoints aligned with --decoder "
         "(default: decoder host, port 7300+i)",
     )
+    p.add_argument(
+        "--decoder-events",
+        action="append",
+        default=[],
+        metavar="HOST:PORT[,...]",
+        help="KV-event PUB endpoints (pd_kv_events_port) aligned with --decoder; "
+        "cache_aware then routes by what each decoder announces",
+    )
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--policy", choices=[k.value for k in PolicyKind], default=None)
@@ -213,6 +240,7 @@ def settings_from_args(argv: list[str]) -> ProxySettings:
         "prefillers": [u for text in args.prefiller for u in _csv(text)] or None,
         "decoders": [u for text in args.decoder for u in _csv(text)] or None,
         "decoder_kv": [u for text in args.decoder_kv for u in _csv(text)] or None,
+        "decoder_events": [u for text in args.decoder_events for u in _csv(text)] or None,
         "host": args.host,
         "port": args.port,
         "policy": args.policy,

@@ -3,7 +3,9 @@
 One engine with our connector (CPU + disk tiers) beside one plain engine; vLLM's own
 prefix cache is off on both so every reused token really comes through our tiers. The
 greedy tokens must be identical, the log must show the hits, and after a restart the
-prefix must hit from disk.
+prefix must hit from disk. Our figures must show on the engine's ``/metrics`` and its
+log line, and the KV events of its tiers (CPU, and disk after the restart) must decode
+with vLLM's own types.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from lmcache_pd.integration.vllm.launch import ServerError, VLLMServer, metric_value
+from lmcache_pd.integration.vllm.launch import ServerError, VLLMServer, free_port, metric_value
 from lmcache_pd.integration.vllm.tiny_model import prompts as make_prompts
 from tests.integration.helpers import (
     connector_config,
@@ -24,13 +26,14 @@ from tests.integration.helpers import (
     start_servers,
     texts,
 )
+from tests.integration.observe import chunks_of, kv_events, metric_sum, stored_chunks
 
 CHUNK = 64
 MAX_TOKENS = 24
 NO_PREFIX_CACHE = ["--no-enable-prefix-caching"]
 
 
-def both_config(disk: Path) -> dict[str, object]:
+def both_config(disk: Path, events_port: int = 0) -> dict[str, object]:
     return connector_config(
         "kv_both",
         chunk_size=CHUNK,
@@ -38,12 +41,18 @@ def both_config(disk: Path) -> dict[str, object]:
         max_local_cpu_size=0.05,
         local_disk=f"file://{disk}",
         max_local_disk_size=0.2,
+        pd_kv_events_port=events_port,
     )
 
 
 @pytest.fixture(scope="module")
+def events_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
 def engines(
-    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, events_port: int
 ) -> Iterator[tuple[VLLMServer, VLLMServer, Path]]:
     work = tmp_path_factory.mktemp("kv-both")
     disk = work / "disk"
@@ -52,7 +61,7 @@ def engines(
         tiny_model,
         work / "both.log",
         name="kv_both",
-        kv_transfer_config=both_config(disk),
+        kv_transfer_config=both_config(disk, events_port),
         extra_args=NO_PREFIX_CACHE,
     )
     start_servers([plain, both])
@@ -91,8 +100,44 @@ def test_unrelated_prompts_identical(engines: tuple[VLLMServer, VLLMServer, Path
     assert texts(both, ps, MAX_TOKENS) == texts(plain, ps, MAX_TOKENS)
 
 
+def test_our_metrics_and_events(
+    engines: tuple[VLLMServer, VLLMServer, Path], events_port: int
+) -> None:
+    """After the reuse runs above: tier hits, loads and stores on the engine's /metrics
+    and in its log line; CPU-tier KV events for a prompt's chunks, with its tokens."""
+    _, both, _ = engines
+    prompt = make_prompts(1, seed=14, min_words=120, max_words=120)[0]
+    texts(both, [prompt, prompt], 4)  # the repeat loads from the tiers
+    tokens = both.tokenize(prompt)
+    deadline = time.monotonic() + 20
+    text = ""
+    while time.monotonic() < deadline:  # stats reach the API server after a step
+        both.completion("flush the stats", 2)
+        text = both.metrics()
+        if metric_sum(text, "vllm:lmcache_pd_transfer_seconds_count", op="load") >= 2:
+            break
+        time.sleep(0.5)
+    role = {"role": "kv_both"}
+    assert metric_sum(text, "vllm:lmcache_pd_tier_hits_total", medium="cpu", **role) > 0
+    assert metric_sum(text, "vllm:lmcache_pd_tokens_loaded_total", **role) >= 2 * CHUNK
+    assert metric_sum(text, "vllm:lmcache_pd_tokens_stored_total", **role) >= 2 * CHUNK
+    assert metric_sum(text, "vllm:lmcache_pd_tier_bytes_written_total", medium="cpu") > 0
+    assert metric_sum(text, "vllm:lmcache_pd_transfer_seconds_count", op="load", medium="cpu") >= 2
+    assert metric_sum(text, "vllm:lmcache_pd_transfer_bytes_sum", op="load") > 0
+    assert metric_sum(text, "vllm:lmcache_pd_kv_events_published_total") > 0
+    assert metric_sum(text, "vllm:lmcache_pd_load_failures_total") == 0
+    assert "KV Transfer metrics:" in both.log_text()
+    events = kv_events(f"tcp://127.0.0.1:{events_port + 1}")
+    want = chunks_of(tokens, CHUNK)
+    assert want and want <= stored_chunks(events, "CPU")
+    assert {e.block_size for e in events} == {CHUNK}
+
+
 def test_restart_hits_from_disk(
-    engines: tuple[VLLMServer, VLLMServer, Path], tiny_model: Path, tmp_path: Path
+    engines: tuple[VLLMServer, VLLMServer, Path],
+    tiny_model: Path,
+    tmp_path: Path,
+    events_port: int,
 ) -> None:
     plain, both, disk = engines
     prompt = make_prompts(1, seed=13, min_words=110, max_words=110)[0]
@@ -108,10 +153,14 @@ def test_restart_hits_from_disk(
         tiny_model,
         tmp_path / "restarted.log",
         name="kv_both-restarted",
-        kv_transfer_config=both_config(disk),
+        kv_transfer_config=both_config(disk, events_port),
         extra_args=NO_PREFIX_CACHE,
     )
     with again:
+        # before any request: the snapshot announces the chunks reloaded from disk
+        tokens = again.tokenize(prompt)
+        reloaded = stored_chunks(kv_events(f"tcp://127.0.0.1:{events_port + 1}"), "STORAGE")
+        assert chunks_of(tokens, CHUNK) <= reloaded
         assert texts(again, [prompt], MAX_TOKENS) == want
         n_tokens = len(again.tokenize(prompt))
         (total, hit, _), *_ = lookup_lines(again.log_text())

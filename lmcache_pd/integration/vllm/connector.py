@@ -10,6 +10,11 @@ WORKER); this class only dispatches to :class:`SchedulerSide` or :class:`WorkerS
 Our config comes from ``kv_connector_extra_config`` (``config_file`` and/or inline
 keys) over ``LMCACHE_*`` env; a bad key makes the engine refuse to start with our
 :class:`~lmcache_pd.config.ConfigError` message.
+
+Observability: the worker reports our figures through vLLM's KV-connector stats path
+(:mod:`~lmcache_pd.integration.vllm.stats`: the engine's ``/metrics`` and its
+``KV Transfer metrics`` log line) and, with ``pd_kv_events_port``, publishes KV events
+of the chunks it holds (:mod:`~lmcache_pd.integration.vllm.kv_events`).
 """
 
 from __future__ import annotations
@@ -29,10 +34,24 @@ from lmcache_pd.integration.vllm.common import (
     load_connector_config,
     setup_logging,
 )
+from lmcache_pd.integration.vllm.kv_events import EventedMetadata, start_publisher, with_prompts
+from lmcache_pd.integration.vllm.stats import (
+    MetricMedium,
+    PDConnectorStats,
+    PDPromMetrics,
+    TransferOp,
+    WorkerStats,
+)
 
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -40,6 +59,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
+    from lmcache_pd.events import KVEventPublisher
     from lmcache_pd.integration.vllm.scheduler_side import SchedulerSide
     from lmcache_pd.integration.vllm.worker_side import WorkerSide
 
@@ -61,6 +81,8 @@ class LMCachePDConnector(KVConnectorBase_V1):
         self.cfg = load_connector_config(self._kv_transfer_config, self.kv_role)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._events: KVEventPublisher | None = None
+        self._stats = WorkerStats(self.kv_role.value)
         if role == KVConnectorRole.SCHEDULER:
             from lmcache_pd.integration.vllm.scheduler_side import SchedulerSide
 
@@ -82,10 +104,22 @@ class LMCachePDConnector(KVConnectorBase_V1):
         return self._worker
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._w().register_kv_caches(kv_caches)
+        worker = self._w()
+        worker.register_kv_caches(kv_caches)
+        medium = MetricMedium.BUFFER if self.kv_role is KVRole.CONSUMER else MetricMedium.CPU
+        transfers = self._stats.transfers
+        worker.on_loaded = lambda s, n: transfers.record(TransferOp.LOAD, medium, s, n)
+        if worker.producer is not None:
+            worker.producer.on_pushed = lambda s, n: transfers.record(
+                TransferOp.PUSH, MetricMedium.NIXL, s, n
+            )
+        self._events = start_publisher(worker, self.cfg)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
+        if isinstance(meta, EventedMetadata) and self._events is not None:
+            for prompt in meta.prompts:
+                self._events.learn(prompt)
         if isinstance(meta, PDConnectorMetadata) and meta.loads:
             self._w().start_load(meta)
 
@@ -114,7 +148,29 @@ class LMCachePDConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._w().get_block_ids_with_load_errors()
 
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._worker is None:
+            return None
+        return self._stats.take(self._worker, self._events)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        return PDConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        return PDPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
         if self._worker is not None:
             self._worker.shutdown()
         if self._scheduler is not None:
@@ -137,7 +193,10 @@ class LMCachePDConnector(KVConnectorBase_V1):
         self._s().update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self._s().build_connector_meta(scheduler_output)
+        meta = self._s().build_connector_meta(scheduler_output)
+        if self.cfg.pd_kv_events_port > 0 and scheduler_output.scheduled_new_reqs:
+            return with_prompts(meta, scheduler_output)  # the workers' events need tokens
+        return meta
 
     def request_finished(
         self, request: Request, block_ids: list[int]

@@ -61,6 +61,8 @@ class Producer:
         self.holds = HoldServer(cfg, self._codec, self._push, self.sender.free, tp_rank=tp_rank)
         self.sent_chunks = 0
         self.failed_requests = 0
+        # (seconds, bytes) of each completed push (the connector's stats)
+        self.on_pushed: Callable[[float, int], None] | None = None
 
     def stage(self, spec: SaveSpec, gather_fn: GatherFn) -> None:
         """Gather ``spec``'s chunks into send slots; push them all on the last save."""
@@ -115,6 +117,8 @@ class Producer:
                 result = self.sender.send(endpoint, req_id, chunks)
                 done = HandoffDone(req_id, ok=True, chunks=result.sent, dedup=result.dedup)
                 self.sent_chunks += result.sent
+                if self.on_pushed is not None:
+                    self.on_pushed(result.seconds, result.bytes)
                 log_store(
                     len(chunks) * self.cfg.chunk_size,
                     total,

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -148,6 +148,9 @@ class WorkerSide:
         self._page_map: cpu_paged.PageMap | None = None
         self.loaded_tokens = 0
         self.stored_tokens = 0
+        self.load_failures = 0
+        # (seconds, bytes) of each load into paged KV (the connector's stats)
+        self.on_loaded: Callable[[float, int], None] | None = None
 
     # --- setup ---
 
@@ -338,6 +341,8 @@ class WorkerSide:
                 dt * 1e3,
                 nbytes / dt / 1e9 if dt > 0 else 0.0,
             )
+            if self.on_loaded is not None:
+                self.on_loaded(dt, nbytes)
         self._finish_load(spec, done_end)
 
     def _finish_load(self, spec: LoadSpec, done_end: int) -> None:
@@ -355,6 +360,7 @@ class WorkerSide:
             )
         with self._lock:
             self.loaded_tokens += done_end - spec.start
+            self.load_failures += bool(bad)
             self._invalid_blocks |= bad
             self._finished_loads.add(spec.req_id)
 
