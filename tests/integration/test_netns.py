@@ -28,7 +28,14 @@ import httpx
 import pytest
 
 from lmcache_pd.integration.vllm.launch import VLLMServer, free_port
-from lmcache_pd.netns import Host, NetnsError, NetnsPair, our_namespaces, unavailable_reason
+from lmcache_pd.netns import (
+    Host,
+    NetnsError,
+    NetnsPair,
+    our_namespaces,
+    sweep_stale,
+    unavailable_reason,
+)
 from lmcache_pd.peer import PeerProcess
 from lmcache_pd.router.proxy import spawn
 from tests.integration.helpers import connector_config, load_lines, start_servers
@@ -61,6 +68,18 @@ def test_namespaces_hold_the_addresses_and_are_deleted() -> None:
         root = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
         assert "10.232.0." not in root  # nothing added to the root namespace
     assert p.a.ns not in our_namespaces() and p.b.ns not in our_namespaces()
+
+
+def test_namespaces_left_by_a_dead_process_are_swept() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait(10)
+    name = f"lmcpd-{gone.pid}-1-a"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert name in sweep_stale()
+        assert name not in our_namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def test_bad_subnet_is_refused() -> None:
