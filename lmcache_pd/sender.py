@@ -376,27 +376,7 @@ class Sender:
             want_grant=self._want_grant,
         )
         self.counters.inc("pushes")
-        handles: list[Any] = []
-        try:
-            handles = self._post_writes(peer, grant.lease, fresh, grant.slots)
-            peer.client.send(push)
-            for handle in handles:
-                self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
-            reply = self._reply(peer, req_id)
-        except TransportError as exc:
-            self.counters.inc("transfer_errors")
-            self._cancel(peer, req_id, grant.lease, str(exc))
-            raise HandoffError(
-                f"data transfer to {peer.endpoint} failed: {exc}",
-                ErrorCode.TRANSFER,
-                reconnect=True,
-            ) from None
-        finally:
-            for handle in handles:
-                self.transport.release(handle)
-        if not isinstance(reply, Committed):
-            raise HandoffError(f"unexpected reply to Push: {type(reply).__name__}")
-        peer.keep(reply)
+        reply = self._write_and_commit(peer, req_id, grant.lease, fresh, grant.slots, push)
         peer.learn([fresh[i].key for i in reply.stored if i not in reply.bad])
         for key in reply.missing:
             peer.known.pop(key, None)
@@ -467,28 +447,7 @@ class Sender:
         if not accept.want:
             return 0, len(accept.have), 0, 0
         wanted = [batch[i] for i in accept.want]
-        handles: list[Any] = []
-        try:
-            handles = self._post_writes(peer, accept.lease, wanted, accept.slots)
-            for handle in handles:
-                self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
-            reply = self._request(peer, Done(req_id=req_id, lease=accept.lease))
-        except TransportError as exc:
-            self.counters.inc("transfer_errors")
-            self._cancel(peer, req_id, accept.lease, str(exc))
-            raise HandoffError(
-                f"data transfer to {peer.endpoint} failed: {exc}", ErrorCode.TRANSFER
-            ) from None
-        except HandoffError as exc:
-            if exc.code is not ErrorCode.TIMEOUT:
-                self._cancel(peer, req_id, accept.lease, str(exc))
-            raise
-        finally:
-            for handle in handles:
-                self.transport.release(handle)
-        if not isinstance(reply, Committed):
-            raise HandoffError(f"unexpected reply to Done: {type(reply).__name__}")
-        peer.keep(reply)
+        reply = self._write_and_commit(peer, req_id, accept.lease, wanted, accept.slots, None)
         peer.learn([batch[i].key for i in reply.stored if i not in reply.bad])
         wanted_idx = set(accept.want)
         moved = sum(batch[i].nbytes for i in reply.stored if i in wanted_idx)
@@ -497,6 +456,51 @@ class Sender:
         if reply.bad:
             self.counters.inc("checksum_failures", len(reply.bad))
         return len(accept.want) - len(reply.bad), len(accept.have), moved, len(reply.bad)
+
+    def _write_and_commit(
+        self,
+        peer: _Peer,
+        req_id: str,
+        lease: int,
+        chunks: list[OutChunk],
+        slots: Sequence[int],
+        push: Push | None,
+    ) -> Committed:
+        """WRITE ``chunks`` into the remote ``slots`` of ``lease`` and get them committed:
+        the credit path sends its ``push`` right after posting the WRITEs, the offer path
+        a ``Done`` once they completed. A failure cancels the lease (its slots are freed
+        at once) and raises :class:`HandoffError`."""
+        handles: list[Any] = []
+        try:
+            handles = self._post_writes(peer, lease, chunks, slots)
+            if push is not None:
+                peer.client.send(push)
+            for handle in handles:
+                self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
+            if push is not None:
+                reply = self._reply(peer, req_id)
+            else:
+                reply = self._request(peer, Done(req_id=req_id, lease=lease))
+        except TransportError as exc:
+            self.counters.inc("transfer_errors")
+            self._cancel(peer, req_id, lease, str(exc))
+            raise HandoffError(
+                f"data transfer to {peer.endpoint} failed: {exc}",
+                ErrorCode.TRANSFER,
+                reconnect=push is not None,  # a restarted receiver fails the WRITE first
+            ) from None
+        except HandoffError as exc:
+            if exc.code is not ErrorCode.TIMEOUT:
+                self._cancel(peer, req_id, lease, str(exc))
+            raise
+        finally:
+            for handle in handles:
+                self.transport.release(handle)
+        if not isinstance(reply, Committed):
+            asked = "Push" if push is not None else "Done"
+            raise HandoffError(f"unexpected reply to {asked}: {type(reply).__name__}")
+        peer.keep(reply)
+        return reply
 
     def _cancel(self, peer: _Peer, req_id: str, lease: int, reason: str) -> None:
         try:
