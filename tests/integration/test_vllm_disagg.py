@@ -10,6 +10,9 @@ within the deadline without leaking blocks, and mismatched layouts are refused a
 The same two engines also serve the standard vLLM PD contract (what vLLM's proxy example,
 Ray Serve LLM and llm-d send), driven by a stdlib client: prefill with only
 ``do_remote_decode``, decode with the returned ``kv_transfer_params`` unchanged.
+
+Both engines show our figures on their own ``/metrics`` (vLLM's KV-connector stats path)
+and the decoder publishes KV events of the chunks it received (``pd_kv_events_port``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from lmcache_pd.integration.vllm.launch import VLLMServer, free_port, metric_val
 from lmcache_pd.protocol import DecodeParams
 from lmcache_pd.router.proxy import spawn
 from tests.integration.helpers import connector_config, load_lines, start_servers
+from tests.integration.observe import chunks_of, kv_events, metric_sum, stored_chunks
 
 CHUNK = 64
 MAX_TOKENS = 12
@@ -54,7 +58,7 @@ def producer_config() -> dict[str, Any]:
     )
 
 
-def consumer_config(port: int, policy: str = "recompute") -> dict[str, Any]:
+def consumer_config(port: int, policy: str = "recompute", events_port: int = 0) -> dict[str, Any]:
     return connector_config(
         "kv_consumer",
         chunk_size=CHUNK,
@@ -64,6 +68,7 @@ def consumer_config(port: int, policy: str = "recompute") -> dict[str, Any]:
         pd_transfer_timeout_s=TRANSFER_TIMEOUT_S,
         pd_lease_ttl_s=3.0,
         load_failure_policy=policy,
+        pd_kv_events_port=events_port,
     )
 
 
@@ -85,6 +90,7 @@ class PD:
     kv_port: int
     proxy: subprocess.Popen[bytes]
     proxy_url: str
+    events_port: int = 0
 
     def via_proxy(self, prompt: list[int] | str, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
         body = {
@@ -103,6 +109,7 @@ class PD:
 def pd(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
     work = tmp_path_factory.mktemp("disagg")
     kv_port = free_port()
+    events_port = free_port()
     plain = VLLMServer(tiny_model, work / "plain.log", name="plain")
     # compute on separate cores: engines busy-poll for a second after each step
     prefiller = VLLMServer(
@@ -116,7 +123,7 @@ def pd(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         tiny_model,
         work / "decoder.log",
         name="decoder",
-        kv_transfer_config=consumer_config(kv_port),
+        kv_transfer_config=consumer_config(kv_port, events_port=events_port),
         env=bind(1),
     )
     start_servers([plain, prefiller, decoder])
@@ -134,7 +141,7 @@ def pd(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
                 "0",
             ]
         )
-        yield PD(plain, prefiller, decoder, kv_port, proxy, url)
+        yield PD(plain, prefiller, decoder, kv_port, proxy, url, events_port)
     finally:
         if proxy is not None:
             proxy.terminate()
@@ -166,6 +173,40 @@ def test_disagg_identical_tokens_and_decoder_computes_only_the_tail(pd: PD) -> N
         assert load["computing"] <= max(n % CHUNK, 1), load
     pushed = pd.prefiller.log_text().count("pushed ")
     assert pushed >= len(long_enough)
+
+
+def test_our_metrics_on_both_engines_and_decoder_events(pd: PD) -> None:
+    """After the 1P1D runs: the handoff's figures on each engine's own /metrics and in
+    its log line; the decoder's KV events announce the chunks it received."""
+    prompt = token_prompts([3 * CHUNK + 5], seed=31)[0]
+    pd.via_proxy(prompt, max_tokens=2)
+    prod, cons = {"role": "kv_producer"}, {"role": "kv_consumer"}
+    deadline = time.monotonic() + 30
+    p_text = d_text = ""
+    while time.monotonic() < deadline:  # stats reach the API server after a step
+        pd.prefiller.completion("flush", 1)
+        pd.decoder.completion("flush", 1)
+        p_text, d_text = pd.prefiller.metrics(), pd.decoder.metrics()
+        if metric_sum(p_text, "vllm:lmcache_pd_transfer_seconds_count", op="push") > 0:
+            if metric_sum(d_text, "vllm:lmcache_pd_chunks_received_total") > 0:
+                break
+        time.sleep(0.5)
+    sent = metric_sum(p_text, "vllm:lmcache_pd_chunks_sent_total", medium="nixl", **prod)
+    received = metric_sum(d_text, "vllm:lmcache_pd_chunks_received_total", medium="nixl", **cons)
+    assert sent >= 3 and received >= 3
+    assert metric_sum(p_text, "vllm:lmcache_pd_bytes_moved_total", **prod) > 0
+    assert metric_sum(d_text, "vllm:lmcache_pd_bytes_moved_total", **cons) > 0
+    assert metric_sum(p_text, "vllm:lmcache_pd_transfer_bytes_sum", op="push", **prod) > 0
+    assert metric_sum(d_text, "vllm:lmcache_pd_tokens_loaded_total", **cons) >= 3 * CHUNK
+    assert (
+        metric_sum(d_text, "vllm:lmcache_pd_transfer_seconds_count", op="load", medium="buffer") > 0
+    )
+    assert metric_sum(d_text, "vllm:lmcache_pd_tier_bytes_written_total", medium="cpu") > 0
+    assert metric_sum(d_text, "vllm:lmcache_pd_checksum_failures_total") == 0
+    assert "KV Transfer metrics:" in pd.prefiller.log_text()
+    assert "KV Transfer metrics:" in pd.decoder.log_text()
+    events = kv_events(f"tcp://127.0.0.1:{pd.events_port + 1}")
+    assert chunks_of(prompt, CHUNK) <= stored_chunks(events, "CPU")
 
 
 def test_idle_engines_do_not_spin(pd: PD) -> None:
