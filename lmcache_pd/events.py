@@ -265,6 +265,7 @@ class KVEventPublisher:
         self._queue: queue.Queue[tuple[_Op, Any]] = queue.Queue(maxsize=max(1, queue_size))
         self._held: dict[TierName, set[bytes]] = {t: set() for t in self.sources}
         self._announced: dict[Medium, set[bytes]] = {}
+        self._on_file: set[bytes] = set()  # disk keys whose token file is written
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_batches)
         self._seq = -1
         self._ctx = zmq.Context()
@@ -393,10 +394,10 @@ class KVEventPublisher:
 
     def _learn(self, tokens: list[int]) -> None:
         keys = self.tokens.learn(tokens)
-        held = set().union(*self._held.values()) if self._held else set()
-        fresh = [k for k in keys if k in held]
+        fresh = [k for k in keys if any(k in held for held in self._held.values())]
         if fresh:
             self._announce(fresh)
+            self._count_unannounced()
 
     def _poll(self) -> None:
         appeared: dict[TierName, list[bytes]] = {}
@@ -420,6 +421,10 @@ class KVEventPublisher:
         events += self._stores(new)
         if events:
             self._publish(events)
+        if new or any(vanished.values()):
+            self._count_unannounced()
+
+    def _count_unannounced(self) -> None:
         self.stats.unannounced = sum(
             1
             for tier, keys in self._held.items()
@@ -450,6 +455,7 @@ class KVEventPublisher:
             return
         for key in vanished.get(TierName.DISK, ()):
             self.token_files.remove(key)
+            self._on_file.discard(key)
 
     def _tokens_of(self, key: bytes) -> _Tokens | None:
         entry = self.tokens.get(key)
@@ -461,6 +467,7 @@ class KVEventPublisher:
             entry = self.token_files.read(key)
             if entry is not None:
                 self.tokens.put(key, entry)
+                self._on_file.add(key)
         return entry
 
     def _stores(self, keys: Sequence[bytes]) -> list[KVEvent]:
@@ -473,7 +480,9 @@ class KVEventPublisher:
                 if key not in held:
                     continue
                 if tier is TierName.DISK and self.token_files is not None:
-                    self.token_files.write(key, entry)
+                    if key not in self._on_file:
+                        self.token_files.write(key, entry)
+                        self._on_file.add(key)
                 ann = self._announced.setdefault(tier.medium, set())
                 if key in ann:
                     continue
