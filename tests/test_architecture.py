@@ -12,7 +12,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
+from lmcache_pd.kernels import PagedFormat, gather, scatter
 from lmcache_pd.kernels.geometry import TORCH_DTYPES, KVShape
 from lmcache_pd.layout import DTYPE_SIZES, PRESETS
 
@@ -127,3 +129,26 @@ def test_kernel_shape_rejects_bad_values() -> None:
         KVShape(num_layers=1, num_kv_heads=1, head_size=8, block_size=16, dtype="int4")
     with pytest.raises(ValueError, match="head_size must be > 0"):
         KVShape(num_layers=1, num_kv_heads=1, head_size=0, block_size=16, dtype="float16")
+
+
+def test_kernels_take_their_own_shape_as_well_as_a_layout() -> None:
+    """The kernels need no core type: a KVShape drives gather/scatter exactly like the
+    KVLayout it was made from."""
+    layout = PRESETS["tiny"]
+    shape = KVShape.of(layout)
+    blocks, n = 4, layout.block_size
+    caches = [
+        torch.randn(2, blocks, n, layout.num_kv_heads, layout.head_size)
+        for _ in range(layout.num_layers)
+    ]
+    slots = torch.tensor([3, 17, 40, 63], dtype=torch.int64)
+    out_layout = torch.empty(4 * layout.bytes_per_token, dtype=torch.uint8)
+    out_shape = torch.empty_like(out_layout)
+    gather(caches, slots, out_layout, layout, PagedFormat.FLASH_ATTN)
+    gather(caches, slots, out_shape, shape, PagedFormat.FLASH_ATTN)
+    assert torch.equal(out_layout, out_shape)
+    fresh = [torch.zeros_like(c) for c in caches]
+    scatter(out_shape, fresh, slots, shape, PagedFormat.FLASH_ATTN)
+    for c, f in zip(caches, fresh, strict=True):
+        flat_c, flat_f = c.reshape(2, -1, *c.shape[3:]), f.reshape(2, -1, *f.shape[3:])
+        assert torch.equal(flat_c[:, slots], flat_f[:, slots])
