@@ -4,6 +4,7 @@
 buffers; see :mod:`lmcache_pd.kernels.paged_kv` for the contract.
 """
 
+from . import checksum, native
 from .geometry import (
     PagedFormat,
     detect_format,
@@ -11,14 +12,18 @@ from .geometry import (
     torch_dtype,
     view_chunk,
 )
-from .paged_kv import gather, scatter
+from .paged_kv import gather, gather_checksum, scatter, scatter_checksum
 
 __all__ = [
     "PagedFormat",
+    "checksum",
     "detect_format",
     "expected_layer_shape",
     "gather",
+    "gather_checksum",
+    "native",
     "scatter",
+    "scatter_checksum",
     "torch_dtype",
     "view_chunk",
 ]

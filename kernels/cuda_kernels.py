@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from . import checksum
 from .geometry import Geometry
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,84 @@ __device__ __forceinline__ void copy_token(
     }
 }
 
+// Checksum variants (kvsum64, see lmcache_pd.kernels.checksum): the same copy, and each
+// 64-bit word that passes through a register adds its term to a per-block sum, folded
+// into one of KVSUM_SLOTS device accumulators (one atomic per thread block). Every
+// chunk byte is hashed, padding tokens included (zeros on gather; read, not stored,
+// on scatter). Whole-word vectors only (16 or 8 bytes).
+#define KVSUM_MASK 511ULL
+#define KVSUM_LOG_PERIOD 9
+#define KVSUM_K_SEG 0xD6E8FEB86659FD93ULL
+#define KVSUM_SLOTS 64
+
+__device__ __forceinline__ unsigned long long kvsum_term(
+    unsigned long long w, unsigned long long i, const unsigned long long* __restrict__ table)
+{
+    const unsigned long long x =
+        w ^ (table[i & KVSUM_MASK] + (i >> KVSUM_LOG_PERIOD) * KVSUM_K_SEG);
+    return (unsigned long long)(unsigned int)x * (unsigned long long)(unsigned int)(x >> 32) + w;
+}
+
+template <typename V, bool TO_CHUNK>
+__device__ __forceinline__ void copy_token_hash(
+    const unsigned long long* __restrict__ layer_ptrs, char* __restrict__ chunk,
+    const long long* __restrict__ slots, int num_tokens, int kv_factor, int rows,
+    long long row_bytes, long long stride_k, long long stride_b, long long stride_n,
+    long long stride_h, int block_size, long long num_slots,
+    unsigned long long* __restrict__ sums, const unsigned long long* __restrict__ table)
+{
+    static_assert(sizeof(V) % 8 == 0, "checksum kernels move whole 64-bit words");
+    const int t = blockIdx.x * blockDim.y + threadIdx.y;
+    const int layer = blockIdx.y;
+    unsigned long long acc = 0;
+    if (t < num_tokens) {  // no early return: the whole block meets at __syncthreads
+        const long long slot = slots[t];
+        const bool valid = slot >= 0 && slot < num_slots;
+        const char* base = reinterpret_cast<const char*>(layer_ptrs[layer]);
+        if (valid) base += (slot / block_size) * stride_b + (slot % block_size) * stride_n;
+        const int units = (int)(row_bytes / (long long)sizeof(V));
+        const int total = kv_factor * rows * units;
+        const long long tok_bytes = (long long)rows * row_bytes;
+        char* chunk_tok = chunk + ((long long)layer * kv_factor * num_tokens + t) * tok_bytes;
+        const long long kv_step = (long long)num_tokens * tok_bytes;
+        for (int i = threadIdx.x; i < total; i += blockDim.x) {
+            const int r = i / units;
+            const int u = i - r * units;
+            const int k = r / rows;
+            const int h = r - k * rows;
+            const long long off = (long long)u * (long long)sizeof(V);
+            V* c = reinterpret_cast<V*>(chunk_tok + k * kv_step + h * row_bytes + off);
+            const long long cache_off = k * stride_k + h * stride_h + off;
+            V v{};
+            if (TO_CHUNK) {
+                if (valid) v = *reinterpret_cast<const V*>(base + cache_off);
+                *c = v;
+            } else {
+                v = *c;
+                if (valid) *reinterpret_cast<V*>(const_cast<char*>(base) + cache_off) = v;
+            }
+            const unsigned long long word =
+                (unsigned long long)(reinterpret_cast<char*>(c) - chunk) >> 3;
+            const unsigned long long* wv = reinterpret_cast<const unsigned long long*>(&v);
+#pragma unroll
+            for (int q = 0; q < (int)(sizeof(V) / 8); q++)
+                acc += kvsum_term(wv[q], word + q, table);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    __shared__ unsigned long long warp_sums[32];
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    const int warps = (blockDim.x * blockDim.y + 31) / 32;
+    if ((tid & 31) == 0) warp_sums[tid >> 5] = acc;
+    __syncthreads();
+    if (tid == 0) {
+        unsigned long long s = 0;
+        for (int w = 0; w < warps; w++) s += warp_sums[w];
+        atomicAdd(&sums[(blockIdx.x * 7 + blockIdx.y) & (KVSUM_SLOTS - 1)], s);
+    }
+}
+
 #define LMC_PARAMS                                                                    \
     const unsigned long long* __restrict__ layer_ptrs, char* __restrict__ chunk,      \
     const long long* __restrict__ slots, int num_tokens, int kv_factor, int rows,     \
@@ -94,11 +173,21 @@ __device__ __forceinline__ void copy_token(
     extern "C" __global__ void scatter_v##WIDTH(LMC_PARAMS) {                         \
         copy_token<V, false>(LMC_ARGS); }
 
+#define LMC_DEFINE_SUM(WIDTH, V)                                                      \
+    extern "C" __global__ void gather_sum_v##WIDTH(LMC_PARAMS,                        \
+        unsigned long long* __restrict__ sums, const unsigned long long* __restrict__ table) { \
+        copy_token_hash<V, true>(LMC_ARGS, sums, table); }                            \
+    extern "C" __global__ void scatter_sum_v##WIDTH(LMC_PARAMS,                       \
+        unsigned long long* __restrict__ sums, const unsigned long long* __restrict__ table) { \
+        copy_token_hash<V, false>(LMC_ARGS, sums, table); }
+
 LMC_DEFINE(16, uint4)
 LMC_DEFINE(8, uint2)
 LMC_DEFINE(4, unsigned int)
 LMC_DEFINE(2, unsigned short)
 LMC_DEFINE(1, unsigned char)
+LMC_DEFINE_SUM(16, uint4)
+LMC_DEFINE_SUM(8, uint2)
 """
 
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17", "--device-as-default-execution-space")
@@ -124,9 +213,14 @@ class KernelCompileError(RuntimeError):
     """NVRTC rejected the source; the message carries the compile log."""
 
 
+HASH_WIDTHS = (16, 8)  # checksum kernels move whole 64-bit words
+SUM_SLOTS = 64  # device accumulators the checksum kernels spread their atomics over
+
+
 def kernel_names() -> list[str]:
     """Every ``extern "C"`` entry point in :data:`CUDA_SOURCE`."""
-    return [f"{p}_v{w}" for w in VECTOR_WIDTHS for p in KERNEL_NAME_PREFIXES]
+    plain = [f"{p}_v{w}" for w in VECTOR_WIDTHS for p in KERNEL_NAME_PREFIXES]
+    return plain + [f"{p}_sum_v{w}" for w in HASH_WIDTHS for p in KERNEL_NAME_PREFIXES]
 
 
 def _bindings() -> tuple[Any, Any]:
@@ -414,8 +508,14 @@ def launch(
     geom: Geometry,
     slots: torch.Tensor,
     chunk: torch.Tensor,
+    sums: torch.Tensor | None = None,
 ) -> None:
-    """Launch ``gather`` or ``scatter`` for all layers on the current torch stream."""
+    """Launch ``gather`` or ``scatter`` for all layers on the current torch stream.
+
+    ``sums``: a zeroed int64 CUDA tensor of :data:`SUM_SLOTS` accumulators; the
+    checksum variant of the kernel adds the chunk's term sum into it (needs a vector
+    width of 8 or 16 bytes: see :func:`launch_hashed`).
+    """
     if op not in KERNEL_NAME_PREFIXES:
         raise ValueError(f"op must be one of {KERNEL_NAME_PREFIXES}, got {op!r}")
     driver, _ = _bindings()
@@ -423,17 +523,44 @@ def launch(
     kernels = _kernels_for(device)
     p = launch_params(layers, geom, slots.numel(), chunk)
     table = kernels.pointer_table(tuple(t.data_ptr() for t in layers))
-    args = (
+    args: tuple[Any, ...] = (
         table.data_ptr(), chunk.data_ptr(), slots.data_ptr(), p.tokens, p.kv_factor, p.rows,
         p.row_bytes, p.stride_k, p.stride_b, p.stride_n, p.stride_h, p.block_size,
         p.num_slots,
     )  # fmt: skip
-    stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
+    types: tuple[Any, ...] = _ARG_TYPES
     name = f"{op}_v{p.width}"
+    if sums is not None:
+        if p.width not in HASH_WIDTHS:
+            raise ValueError(f"checksum kernels need 8- or 16-byte vectors, got {p.width}")
+        if sums.numel() != SUM_SLOTS or sums.dtype != torch.int64 or sums.device != slots.device:
+            raise ValueError(f"sums must be int64[{SUM_SLOTS}] on {slots.device}")
+        keys = checksum.device_table(slots.device)
+        args += (sums.data_ptr(), keys.data_ptr())
+        types += (ctypes.c_void_p, ctypes.c_void_p)
+        name = f"{op}_sum_v{p.width}"
+    stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
     with kernels.current():
         _check(
             driver.cuLaunchKernel(
-                kernels.functions[name], *p.grid, *p.block, 0, stream, (args, _ARG_TYPES), 0
+                kernels.functions[name], *p.grid, *p.block, 0, stream, (args, types), 0
             ),
             f"cuLaunchKernel {name}",
         )
+
+
+def launch_hashed(
+    op: str, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
+    chunk: torch.Tensor,
+) -> int:  # fmt: skip
+    """:func:`launch` with the chunk checksum's term sum computed in the same launch;
+    returns it (waits for the stream). Where the vector width is below 8 bytes (odd
+    strides), the plain kernel runs and the chunk is hashed by torch ops after it."""
+    p = launch_params(layers, geom, slots.numel(), chunk)
+    if p.width not in HASH_WIDTHS:
+        log.debug("checksum: %d-byte vectors, hashing in a second pass", p.width)
+        launch(op, layers, geom, slots, chunk)
+        return checksum.torch_sum(chunk)
+    sums = torch.zeros(SUM_SLOTS, dtype=torch.int64, device=slots.device)
+    launch(op, layers, geom, slots, chunk, sums)
+    return int(sums.sum().item()) & checksum.MASK

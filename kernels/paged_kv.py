@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from . import torch_path
+from . import checksum, torch_path
 from .geometry import (
     Geometry,
     KVCaches,
@@ -140,3 +140,57 @@ def scatter(
         cuda_kernels.launch("scatter", layers, geom, slots, view)
     else:
         torch_path.scatter(view, layers, geom, slots)
+
+
+def gather_checksum(
+    kv_caches: KVCaches,
+    slot_mapping: torch.Tensor,
+    out: torch.Tensor,
+    layout: KVShapeLike,
+    fmt: PagedFormat | None = None,
+    *,
+    backend: str = "auto",
+) -> int:
+    """:func:`gather`, returning the chunk's checksum (:mod:`.checksum`, never 0) taken
+    in the same pass: CUDA kernels add it up in their launch (this waits for the
+    stream), the CPU path hashes each L2-sized piece right after writing it. The digest
+    covers the ``tokens * bytes_per_token`` bytes written, padding zeros included, and
+    equals :func:`checksum.digest` of them on any device."""
+    layers, geom, slots, chunk = _prepare(kv_caches, slot_mapping, out, layout, fmt)
+    nbytes = chunk.numel() * chunk.element_size()
+    if slots.numel() == 0:
+        return checksum.finish(0, 0)
+    if _use_cuda(slots.device, backend, geom):
+        from . import cuda_kernels
+
+        total = cuda_kernels.launch_hashed("gather", layers, geom, slots, chunk)
+    else:
+        total = torch_path.gather(layers, geom, slots, chunk, hashed=True)
+    assert total is not None
+    return checksum.finish(total, nbytes)
+
+
+def scatter_checksum(
+    chunk: torch.Tensor,
+    kv_caches: KVCaches,
+    slot_mapping: torch.Tensor,
+    layout: KVShapeLike,
+    fmt: PagedFormat | None = None,
+    *,
+    backend: str = "auto",
+) -> int:
+    """:func:`scatter`, returning the checksum of the chunk bytes it read (all of them,
+    padding tokens too), taken in the same pass. Compare it with the sender's digest:
+    on a mismatch the KV just written is corrupt and must be reported as not loaded."""
+    layers, geom, slots, view = _prepare(kv_caches, slot_mapping, chunk, layout, fmt)
+    nbytes = view.numel() * view.element_size()
+    if slots.numel() == 0:
+        return checksum.finish(0, 0)
+    if _use_cuda(slots.device, backend, geom):
+        from . import cuda_kernels
+
+        total = cuda_kernels.launch_hashed("scatter", layers, geom, slots, view)
+    else:
+        total = torch_path.scatter(view, layers, geom, slots, hashed=True)
+    assert total is not None
+    return checksum.finish(total, nbytes)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import checksum, native
 from .geometry import Geometry
 
 _UNIT_DTYPES: dict[int, torch.dtype] = {
@@ -189,12 +190,58 @@ def _fused_index(seg: _Segment, num_layers: int, layer_step: int) -> torch.Tenso
     return (steps[:, None, None] + seg.idx[None]).reshape(-1)
 
 
+PIECE_BYTES = 512 * 1024  # chunk bytes copied per call when hashing: hashed while in L2
+
+
+class SumAccumulator:
+    """Adds the checksum term sums of chunk byte ranges as the copy touches them."""
+
+    def __init__(self, chunk: torch.Tensor) -> None:
+        self.base = chunk.data_ptr()
+        self.total = 0
+
+    def add(self, part: torch.Tensor) -> None:
+        off = part.data_ptr() - self.base
+        self.total = (self.total + checksum.partial_sum(part, off)) & checksum.MASK
+
+
+def hashable_in_pass(geom: Geometry, es: int) -> bool:
+    """Whether every token's bytes start at a multiple of 8 in the chunk (so pieces
+    split at token rows can be hashed on their own)."""
+    return (geom.rows * geom.row * es) % checksum.WORD == 0
+
+
+def _rows_op(
+    op: str, cache_rows: torch.Tensor, idx: torch.Tensor, part: torch.Tensor,
+    acc: SumAccumulator | None, align: int = 1,
+) -> None:  # fmt: skip
+    """One index_select (gather) / index_copy_ (scatter) between ``cache_rows`` and the
+    contiguous chunk rows ``part``; with ``acc``, in L2-sized pieces of whole tokens
+    (``align`` rows), each hashed right after it is written / before it is read."""
+    if acc is None:
+        if op == "gather":
+            torch.index_select(cache_rows, 0, idx, out=part)
+        else:
+            cache_rows.index_copy_(0, idx, part)
+        return
+    row_bytes = part.shape[1] * part.element_size()
+    step = max(1, PIECE_BYTES // (row_bytes * align)) * align
+    for a in range(0, idx.numel(), step):
+        p, i = part[a : a + step], idx[a : a + step]
+        if op == "gather":
+            torch.index_select(cache_rows, 0, i, out=p)
+            acc.add(p)
+        else:
+            acc.add(p)
+            cache_rows.index_copy_(0, i, p)
+
+
 def _copy(
     op: str, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
-    chunk: torch.Tensor, nonneg: bool,
+    chunk: torch.Tensor, nonneg: bool, acc: SumAccumulator | None = None,
 ) -> None:  # fmt: skip
     if geom.k_transposed:
-        _copy_k_transposed(op, layers, geom, slots, chunk)
+        _copy_k_transposed(op, layers, geom, slots, chunk, acc)
         return
     tokens = slots.numel()
     segs = _plan(geom, slots, nonneg)
@@ -206,20 +253,19 @@ def _copy(
             rows, step = fused
             idx = _fused_index(segs[0], len(layers), step)
             chunk_rows = chunk_bytes.view(_UNIT_DTYPES[unit]).view(idx.numel(), -1)
-            if op == "gather":
-                torch.index_select(rows, 0, idx, out=chunk_rows)
-            else:
-                rows.index_copy_(0, idx, chunk_rows)
+            _rows_op(op, rows, idx, chunk_rows, acc, _token_rows(geom, segs[0].r))
             return
     for layer, t in enumerate(layers):
         cache = {s.r: _layer_rows(t, geom, unit, s.r) for s in segs}
         for k in range(geom.kv_factor):
             for s in segs:
                 part = _chunk_rows(chunk_bytes, geom, es, unit, tokens, layer, k, s)
-                if op == "gather":
-                    torch.index_select(cache[s.r], 0, s.idx[k], out=part)
-                else:
-                    cache[s.r].index_copy_(0, s.idx[k], part)
+                _rows_op(op, cache[s.r], s.idx[k], part, acc, _token_rows(geom, s.r))
+
+
+def _token_rows(geom: Geometry, r: int) -> int:
+    """Rows per token (``rows`` heads when heads are separate rows; 1 for r-token rows)."""
+    return geom.rows if r == 1 else 1
 
 
 def _k_view(t: torch.Tensor, geom: Geometry) -> torch.Tensor:
@@ -243,75 +289,113 @@ def _full_block_prefix(slots: torch.Tensor, n: int) -> int:
 
 def _copy_k_transposed(
     op: str, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
-    chunk: torch.Tensor,
+    chunk: torch.Tensor, acc: SumAccumulator | None = None,
 ) -> None:  # fmt: skip
     """CPU_VLLM. V: rows of ``head_size`` like any format. K (``[D, N]`` per block and
-    head): whole blocks move as contiguous ``D*N`` pages through a transposing copy, the
-    remaining tokens by (block, offset) advanced indexing."""
+    head): whole blocks through the native tiled transpose (one pass, L1-sized tiles;
+    without the native library, a strided torch copy), the remaining tokens by
+    (block, offset) advanced indexing. With ``acc``, each chunk piece is hashed while
+    hot (block groups of about :data:`PIECE_BYTES`)."""
     n, h, d = geom.block_size, geom.rows, geom.row
     es = layers[0].element_size()
     tokens = slots.numel()
     _, unit, chunk_bytes = _setup(layers, geom, chunk, 8 if op == "gather" else 16)
     v_idx = _segment(geom, slots, 0, tokens, 1).idx[1]
     main = _full_block_prefix(slots, n)
+    lib = native.library()
     page = n * d
-    paged_k = main > 0 and geom.stride_b % page == 0 and geom.stride_h % page == 0
-    if not paged_k:
+    if lib is None and not (geom.stride_b % page == 0 and geom.stride_h % page == 0):
         main = 0
-    if main:
-        blocks = torch.div(slots[:main:n], n, rounding_mode="floor")
+    blocks = torch.div(slots[:main:n], n, rounding_mode="floor").contiguous()
+    if main and lib is None:
         heads = _arange(h, slots.device) * geom.stride_h
         page_idx = torch.div(
             (blocks * geom.stride_b)[:, None] + heads[None, :], page, rounding_mode="floor"
         ).reshape(-1)
     rb = torch.div(slots[main:], n, rounding_mode="floor")
     ro = slots[main:] - rb * n
-    elem = _UNIT_DTYPES[es]
-    ci = chunk.view(elem)
+    ci = chunk.view(_UNIT_DTYPES[es])
+    block_bytes = n * h * d * es
+    step = max(1, PIECE_BYTES // block_bytes) if acc is not None else max(1, blocks.numel())
     for layer, t in enumerate(layers):
-        v_rows = _layer_rows(t, geom, unit, 1)
-        v_part = _chunk_rows(
-            chunk_bytes, geom, es, unit, tokens, layer, 1, _Segment(0, tokens, 1, v_idx)
-        )
         k_part = ci[layer, 0]  # [T, H, D]
-        if op == "gather":
-            torch.index_select(v_rows, 0, v_idx, out=v_part)
-        else:
-            v_rows.index_copy_(0, v_idx, v_part)
         k_view = _k_view(t, geom)
-        if main:
+        if main and lib is not None:
+            kt = lib.kt_gather[es] if op == "gather" else lib.kt_scatter[es]
+            for a in range(0, blocks.numel(), step):
+                nb = min(step, blocks.numel() - a)
+                piece = k_part[a * n : (a + nb) * n]
+                if acc is not None and op == "scatter":
+                    acc.add(piece)
+                kt(piece.data_ptr(), t.data_ptr(), blocks[a:].data_ptr(), nb, h, d, n,
+                   geom.stride_b * es, geom.stride_h * es)  # fmt: skip
+                if acc is not None and op == "gather":
+                    acc.add(piece)
+        elif main:
             whole = k_part[:main].view(-1, n, h, d)
             if op == "gather":  # one strided pass beats pages + transpose here (measured)
                 torch.index_select(k_view, 0, blocks, out=whole)
             else:  # transpose into page order, then whole D*N pages with index_copy_
                 pages = _layer_rows(t, geom, unit, n)  # rows of D*N elements
-                tmp = whole.permute(0, 2, 3, 1).contiguous().view(_UNIT_DTYPES[unit])
+                tmp = whole.permute(0, 2, 3, 1).contiguous().view(-1).view(_UNIT_DTYPES[unit])
                 pages.index_copy_(0, page_idx, tmp.view(-1, pages.shape[1]))
+            if acc is not None:
+                acc.add(k_part[:main])
         if main < tokens:
             if op == "gather":
                 k_part[main:] = k_view[rb, ro]
             else:
                 k_view.index_put_((rb, ro), k_part[main:])
+            if acc is not None:
+                acc.add(k_part[main:])
+        v_rows = _layer_rows(t, geom, unit, 1)
+        v_part = _chunk_rows(
+            chunk_bytes, geom, es, unit, tokens, layer, 1, _Segment(0, tokens, 1, v_idx)
+        )
+        _rows_op(op, v_rows, v_idx, v_part, acc, h)
 
 
 def gather(
-    layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor, chunk: torch.Tensor
-) -> None:
-    """Paged KV at ``slots`` -> ``chunk`` (chunk format); negative slots give zeros."""
+    layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor, chunk: torch.Tensor,
+    hashed: bool = False,
+) -> int | None:  # fmt: skip
+    """Paged KV at ``slots`` -> ``chunk`` (chunk format); negative slots give zeros.
+    ``hashed``: also return the chunk's checksum term sum, computed piece by piece as
+    the pieces are written (with padding slots, or tokens not 8-byte aligned in the
+    chunk, in a pass over the finished chunk instead)."""
+    es = chunk.element_size()
+    fused = hashed and hashable_in_pass(geom, es) and chunk.device.type == "cpu"
+    acc = SumAccumulator(chunk) if fused else None
     if not check_slots(slots, geom):
-        _copy("gather", layers, geom, slots, chunk, nonneg=True)
-        return
-    _copy("gather", layers, geom, slots.clamp_min(0), chunk, nonneg=False)
-    chunk.view(_UNIT_DTYPES[chunk.element_size()])[:, :, slots < 0] = 0
+        _copy("gather", layers, geom, slots, chunk, nonneg=True, acc=acc)
+        if acc is not None:
+            return acc.total
+    else:
+        _copy("gather", layers, geom, slots.clamp_min(0), chunk, nonneg=False)
+        chunk.view(_UNIT_DTYPES[es])[:, :, slots < 0] = 0
+    return checksum.partial_sum(chunk) if hashed else None
 
 
 def scatter(
-    chunk: torch.Tensor, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor
-) -> None:
-    """``chunk`` -> paged KV at ``slots``; negative slots are skipped."""
+    chunk: torch.Tensor, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
+    hashed: bool = False,
+) -> int | None:  # fmt: skip
+    """``chunk`` -> paged KV at ``slots``; negative slots are skipped. ``hashed``: also
+    return the term sum of all of ``chunk``'s bytes (padding tokens included), taken
+    as each piece is read."""
+    es = chunk.element_size()
+    fused = hashed and hashable_in_pass(geom, es) and chunk.device.type == "cpu"
+    total = None
     if check_slots(slots, geom):
+        if hashed:
+            total = checksum.partial_sum(chunk)
         keep = slots >= 0
-        chunk = chunk.view(_UNIT_DTYPES[chunk.element_size()])[:, :, keep].contiguous()
+        chunk = chunk.view(_UNIT_DTYPES[es])[:, :, keep].contiguous()
         slots = slots[keep]
+        fused = False
+    elif hashed and not fused:
+        total = checksum.partial_sum(chunk)
+    acc = SumAccumulator(chunk) if fused else None
     if slots.numel():
-        _copy("scatter", layers, geom, slots, chunk, nonneg=True)
+        _copy("scatter", layers, geom, slots, chunk, nonneg=True, acc=acc)
+    return acc.total if acc is not None else total

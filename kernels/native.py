@@ -1,0 +1,288 @@
+"""Native CPU helpers, compiled at first use with the system C compiler (the CPU
+analogue of the NVRTC kernels): no build step at install time.
+
+Owns :data:`C_SOURCE` and its compilation (``cc -O3 -march=native``, cached on disk in
+the kernel cache dir keyed by source, flags, compiler and CPU), loading with ctypes,
+and the one warning when it cannot be built. Functions:
+
+* ``kvsum_sum`` / ``kvsum_copy``: the chunk checksum's term sum (definition in
+  :mod:`lmcache_pd.kernels.checksum`), alone or fused into a block-wise copy;
+* ``kt_gather_W`` / ``kt_scatter_W``: vLLM CPU_VLLM's transposed K pages <-> chunk
+  order for whole blocks (W = element bytes), tiled so both sides stay in L1.
+
+Callers fall back to numpy/torch (same results, slower) when :func:`library` is None;
+``LMCACHE_PD_NATIVE=0`` forces that (tests compare both).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+K_SEG = 0xD6E8FEB86659FD93  # must equal checksum.K_SEG (a test checks)
+
+C_SOURCE = (
+    r"""
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+"""
+    + f"#define KVSUM_K_SEG 0x{K_SEG:X}ULL\n"
+    + r"""
+#define PERIOD 512u
+#define LOG_PERIOD 9u
+#define K_SEG KVSUM_K_SEG
+
+static inline uint64_t load64(const uint8_t* p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* term sum of nbytes at p, whose first byte is word `word0` of its chunk */
+uint64_t kvsum_sum(const uint8_t* p, uint64_t nbytes, uint64_t word0, const uint64_t* table) {
+    uint64_t acc = 0, nw = nbytes / 8, i = 0;
+    while (i < nw) {
+        const uint64_t w0 = word0 + i, j0 = w0 & (PERIOD - 1), seg = (w0 >> LOG_PERIOD) * K_SEG;
+        uint64_t run = PERIOD - j0;
+        if (run > nw - i) run = nw - i;
+        const uint8_t* q = p + 8 * i;
+        const uint64_t* t = table + j0;
+        uint64_t a = 0, k = 0;
+#if defined(__AVX512F__)
+        /* vpmuludq: the 32x32->64 product in one instruction (compilers pick vpmullq) */
+        __m512i va = _mm512_setzero_si512(), vb = va;
+        const __m512i vs = _mm512_set1_epi64((long long)seg);
+#define LD(p) _mm512_loadu_si512(p)
+#define TERM(w, x) _mm512_add_epi64(_mm512_mul_epu32(x, _mm512_srli_epi64(x, 32)), w)
+        for (; k + 16 <= run; k += 16) {
+            const __m512i w0 = LD(q + 8 * k), w1 = LD(q + 8 * k + 64);
+            const __m512i x0 = _mm512_xor_si512(w0, _mm512_add_epi64(LD(t + k), vs));
+            const __m512i x1 = _mm512_xor_si512(w1, _mm512_add_epi64(LD(t + k + 8), vs));
+            va = _mm512_add_epi64(va, TERM(w0, x0));
+            vb = _mm512_add_epi64(vb, TERM(w1, x1));
+        }
+        a += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(va, vb));
+#undef LD
+#undef TERM
+#elif defined(__AVX2__)
+        __m256i va = _mm256_setzero_si256(), vb = va;
+        const __m256i vs = _mm256_set1_epi64x((long long)seg);
+#define LD(p) _mm256_loadu_si256((const __m256i*)(p))
+#define TERM(w, x) _mm256_add_epi64(_mm256_mul_epu32(x, _mm256_srli_epi64(x, 32)), w)
+        for (; k + 8 <= run; k += 8) {
+            const __m256i w0 = LD(q + 8 * k), w1 = LD(q + 8 * k + 32);
+            const __m256i x0 = _mm256_xor_si256(w0, _mm256_add_epi64(LD(t + k), vs));
+            const __m256i x1 = _mm256_xor_si256(w1, _mm256_add_epi64(LD(t + k + 4), vs));
+            va = _mm256_add_epi64(va, TERM(w0, x0));
+            vb = _mm256_add_epi64(vb, TERM(w1, x1));
+        }
+        uint64_t lanes[4];
+        _mm256_storeu_si256((__m256i*)lanes, _mm256_add_epi64(va, vb));
+        a += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#undef LD
+#undef TERM
+#endif
+        for (; k < run; k++) {
+            const uint64_t w = load64(q + 8 * k), x = w ^ (t[k] + seg);
+            a += (uint64_t)(uint32_t)x * (uint64_t)(uint32_t)(x >> 32) + w;
+        }
+        acc += a;
+        i += run;
+    }
+    if (nbytes % 8) {
+        uint8_t last[8] = {0};
+        memcpy(last, p + 8 * nw, nbytes % 8);
+        const uint64_t wi = word0 + nw, w = load64(last);
+        const uint64_t x = w ^ (table[wi & (PERIOD - 1)] + (wi >> LOG_PERIOD) * K_SEG);
+        acc += (uint64_t)(uint32_t)x * (x >> 32) + w;
+    }
+    return acc;
+}
+
+/* copy src -> dst and return the term sum, block by block while the block is hot */
+uint64_t kvsum_copy(uint8_t* dst, const uint8_t* src, uint64_t nbytes, uint64_t word0,
+                    const uint64_t* table, uint64_t block) {
+    uint64_t acc = 0;
+    for (uint64_t off = 0; off < nbytes; off += block) {
+        const uint64_t n = nbytes - off < block ? nbytes - off : block;
+        memcpy(dst + off, src + off, n);
+        acc += kvsum_sum(dst + off, n, word0 + off / 8, table);
+    }
+    return acc;
+}
+
+/* vLLM CPU_VLLM pages: per (block, head) K is stored transposed, [D][N] elements.
+   kt_gather: whole blocks blk[0..nblk) -> dst [nblk*N][H][D] (chunk order);
+   kt_scatter: the inverse. sb/sh: byte strides of block and head. Tiled 8x8 so both
+   sides stay in L1; one instantiation per element width. */
+#define KT_TILE 8
+#define KT_DEFINE(T, W)                                                                   \
+void kt_gather_##W(uint8_t* dst, const uint8_t* base, const int64_t* blk, int64_t nblk,   \
+                   int64_t H, int64_t D, int64_t N, int64_t sb, int64_t sh) {             \
+    T* out = (T*)dst;                                                                     \
+    for (int64_t i = 0; i < nblk; i++)                                                    \
+        for (int64_t h = 0; h < H; h++) {                                                 \
+            const T* s = (const T*)(base + blk[i] * sb + h * sh);                         \
+            T* o = out + i * N * H * D + h * D;                                           \
+            for (int64_t n0 = 0; n0 < N; n0 += KT_TILE)                                   \
+                for (int64_t d0 = 0; d0 < D; d0 += KT_TILE) {                             \
+                    const int64_t n1 = n0 + KT_TILE < N ? n0 + KT_TILE : N;               \
+                    const int64_t d1 = d0 + KT_TILE < D ? d0 + KT_TILE : D;               \
+                    for (int64_t n = n0; n < n1; n++)                                     \
+                        for (int64_t d = d0; d < d1; d++) o[n * H * D + d] = s[d * N + n]; \
+                }                                                                         \
+        }                                                                                 \
+}                                                                                         \
+void kt_scatter_##W(const uint8_t* src, uint8_t* base, const int64_t* blk, int64_t nblk,  \
+                    int64_t H, int64_t D, int64_t N, int64_t sb, int64_t sh) {            \
+    const T* in = (const T*)src;                                                          \
+    for (int64_t i = 0; i < nblk; i++)                                                    \
+        for (int64_t h = 0; h < H; h++) {                                                 \
+            T* s = (T*)(base + blk[i] * sb + h * sh);                                     \
+            const T* o = in + i * N * H * D + h * D;                                      \
+            for (int64_t d0 = 0; d0 < D; d0 += KT_TILE)                                   \
+                for (int64_t n0 = 0; n0 < N; n0 += KT_TILE) {                             \
+                    const int64_t n1 = n0 + KT_TILE < N ? n0 + KT_TILE : N;               \
+                    const int64_t d1 = d0 + KT_TILE < D ? d0 + KT_TILE : D;               \
+                    for (int64_t d = d0; d < d1; d++)                                     \
+                        for (int64_t n = n0; n < n1; n++) s[d * N + n] = o[n * H * D + d]; \
+                }                                                                         \
+        }                                                                                 \
+}
+KT_DEFINE(uint8_t, 1)
+KT_DEFINE(uint16_t, 2)
+KT_DEFINE(uint32_t, 4)
+KT_DEFINE(uint64_t, 8)
+"""
+)
+
+C_FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing")
+ELEMENT_WIDTHS = (1, 2, 4, 8)
+
+
+class NativeLib:
+    """The loaded library with typed entry points."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        u64, i64, ptr = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
+        lib.kvsum_sum.restype = u64
+        lib.kvsum_sum.argtypes = (ptr, u64, u64, ptr)
+        lib.kvsum_copy.restype = u64
+        lib.kvsum_copy.argtypes = (ptr, ptr, u64, u64, ptr, u64)
+        self.sum = lib.kvsum_sum
+        self.copy = lib.kvsum_copy
+        self.kt_gather = {}
+        self.kt_scatter = {}
+        for w in ELEMENT_WIDTHS:
+            for table, name in (
+                (self.kt_gather, f"kt_gather_{w}"),
+                (self.kt_scatter, f"kt_scatter_{w}"),
+            ):
+                fn = getattr(lib, name)
+                fn.restype = None
+                fn.argtypes = (ptr, ptr, ptr, i64, i64, i64, i64, i64, i64)
+                table[w] = fn
+        self.path = path
+        self._lib = lib
+
+
+_LOCK = threading.Lock()
+_LIB: NativeLib | None = None
+_ERROR: str | None = None
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    keep = ("flags", "Features", "model name")
+    return "\n".join(sorted({ln for ln in info.splitlines() if ln.startswith(keep)}))
+
+
+def compiler() -> str:
+    """``$CC``, else ``cc``/``gcc``/``clang`` from PATH; RuntimeError when none."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    return cc
+
+
+def library_path() -> Path:
+    """Where the library for this source, compiler and CPU is cached."""
+    from .cuda_kernels import cache_dir  # the path helper only: no CUDA import
+
+    cc = compiler()
+    res = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    version = res.stdout.splitlines()[0] if res.stdout else cc
+    text = "\0".join([C_SOURCE, *C_FLAGS, version, _cpu_id()])
+    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+    return cache_dir() / f"native_{digest}_{platform.machine()}.so"
+
+
+def build() -> NativeLib:
+    """Compile (or reuse the cached build) and load; raises on any failure."""
+    path = library_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".native-") as tmp:
+            src = Path(tmp) / "lmcache_pd_native.c"
+            src.write_text(C_SOURCE)
+            out = Path(tmp) / "lib.so"
+            res = subprocess.run(
+                [compiler(), *C_FLAGS, "-o", str(out), str(src)],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if res.returncode != 0:
+                raise RuntimeError(f"C compile failed: {res.stderr.strip()[-2000:]}")
+            os.replace(out, path)
+    return NativeLib(path)
+
+
+def library() -> NativeLib | None:
+    """The library, built on first use; None (one warning per process) if it cannot be."""
+    global _LIB, _ERROR
+    if _LIB is not None or _ERROR is not None:
+        return _LIB
+    with _LOCK:
+        if _LIB is None and _ERROR is None:
+            if os.environ.get("LMCACHE_PD_NATIVE", "1") == "0":
+                _ERROR = "disabled by LMCACHE_PD_NATIVE=0"
+            else:
+                try:
+                    _LIB = build()
+                except Exception as exc:
+                    _ERROR = f"{type(exc).__name__}: {exc}"
+            if _ERROR is not None:
+                log.warning(
+                    "lmcache-pd native CPU helpers unavailable (%s): chunk checksums and "
+                    "CPU_VLLM K pages use the numpy/torch paths (same results, several "
+                    "times slower)",
+                    _ERROR,
+                )
+    return _LIB
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`library` is None, or None when it loaded (or was not tried yet)."""
+    return _ERROR
+
+
+def reset_for_tests(
+    lib: NativeLib | None, error: str | None
+) -> tuple[NativeLib | None, str | None]:
+    """Swap the loaded state (tests force the fallback path); returns the old state."""
+    global _LIB, _ERROR
+    old = (_LIB, _ERROR)
+    _LIB, _ERROR = lib, error
+    return old
