@@ -7,14 +7,21 @@ For llama-8b chunks (256 tokens = 32 MiB each) from one chunk up to 8k tokens:
   saw the notification: the floor of what any handoff can do;
 - ``handoff_gbps``: the whole handoff from this process to a real receiver process that
   verifies every chunk's xxh3 checksum (sender checksums are taken at gather time,
-  outside the timed region, as the engine does). The receiver runs as a decoder does:
-  a receive buffer of two requests with a CPU tier behind it, so after Hello every
-  request takes the credit path (WRITEs into the lent grant, one Push -> Committed);
+  outside the timed region, as the engine does). The receive buffer has room for the
+  run's requests, so after Hello every request takes the credit path (WRITEs into the
+  lent grant, one Push -> Committed), as it does on a decoder whose CPU tier lets grants
+  evict received chunks (up to ``RX_BUFFER_MAX``; beyond, the Offer path is measured);
 - ``handoff_noverify_gbps``: the same with ``pd_verify_checksums: false``;
 - ``memcpy_gbps``: numpy copy of the same bytes.
 
 Prints a table, writes ``--json`` and a ``--png`` plot. ``--quick`` stops at 2k tokens.
 Run: ``lmcache-pd bench transfer [--quick] --json F --png P``.
+
+``--netns`` (root, ``ip``): the same across two network namespaces joined by a veth
+(:mod:`lmcache_pd.netns`): this process runs in namespace ``a``, the raw target and the
+receivers in ``b`` bound to its address, ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=pd0`` on
+both sides, so every byte crosses the veth over TCP as between two hosts; always 1 chunk
+to 8k tokens (``--quick``: fewer reps).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import secrets
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +54,26 @@ LAYOUT = preset("llama-8b")
 SLOT = LAYOUT.bytes_per_chunk(CHUNK)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the target processes run: a command prefix (``ip netns exec NS``) and env."""
+
+    prefix: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+PEERS = Placement()  # replaced by main() under --netns
+
+
 class RawNixl:
     """One prepped WRITE of ``n`` slots into a bare agent in another process, timed until
     the target reports the notification."""
 
     def __init__(self, n: int) -> None:
         nbytes = n * SLOT
-        self.target = PeerProcess("raw-target", "--buffer-bytes", str(nbytes))
+        self.target = PeerProcess(
+            "raw-target", "--buffer-bytes", str(nbytes), env=PEERS.env, prefix=PEERS.prefix
+        )
         self.agent = NixlTransport("raw-initiator")
         meta_hex, addr = self.target.read_tagged("READY").split()
         self.src = host_buffer(nbytes)  # the same allocator as our buffers
@@ -83,15 +104,21 @@ class RawNixl:
         self.target.stop()
 
 
+# receive buffer of one benchmark receiver, at most: room for every rep's request plus a
+# grant keeps the credit path in use (a decoder's CPU tier would make room instead;
+# its copy is left out here: that is tier cost, not transfer cost)
+RX_BUFFER_MAX = 4 << 30
+
+
 class Handoff:
     """A full handoff of ``n`` fresh chunks (no dedupe) to a receiver process."""
 
-    def __init__(self, n: int, verify: bool) -> None:
-        env = {"LMCACHE_PD_VERIFY_CHECKSUMS": "true" if verify else "false"}
+    def __init__(self, n: int, verify: bool, reps: int = 8) -> None:
+        env = {**PEERS.env, "LMCACHE_PD_VERIFY_CHECKSUMS": "true" if verify else "false"}
+        rx_bytes = min((reps + 3) * n * SLOT, max(RX_BUFFER_MAX, 2 * n * SLOT))
         self.rx = PeerProcess(
             "receiver", "--layout", "llama-8b", "--chunk-size", str(CHUNK),
-            "--buffer-bytes", str(2 * n * SLOT), "--cpu-store-bytes", str(2 * n * SLOT),
-            "--timeout", "60", env=env,
+            "--buffer-bytes", str(rx_bytes), "--timeout", "60", env=env, prefix=PEERS.prefix,
         )  # fmt: skip
         cfg = load_config(
             overrides={
@@ -147,19 +174,26 @@ def measure(n: int, reps: int) -> dict[str, float]:
     so load from other processes hits them alike; the first rep of each is a warm-up."""
     benches = {
         "raw_nixl_gbps": RawNixl(n),
-        "handoff_gbps": Handoff(n, verify=True),
-        "handoff_noverify_gbps": Handoff(n, verify=False),
+        "handoff_gbps": Handoff(n, verify=True, reps=reps),
+        "handoff_noverify_gbps": Handoff(n, verify=False, reps=reps),
         "memcpy_gbps": Memcpy(n),
     }
     times: dict[str, list[float]] = {k: [] for k in benches}
+    verified = benches["handoff_gbps"]
+    assert isinstance(verified, Handoff)
     try:
         for _ in range(reps + 1):
             for key, bench in benches.items():
                 times[key].append(bench.once())
+        counts = verified.tx.counters
+        # share of requests that took the one-round-trip credit path (Push)
+        credit = counts["pushes"] / max(1, counts["requests"])
     finally:
         for bench in benches.values():
             bench.close()
-    return {k: n * SLOT / statistics.median(v[1:]) / 1e9 for k, v in times.items()}
+    out = {k: n * SLOT / statistics.median(v[1:]) / 1e9 for k, v in times.items()}
+    out["credit_path_share"] = credit
+    return out
 
 
 def plot(rows: list[dict[str, float]], path: str) -> None:
@@ -193,10 +227,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--png", default=None)
+    parser.add_argument(
+        "--netns", action="store_true", help="across two network namespaces, over TCP"
+    )
+    parser.add_argument("--peer-ns", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peer-addr", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("LMCACHE_PD_AUTH_SECRET", secrets.token_hex(32))
-    sizes = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
+    if args.netns and args.peer_ns is None:
+        return run_in_netns(list(sys.argv[1:] if argv is None else argv))
+    global PEERS
+    if args.peer_ns is not None:
+        tcp = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "pd0"}
+        PEERS = Placement(
+            ("ip", "netns", "exec", args.peer_ns), {**tcp, "LMCACHE_PD_BIND_HOST": args.peer_addr}
+        )
+    sizes = [1, 2, 4, 8] if args.quick and not args.netns else [1, 2, 4, 8, 16, 32]
     reps = args.reps or (5 if args.quick else 7)
+    if args.netns and args.quick and not args.reps:
+        reps = 3
     started = time.monotonic()
     rows = []
     for n in sizes:
@@ -216,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "layout": "llama-8b",
         "chunk_size": CHUNK,
+        "path": "netns veth, UCX_TLS=tcp" if args.netns else "this host, UCX default",
         "reps": reps,
         "rows": rows,
         "handoff_over_raw_at_max": round(last["handoff_gbps"] / last["raw_nixl_gbps"], 3),
@@ -225,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         "raw_over_memcpy_at_max": round(last["raw_nixl_gbps"] / last["memcpy_gbps"], 3),
         "seconds": round(time.monotonic() - started, 1),
     }
-    table = Table(title="lmcache-pd transfer benchmark (llama-8b, GB/s, median)")
+    where = ", two netns over TCP" if args.netns else ""
+    table = Table(title=f"lmcache-pd transfer benchmark (llama-8b{where}, GB/s, median)")
     for col in (
         "chunks",
         "MiB",
@@ -257,6 +308,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.png:
         plot(rows, args.png)
     return 0
+
+
+def run_in_netns(argv: list[str]) -> int:
+    """Make the namespace pair and run this benchmark again inside namespace ``a``."""
+    from lmcache_pd.netns import NetnsPair, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        console.print(f"[red]--netns: {reason}[/red]")
+        return 2
+    with NetnsPair() as pair:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+        cmd += ["--peer-ns", pair.b.ns, "--peer-addr", pair.b.addr]
+        proc = pair.a.popen(cmd, env=pair.a.tcp_env())
+        try:
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 if __name__ == "__main__":
