@@ -196,7 +196,7 @@ def measure(n: int, reps: int) -> dict[str, float]:
     return out
 
 
-def plot(rows: list[dict[str, float]], path: str) -> None:
+def plot(rows: list[dict[str, float]], path: str, where: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +214,7 @@ def plot(rows: list[dict[str, float]], path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bytes per request (MiB, llama-8b, 256-token chunks)")
     ax.set_ylabel("GB/s")
-    ax.set_title("KV handoff throughput vs raw NIXL and memcpy (same run)")
+    ax.set_title(f"KV handoff throughput vs raw NIXL and memcpy (same run{where})")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(summary, indent=2))
     if args.png:
-        plot(rows, args.png)
+        plot(rows, args.png, where)
     return 0
 
 
