@@ -2,14 +2,17 @@
 
 In one run, against one ``redis-server`` started on a free loopback port (or ``--url``):
 
-* put: ``RemoteStore.put`` of ``--chunks`` llama-8b chunks (32 MiB each at 256 tokens),
-  timed until the write-behind queue is flushed (copy, checksum, header, ``EXISTS`` check,
-  ``SET``), vs a raw redis-py pipeline ``SET`` of the same bytes -> ``put_over_raw``;
+* put: ``RemoteStore.put`` of ``--chunks`` llama-8b chunks (32 MiB each at 256 tokens)
+  with the bytes lent, as ``TieredStore`` lends its pinned CPU slots, timed until the
+  write-behind queue is flushed (checksum, header, existence check, ``SET``), vs a raw
+  redis-py pipeline ``SET`` of the same bytes -> ``put_over_raw``; also the put of a
+  caller that keeps its buffer (one copy more), ``put_copy_gbps``;
 * get: ``RemoteStore.get_many`` of those chunks (one round trip, header and xxh3-64
   checksum verified) vs a raw pipelined ``GET`` of the same bytes -> ``get_over_raw``;
-* lookup of a 32k-token prompt (128 chunks, small values): our one-round-trip pipelined
-  ``EXISTS`` vs one ``MGET`` of the same keys (which moves the values) and one variadic
-  ``EXISTS`` (a count only, no per-key answer), in µs; server read events per lookup.
+* lookup of a 32k-token prompt (128 chunks, small values): ours (one ``EVALSHA`` that
+  answers per key, no values moved) vs one ``MGET`` of the same keys (which moves the
+  values), a pipeline of 128 ``EXISTS`` (our fallback where scripts are refused) and one
+  variadic ``EXISTS`` (a count only, no per-key answer), in µs; server read events.
 
 Target: put and get ratios >= 0.8. Figures are medians of ``--reps`` interleaved rounds.
 Run ``python benchmarks/remote.py [--quick] --json F --png P`` or
@@ -58,10 +61,14 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
     n, slot = len(src), src[0].nbytes
     total = n * slot
     store = RemoteStore(url, layout.fingerprint(), CHUNK_TOKENS, timeout_s=10.0, queue_size=n)
-    raw = redis.Redis(**parse_remote_url(url).client_kwargs(), socket_timeout=30)
-    samples: dict[str, list[float]] = {k: [] for k in ("raw_put", "put", "raw_get", "get")}
+    raw = raw_client(url)
+    default = redis.Redis(**parse_remote_url(url).client_kwargs(), socket_timeout=30)
+    samples: dict[str, list[float]] = {
+        k: [] for k in ("raw_put", "raw_put_default_packer", "put", "put_copy", "raw_get", "get")
+    }
     views = [memoryview(a) for a in src]
     keys: list[bytes] = []
+    copy_keys: list[bytes] = []
     raw_keys: list[bytes] = []
     got: list[Any] = []
 
@@ -71,8 +78,21 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
             pipe.set(rk, v)
         pipe.execute()
 
+    def raw_put_default_packer() -> None:
+        pipe = default.pipeline(transaction=False)
+        for rk, v in zip(raw_keys, views, strict=True):
+            pipe.set(rk, v)
+        pipe.execute()
+
     def put() -> None:
         for k, v in zip(keys, views, strict=True):
+            if not store.put(k, v, on_written=lambda: None):  # lent, as from CPU slots
+                raise RuntimeError("remote tier dropped a write")
+        if not store.flush(120):
+            raise RuntimeError("remote tier writes did not finish")
+
+    def put_copy() -> None:
+        for k, v in zip(copy_keys, views, strict=True):
             if not store.put(k, v):
                 raise RuntimeError("remote tier dropped a write")
         if not store.flush(120):
@@ -90,9 +110,15 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
     try:
         for rep in range(reps + 1):  # round 0 warms up
             keys[:] = [_key(i, rep) for i in range(n)]
+            copy_keys[:] = [_key(i, rep + 500) for i in range(n)]
             raw_keys[:] = [b"bench-raw:" + k.hex().encode() for k in keys]
             row: dict[str, float] = {}
-            puts = [("raw_put", raw_put), ("put", put)]
+            puts = [
+                ("raw_put", raw_put),
+                ("put", put),
+                ("put_copy", put_copy),
+                ("raw_put_default_packer", raw_put_default_packer),
+            ]
             gets = [("raw_get", raw_get), ("get", get)]
             for name, fn in puts if rep % 2 else puts[::-1]:  # alternate who goes first
                 row[name] = _timed(fn)
@@ -103,7 +129,7 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
                         if g is None or g != views[i]:
                             raise RuntimeError(f"remote tier returned wrong bytes for chunk {i}")
             got.clear()
-            raw.delete(*raw_keys, *[store.redis_key(k) for k in keys])
+            raw.delete(*raw_keys, *[store.redis_key(k) for k in keys + copy_keys])
             if rep:
                 for k, v in row.items():
                     samples[k].append(v)
@@ -113,8 +139,31 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
     finally:
         store.close()
         raw.close()
+        default.close()
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {f"{k}_gbps": total / v / 1e9 for k, v in med.items()}
+
+
+def raw_client(url: str) -> redis.Redis:
+    """The raw baseline: redis-py with its pure-Python command packer, which sends a
+    large value as its own buffer. (With hiredis installed redis-py packs commands with
+    hiredis, which copies every value into one string: ~3x slower SETs of 32 MiB here;
+    measured too, as ``raw_put_default_packer``, but not used as the baseline.)"""
+    encoder = redis.connection.Encoder("utf-8", "strict", False)
+    kwargs = parse_remote_url(url).client_kwargs()
+    cls: type[redis.connection.AbstractConnection] = redis.connection.Connection
+    if kwargs.pop("ssl", False):
+        cls = redis.connection.SSLConnection
+    if "unix_socket_path" in kwargs:
+        cls = redis.connection.UnixDomainSocketConnection
+        kwargs["path"] = kwargs.pop("unix_socket_path")
+    pool = redis.ConnectionPool(
+        connection_class=cls,
+        **kwargs,
+        socket_timeout=30,
+        command_packer=redis.connection.PythonRespSerializer(6000, encoder.encode),
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 def _read_events(client: redis.Redis) -> int:
@@ -141,6 +190,14 @@ def bench_lookup(url: str, rounds: int) -> dict[str, float]:
             return statistics.median(times) * 1e6
 
         ours = best(lambda: store.contains(keys))
+
+        def pipelined() -> None:
+            pipe = client.pipeline(transaction=False)
+            for rk in rkeys:
+                pipe.exists(rk)
+            pipe.execute()
+
+        pipeline = best(pipelined)
         mget = best(lambda: client.mget(rkeys))
         exists_count = best(lambda: client.exists(*rkeys))
         ping = best(client.ping)
@@ -160,6 +217,7 @@ def bench_lookup(url: str, rounds: int) -> dict[str, float]:
         "prompt_chunks": float(PROMPT_CHUNKS),
         "lookup_us": ours,
         "mget_us": mget,
+        "pipelined_exists_us": pipeline,
         "exists_count_us": exists_count,
         "ping_us": ping,
         "mget_over_lookup": mget / ours,
@@ -182,7 +240,12 @@ def _table(result: dict[str, Any]) -> None:
     table.add_column("ratio", justify="right")
     table.add_column(f"≥ {TARGET}")
     rows = [
-        ("put (until flushed) vs pipelined SET", b["put_gbps"], b["raw_put_gbps"], "put_over_raw"),
+        (
+            "put, lent (until flushed) vs pipelined SET",
+            b["put_gbps"],
+            b["raw_put_gbps"],
+            "put_over_raw",
+        ),
         ("get_many vs pipelined GET", b["get_gbps"], b["raw_get_gbps"], "get_over_raw"),
     ]
     for name, tier, base, key in rows:
@@ -191,10 +254,16 @@ def _table(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     console.print(
+        f"put of a caller that keeps its buffer (copied): {b['put_copy_gbps']:.2f} GB/s; "
+        f"raw SET with redis-py's default packer (hiredis: {result['hiredis']}): "
+        f"{b['raw_put_default_packer_gbps']:.2f} GB/s"
+    )
+    console.print(
         f"lookup of {int(lk['prompt_chunks'])} chunks (32k tokens): {lk['lookup_us']:.0f} µs "
-        f"(pipelined EXISTS, {int(lk['lookup_read_events'])} server read events incl. the "
+        f"(one EVALSHA, {int(lk['lookup_read_events'])} server read events incl. the "
         f"INFO, PING: {int(lk['ping_read_events'])}); one MGET {lk['mget_us']:.0f} µs "
-        f"({lk['mget_over_lookup']:.2f}x ours); variadic EXISTS (count only) "
+        f"({lk['mget_over_lookup']:.2f}x ours); pipeline of EXISTS "
+        f"{lk['pipelined_exists_us']:.0f} µs; variadic EXISTS (count only) "
         f"{lk['exists_count_us']:.0f} µs; PING {lk['ping_us']:.0f} µs"
     )
 
@@ -220,9 +289,15 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{result['chunks']} x {result['chunk_bytes'] >> 20} MiB chunks, loopback")
     ax.set_ylim(0, max(tier + base) * 1.35)
     ax.legend(fontsize=8, loc="upper left")
-    labels = ["ours\n(EXISTS pipe)", "one MGET", "EXISTS\n(count)", "PING"]
-    values = [lk["lookup_us"], lk["mget_us"], lk["exists_count_us"], lk["ping_us"]]
-    ax2.bar(labels, values, color=["#1f77b4", "#999999", "#bbbbbb", "#dddddd"])
+    labels = ["ours\n(EVALSHA)", "one MGET", "EXISTS\npipeline", "EXISTS\n(count)", "PING"]
+    values = [
+        lk["lookup_us"],
+        lk["mget_us"],
+        lk["pipelined_exists_us"],
+        lk["exists_count_us"],
+        lk["ping_us"],
+    ]
+    ax2.bar(labels, values, color=["#1f77b4", "#999999", "#aaaaaa", "#bbbbbb", "#dddddd"])
     ax2.set_ylabel("µs")
     ax2.set_title(f"lookup of {int(lk['prompt_chunks'])} chunks (32k tokens)")
     ax2.tick_params(axis="x", labelsize=8)
