@@ -83,7 +83,8 @@ def check_kernels(ctx: typer.Context) -> None:
 
 @app.command("bench", context_settings=PASSTHROUGH)
 def bench(
-    ctx: typer.Context, name: str = typer.Argument(..., help="transfer|kernels|tiers|proxy|e2e")
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="transfer|kernels|tiers|remote|proxy|e2e"),
 ) -> None:
     """Run benchmarks/NAME.py with the remaining arguments (--quick --json F --png P)."""
     script = BENCH_DIR / f"{name}.py"
