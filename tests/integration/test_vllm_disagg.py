@@ -181,16 +181,20 @@ def test_our_metrics_on_both_engines_and_decoder_events(pd: PD) -> None:
     prompt = token_prompts([3 * CHUNK + 5], seed=31)[0]
     pd.via_proxy(prompt, max_tokens=2)
     prod, cons = {"role": "kv_producer"}, {"role": "kv_consumer"}
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 40
     p_text = d_text = ""
     while time.monotonic() < deadline:  # stats reach the API server after a step
+        pd.via_proxy(prompt, max_tokens=2)  # the log line needs activity in its interval
         pd.prefiller.completion("flush", 1)
-        pd.decoder.completion("flush", 1)
         p_text, d_text = pd.prefiller.metrics(), pd.decoder.metrics()
-        if metric_sum(p_text, "vllm:lmcache_pd_transfer_seconds_count", op="push") > 0:
-            if metric_sum(d_text, "vllm:lmcache_pd_chunks_received_total") > 0:
-                break
-        time.sleep(0.5)
+        if (
+            metric_sum(p_text, "vllm:lmcache_pd_transfer_seconds_count", op="push") > 0
+            and metric_sum(d_text, "vllm:lmcache_pd_chunks_received_total") > 0
+            and "KV Transfer metrics:" in pd.prefiller.log_text()
+            and "KV Transfer metrics:" in pd.decoder.log_text()
+        ):
+            break
+        time.sleep(0.2)
     sent = metric_sum(p_text, "vllm:lmcache_pd_chunks_sent_total", medium="nixl", **prod)
     received = metric_sum(d_text, "vllm:lmcache_pd_chunks_received_total", medium="nixl", **cons)
     assert sent >= 3 and received >= 3

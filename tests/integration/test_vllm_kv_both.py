@@ -63,6 +63,7 @@ def engines(
         name="kv_both",
         kv_transfer_config=both_config(disk, events_port),
         extra_args=NO_PREFIX_CACHE,
+        env={"VLLM_LOG_STATS_INTERVAL": "2"},  # the stats log line within the test
     )
     start_servers([plain, both])
     try:
@@ -109,14 +110,17 @@ def test_our_metrics_and_events(
     prompt = make_prompts(1, seed=14, min_words=120, max_words=120)[0]
     texts(both, [prompt, prompt], 4)  # the repeat loads from the tiers
     tokens = both.tokenize(prompt)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     text = ""
     while time.monotonic() < deadline:  # stats reach the API server after a step
-        both.completion("flush the stats", 2)
+        both.completion(prompt, 2)  # keeps loading from the tiers while we wait
         text = both.metrics()
-        if metric_sum(text, "vllm:lmcache_pd_transfer_seconds_count", op="load") >= 2:
+        if (
+            metric_sum(text, "vllm:lmcache_pd_transfer_seconds_count", op="load") >= 2
+            and "KV Transfer metrics:" in both.log_text()
+        ):
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     role = {"role": "kv_both"}
     assert metric_sum(text, "vllm:lmcache_pd_tier_hits_total", medium="cpu", **role) > 0
     assert metric_sum(text, "vllm:lmcache_pd_tokens_loaded_total", **role) >= 2 * CHUNK
