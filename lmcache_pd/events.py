@@ -253,10 +253,13 @@ class KVEventPublisher:
         buffer_batches: int = 1_000,
         hwm: int = 10_000,
         max_tokens_entries: int = 65_536,
+        forward: Callable[[list[KVEvent]], None] | None = None,
     ) -> None:
         self.hasher = hasher
         self.block_size = hasher.chunk_size
         self.sources = dict(sources)
+        # also hand stores/removals to vLLM's own publisher (must not block)
+        self.forward = forward
         self.poll_s = poll_s
         self.topic = topic.encode()
         self.tokens = TokenIndex(hasher, max_tokens_entries)
@@ -409,18 +412,27 @@ class KVEventPublisher:
             vanished[tier] = [k for k in before if k not in now]
             self._held[tier] = now
         events: list[KVEvent] = []
+        forwarded: list[KVEvent] = []  # on vLLM's stream a clear would drop its GPU blocks
         was_announcing = any(self._announced.values())
         if was_announcing and not any(self._held.values()):
+            forwarded += [
+                BlockRemoved(block_hashes=list(keys), medium=medium.value)
+                for medium, keys in self._announced.items()
+                if keys
+            ]
             self._announced = {}
             events.append(AllBlocksCleared())
             self.stats.cleared += 1
         else:
             events += self._removals(vanished)
+            forwarded += events
         self._forget_token_files(vanished)
         new = [k for keys in appeared.values() for k in keys]
-        events += self._stores(new)
+        stores = self._stores(new)
+        events += stores
+        forwarded += stores
         if events:
-            self._publish(events)
+            self._publish(events, forwarded)
         if new or any(vanished.values()):
             self._count_unannounced()
 
@@ -508,7 +520,15 @@ class KVEventPublisher:
         if events:
             self._publish(events)
 
-    def _publish(self, events: list[KVEvent]) -> None:
+    def _publish(self, events: list[KVEvent], forwarded: list[KVEvent] | None = None) -> None:
+        if self.forward is not None:
+            fwd: list[KVEvent] = (
+                [e for e in events if not isinstance(e, AllBlocksCleared)]
+                if forwarded is None
+                else forwarded
+            )
+            if fwd:
+                self.forward(fwd)
         self._seq += 1
         payload = encode_batch(KVEventBatch(ts=time.time(), events=events))
         # PUB never blocks: a subscriber past its high-water mark misses frames

@@ -78,3 +78,36 @@ def _with_registry(cls: type, reg: CollectorRegistry) -> Any:
         cls.__init__(self, *args, registry=reg, **kwargs)
 
     return init
+
+
+def test_forwarded_events_for_vllms_stream_never_clear_all() -> None:
+    """Stores and removals also go to vLLM's publisher; a clear of our tiers is sent
+    there as removals (an AllBlocksCleared would drop vLLM's GPU blocks too)."""
+    from lmcache_pd.chunks import ChunkHasher
+    from lmcache_pd.events import BlockRemoved, BlockStored, KVEventPublisher, TierName
+    from lmcache_pd.integration.vllm.kv_events import ForwardedEvents, PDKVEvents
+    from lmcache_pd.tiers.cpu import CPUStore
+
+    hasher = ChunkHasher(bytes(16), 4)
+    cpu = CPUStore(8 * 16, 16, backend="numpy")
+    fwd = ForwardedEvents(maxlen=100)
+    pub = KVEventPublisher(hasher, {TierName.CPU: cpu.keys_lru}, forward=fwd.add)
+    try:
+        tokens = list(range(8))
+        pub.learn(tokens)
+        for k in hasher.keys(tokens):
+            cpu.put(k, b"x" * 16)
+        assert pub.flush()
+        cpu.clear()
+        assert pub.flush()
+        events = fwd.drain()
+        assert [type(e) for e in events] == [BlockStored, BlockStored, BlockRemoved]
+        assert set(events[2].block_hashes) == set(hasher.keys(tokens))
+        combined = PDKVEvents(events[:1])
+        combined.add_events(events[1:])
+        combined.increment_workers()
+        assert combined.get_all_events() == events and combined.get_number_of_workers() == 2
+        assert fwd.drain() == []
+    finally:
+        pub.close()
+        cpu.close()

@@ -10,6 +10,7 @@ with vLLM's own types.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,13 +57,20 @@ def engines(
 ) -> Iterator[tuple[VLLMServer, VLLMServer, Path]]:
     work = tmp_path_factory.mktemp("kv-both")
     disk = work / "disk"
+    # vLLM's own KV-event publisher too: our tier events also travel on its stream
+    vllm_events = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"ipc://{work}/vllm-events.sock",
+        "replay_endpoint": f"ipc://{work}/vllm-replay.sock",
+    }
     plain = VLLMServer(tiny_model, work / "plain.log", name="plain", extra_args=NO_PREFIX_CACHE)
     both = VLLMServer(
         tiny_model,
         work / "both.log",
         name="kv_both",
         kv_transfer_config=both_config(disk, events_port),
-        extra_args=NO_PREFIX_CACHE,
+        extra_args=[*NO_PREFIX_CACHE, "--kv-events-config", json.dumps(vllm_events)],
         env={"VLLM_LOG_STATS_INTERVAL": "2"},  # the stats log line within the test
     )
     start_servers([plain, both])
@@ -135,6 +143,9 @@ def test_our_metrics_and_events(
     want = chunks_of(tokens, CHUNK)
     assert want and want <= stored_chunks(events, "CPU")
     assert {e.block_size for e in events} == {CHUNK}
+    # the same chunks on vLLM's own stream (replayed from its first batch)
+    replay = both.log_path.parent / "vllm-replay.sock"
+    assert want <= stored_chunks(kv_events(f"ipc://{replay}", start=0), "CPU")
 
 
 def test_restart_hits_from_disk(

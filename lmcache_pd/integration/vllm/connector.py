@@ -19,6 +19,7 @@ of the chunks it holds (:mod:`~lmcache_pd.integration.vllm.kv_events`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -34,7 +35,14 @@ from lmcache_pd.integration.vllm.common import (
     load_connector_config,
     setup_logging,
 )
-from lmcache_pd.integration.vllm.kv_events import EventedMetadata, start_publisher, with_prompts
+from lmcache_pd.integration.vllm.kv_events import (
+    EventedMetadata,
+    ForwardedEvents,
+    PDKVEvents,
+    start_publisher,
+    vllm_events_enabled,
+    with_prompts,
+)
 from lmcache_pd.integration.vllm.stats import (
     MetricMedium,
     PDConnectorStats,
@@ -46,6 +54,7 @@ from lmcache_pd.integration.vllm.stats import (
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent, KVConnectorKVEvents
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
         KVConnectorPromMetrics,
         KVConnectorStats,
@@ -57,6 +66,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
     from lmcache_pd.events import KVEventPublisher
@@ -83,6 +93,9 @@ class LMCachePDConnector(KVConnectorBase_V1):
         self._worker: WorkerSide | None = None
         self._events: KVEventPublisher | None = None
         self._stats = WorkerStats(self.kv_role.value)
+        # our tier events on vLLM's own stream too (--kv-events-config)
+        self._forwarded = ForwardedEvents() if vllm_events_enabled(vllm_config) else None
+        self._vllm_events: list[Any] = []  # scheduler side: taken by vLLM's publisher
         if role == KVConnectorRole.SCHEDULER:
             from lmcache_pd.integration.vllm.scheduler_side import SchedulerSide
 
@@ -113,7 +126,7 @@ class LMCachePDConnector(KVConnectorBase_V1):
             worker.producer.on_pushed = lambda s, n: transfers.record(
                 TransferOp.PUSH, MetricMedium.NIXL, s, n
             )
-        self._events = start_publisher(worker, self.cfg)
+        self._events = start_publisher(worker, self.cfg, self._forwarded)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -153,6 +166,12 @@ class LMCachePDConnector(KVConnectorBase_V1):
             return None
         return self._stats.take(self._worker, self._events)
 
+    def get_kv_connector_kv_cache_events(self) -> KVConnectorKVEvents | None:
+        if self._forwarded is None:
+            return None
+        events = self._forwarded.drain()
+        return PDKVEvents(events) if events else None
+
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
         return PDConnectorStats(data=data or {})
@@ -191,6 +210,15 @@ class LMCachePDConnector(KVConnectorBase_V1):
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         self._s().update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        events = connector_output.kv_cache_events
+        if events is not None:
+            self._vllm_events.extend(events.get_all_events())
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        events, self._vllm_events = self._vllm_events, []
+        return events
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = self._s().build_connector_meta(scheduler_output)

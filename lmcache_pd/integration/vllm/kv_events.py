@@ -9,15 +9,26 @@ engine. A prefiller holds chunks only until they are pushed and publishes nothin
 Chunk tokens: the scheduler-side connector sends the prompt tokens of each newly
 scheduled request with the step's metadata (:class:`EventedMetadata`, only when events
 are on); the worker hands them to the publisher, which indexes them by chunk key.
+
+vLLM's own stream too: when the engine runs with ``--kv-events-config`` (events on),
+the same stores and removals also go through vLLM's connector event path (worker
+``get_kv_connector_kv_cache_events`` -> scheduler ``update_connector_output`` ->
+``take_events``), so a router subscribed to vLLM's publisher sees our tiers next to
+vLLM's GPU blocks. That path moves only when the engine steps; our own socket also
+serves idle engines and snapshots.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lmcache_pd.events import KeySource, KVEventPublisher, TierName
+from vllm.distributed.kv_events import KVConnectorKVEvents
+
+from lmcache_pd.events import KeySource, KVEvent, KVEventPublisher, TierName
 from lmcache_pd.integration.vllm.common import PDConnectorMetadata
 
 if TYPE_CHECKING:
@@ -41,7 +52,63 @@ def with_prompts(meta: PDConnectorMetadata, so: SchedulerOutput) -> EventedMetad
     return EventedMetadata(loads=meta.loads, saves=meta.saves, prompts=prompts)
 
 
-def start_publisher(worker: WorkerSide, cfg: Config) -> KVEventPublisher | None:
+class ForwardedEvents:
+    """Events bound for vLLM's publisher: added by our publisher thread, drained by the
+    worker after each step. Bounded: the oldest are dropped (counted) when no step
+    drains them."""
+
+    def __init__(self, maxlen: int = 100_000) -> None:
+        self._items: deque[KVEvent] = deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def add(self, events: list[KVEvent]) -> None:
+        with self._lock:
+            over = len(self._items) + len(events) - (self._items.maxlen or 0)
+            self.dropped += max(0, over)
+            self._items.extend(events)
+
+    def drain(self) -> list[KVEvent]:
+        with self._lock:
+            out = list(self._items)
+            self._items.clear()
+        return out
+
+
+class PDKVEvents(KVConnectorKVEvents):
+    """vLLM's container for connector events (one worker's, or several combined)."""
+
+    def __init__(self, events: list[Any] | None = None, workers: int = 1) -> None:
+        self._events: list[Any] = list(events or [])
+        self._workers = workers
+
+    def add_events(self, events: list[Any]) -> None:
+        self._events.extend(events)
+
+    def aggregate(self) -> PDKVEvents:
+        return self  # only TP rank 0 publishes: nothing to reconcile across workers
+
+    def increment_workers(self, count: int = 1) -> None:
+        self._workers += count
+
+    def get_all_events(self) -> list[Any]:
+        return list(self._events)
+
+    def get_number_of_workers(self) -> int:
+        return self._workers
+
+    def clear_events(self) -> None:
+        self._events.clear()
+
+
+def vllm_events_enabled(vllm_config: Any) -> bool:
+    kec = getattr(vllm_config, "kv_events_config", None)
+    return bool(kec is not None and kec.enable_kv_cache_events)
+
+
+def start_publisher(
+    worker: WorkerSide, cfg: Config, forward: ForwardedEvents | None = None
+) -> KVEventPublisher | None:
     """The worker's publisher, or None (events off, not rank 0, nothing held here)."""
     if cfg.pd_kv_events_port <= 0 or worker.tp_rank != 0:
         return None
@@ -69,4 +136,5 @@ def start_publisher(worker: WorkerSide, cfg: Config) -> KVEventPublisher | None:
         port=cfg.pd_kv_events_port,
         disk_root=disk.root if disk is not None and disk.disabled is None else None,
         queue_size=cfg.pd_kv_events_queue,
+        forward=forward.add if forward is not None else None,
     )
