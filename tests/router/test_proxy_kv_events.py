@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.events import (
@@ -153,3 +154,16 @@ def test_events_resolve_out_of_order_and_ignore_other_block_sizes() -> None:
     assert sub.ignored == 1 and len(held) == 3
     sub.apply([BlockRemoved(block_hashes=[b"a" * 16], medium="CPU"), AllBlocksCleared()])
     assert len(held) == 0
+
+
+def test_bad_decoder_events_are_named() -> None:
+    from lmcache_pd.config import ConfigError
+    from lmcache_pd.router.settings import settings_from_args
+
+    base = ["--decoder", "http://127.0.0.1:8001", "--policy", "cache_aware"]
+    with pytest.raises(ConfigError, match="decoder_events: expected host:port, got 'nohost'"):
+        settings_from_args([*base, "--decoder-events", "nohost"])
+    with pytest.raises(ConfigError, match="decoder_events: 2 endpoints for 1 decoders"):
+        settings_from_args([*base, "--decoder-events", "127.0.0.1:1,127.0.0.1:2"])
+    ok = settings_from_args([*base, "--decoder-events", "127.0.0.1:7600"])
+    assert ok.events_endpoint(0) == ("127.0.0.1", 7600)
