@@ -11,6 +11,11 @@ in one run (best, not mean: a busy shared host only ever adds time), so
 copy of a contiguous buffer; GPU: device-to-device copy).
 Targets: >= 0.5 of memcpy on CPU, >= 0.8 of the D2D copy on GPU.
 
+The same run also times ``gather_checksum``/``scatter_checksum`` (the chunk checksum
+computed inside the copy) against plain gather/scatter (target >= 0.9), and a copy
+with the checksum (the receiver's verified copy into a tier) against the plain copy
+(target >= 0.95).
+
 ``--quick`` caps layers and tokens so it finishes in well under a minute on 2 cores.
 Every loop is bounded in count and in time (``--budget-s`` per measurement).
 """
@@ -29,10 +34,21 @@ from pathlib import Path
 
 import torch
 
-from lmcache_pd.kernels import PagedFormat, cuda_kernels, gather, scatter, torch_dtype
+from lmcache_pd.kernels import (
+    PagedFormat,
+    checksum,
+    cuda_kernels,
+    gather,
+    gather_checksum,
+    scatter,
+    scatter_checksum,
+    torch_dtype,
+)
 from lmcache_pd.layout import KVLayout, preset
 
 TARGETS = {"cpu": 0.5, "cuda": 0.8}
+CHECKSUM_TARGET = 0.9  # gather/scatter with the fused checksum vs without
+COPY_HASH_TARGET = 0.95  # copy + checksum vs copy (the receiver's verified copy)
 FULL_TOKENS = (256, 1024, 4096, 8192)
 QUICK_TOKENS = (256, 1024, 4096)
 QUICK_LAYER_CAP = {"llama-8b": 8, "deepseek-mla": 8}
@@ -50,6 +66,12 @@ class Row:
     scatter_gbps: float
     gather_over_copy: float
     scatter_over_copy: float
+    copy_sum_gbps: float
+    gather_sum_gbps: float
+    scatter_sum_gbps: float
+    copy_sum_over_copy: float
+    gather_sum_over_gather: float
+    scatter_sum_over_scatter: float
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -141,8 +163,11 @@ def _measure(
     dst = torch.empty_like(chunk)
     ops: dict[str, Callable[[], object]] = {
         "copy": lambda: dst.copy_(src),
+        "copy_sum": lambda: _copy_sum(dst, src),
         "gather": lambda: gather(caches, slots, chunk, layout, fmt),
+        "gather_sum": lambda: gather_checksum(caches, slots, chunk, layout, fmt),
         "scatter": lambda: scatter(chunk, caches, slots, layout, fmt),
+        "scatter_sum": lambda: scatter_checksum(chunk, caches, slots, layout, fmt),
     }
     timed = _timer(device)
     for fn in ops.values():  # warm-up: first-touch, kernel compile/load
@@ -166,7 +191,22 @@ def _measure(
         scatter_gbps=round(gbps["scatter"], 3),
         gather_over_copy=round(gbps["gather"] / gbps["copy"], 3),
         scatter_over_copy=round(gbps["scatter"] / gbps["copy"], 3),
+        copy_sum_gbps=round(gbps["copy_sum"], 3),
+        gather_sum_gbps=round(gbps["gather_sum"], 3),
+        scatter_sum_gbps=round(gbps["scatter_sum"], 3),
+        copy_sum_over_copy=round(gbps["copy_sum"] / gbps["copy"], 3),
+        gather_sum_over_gather=round(gbps["gather_sum"] / gbps["gather"], 3),
+        scatter_sum_over_scatter=round(gbps["scatter_sum"] / gbps["scatter"], 3),
     )
+
+
+def _copy_sum(dst: torch.Tensor, src: torch.Tensor) -> int:
+    """The receiver's verified copy: copy + checksum in one pass (CPU: native block-wise
+    copy+hash; GPU: copy, then the hash by torch ops as a separate pass)."""
+    if dst.device.type == "cuda":
+        dst.copy_(src)
+        return checksum.torch_sum(dst)
+    return checksum.copy_sum(dst, src)
 
 
 def _print_table(rows: list[Row], title: str) -> None:
@@ -175,15 +215,18 @@ def _print_table(rows: list[Row], title: str) -> None:
 
     table = Table(title=title)
     for col in ("layout", "format", "layers", "tokens", "MiB", "copy GB/s", "gather GB/s",
-                "scatter GB/s", "gather/copy", "scatter/copy"):  # fmt: skip
+                "scatter GB/s", "gather/copy", "scatter/copy", "copy+sum/copy",
+                "gather+sum/gather", "scatter+sum/scatter"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("layout", "format") else "right")
     for r in rows:
         table.add_row(
             r.layout, r.fmt, str(r.layers), str(r.tokens), f"{r.mib:.0f}",
             f"{r.copy_gbps:.2f}", f"{r.gather_gbps:.2f}", f"{r.scatter_gbps:.2f}",
             f"{r.gather_over_copy:.2f}", f"{r.scatter_over_copy:.2f}",
+            f"{r.copy_sum_over_copy:.2f}", f"{r.gather_sum_over_gather:.2f}",
+            f"{r.scatter_sum_over_scatter:.2f}",
         )  # fmt: skip
-    Console(width=140).print(table)
+    Console(width=200).print(table)
 
 
 def _plot(rows: list[Row], path: Path, title: str) -> None:
@@ -201,6 +244,8 @@ def _plot(rows: list[Row], path: Path, title: str) -> None:
         ax.plot(x, [r.copy_gbps for r in rs], "k--", label="contiguous copy")
         ax.plot(x, [r.gather_gbps for r in rs], "o-", label="gather")
         ax.plot(x, [r.scatter_gbps for r in rs], "s-", label="scatter")
+        ax.plot(x, [r.gather_sum_gbps for r in rs], "o:", label="gather + checksum")
+        ax.plot(x, [r.scatter_sum_gbps for r in rs], "s:", label="scatter + checksum")
         ax.set_xscale("log", base=2)
         ax.set_xticks(x, [str(v) for v in x])
         ax.set_ylim(bottom=0)
@@ -245,7 +290,17 @@ def main(argv: list[str]) -> int:
         "scatter_over_copy_min": s_min,
         "target": target,
         "meets_target": g_min >= target and s_min >= target,
+        "gather_sum_over_gather_min": min(r.gather_sum_over_gather for r in rows),
+        "scatter_sum_over_scatter_min": min(r.scatter_sum_over_scatter for r in rows),
+        "copy_sum_over_copy_min": min(r.copy_sum_over_copy for r in rows),
+        "checksum_target": CHECKSUM_TARGET,
+        "copy_hash_target": COPY_HASH_TARGET,
+        "checksum_cpu_impl": checksum.implementation(),
     }
+    summary["meets_checksum_target"] = (
+        summary["gather_sum_over_gather_min"] >= CHECKSUM_TARGET
+        and summary["scatter_sum_over_scatter_min"] >= CHECKSUM_TARGET
+    )
     dev_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     title = (
         f"lmcache-pd kernels on {device} ({dev_name}, backend {backend}"
@@ -258,6 +313,13 @@ def main(argv: list[str]) -> int:
         f"(min {g_min:.2f}), scatter/copy median {summary['scatter_over_copy_median']:.2f} "
         f"(min {s_min:.2f}); target >= {target} -> "
         f"{'met' if summary['meets_target'] else 'NOT met'}"
+    )
+    print(
+        f"checksum ({summary['checksum_cpu_impl']} on CPU): gather+sum/gather min "
+        f"{summary['gather_sum_over_gather_min']:.2f}, scatter+sum/scatter min "
+        f"{summary['scatter_sum_over_scatter_min']:.2f} (target >= {CHECKSUM_TARGET}: "
+        f"{'met' if summary['meets_checksum_target'] else 'NOT met'}); copy+sum/copy min "
+        f"{summary['copy_sum_over_copy_min']:.2f} (target >= {COPY_HASH_TARGET})"
     )
     if args.json:
         doc = {

@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,8 @@ class NativeLib:
         lib.kvsum_copy.argtypes = (ptr, ptr, u64, u64, ptr, u64)
         self.sum = lib.kvsum_sum
         self.copy = lib.kvsum_copy
-        self.kt_gather = {}
-        self.kt_scatter = {}
+        self.kt_gather: dict[int, Any] = {}
+        self.kt_scatter: dict[int, Any] = {}
         for w in ELEMENT_WIDTHS:
             for table, name in (
                 (self.kt_gather, f"kt_gather_{w}"),

@@ -163,7 +163,7 @@ def gather_checksum(
     if _use_cuda(slots.device, backend, geom):
         from . import cuda_kernels
 
-        total = cuda_kernels.launch_hashed("gather", layers, geom, slots, chunk)
+        total: int | None = cuda_kernels.launch_hashed("gather", layers, geom, slots, chunk)
     else:
         total = torch_path.gather(layers, geom, slots, chunk, hashed=True)
     assert total is not None
@@ -189,7 +189,7 @@ def scatter_checksum(
     if _use_cuda(slots.device, backend, geom):
         from . import cuda_kernels
 
-        total = cuda_kernels.launch_hashed("scatter", layers, geom, slots, view)
+        total: int | None = cuda_kernels.launch_hashed("scatter", layers, geom, slots, view)
     else:
         total = torch_path.scatter(view, layers, geom, slots, hashed=True)
     assert total is not None

@@ -6,12 +6,15 @@ part of a block must still come back bit-exact. Also: slot mappings and the look
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from lmcache_pd.integration.vllm import cpu_paged
 from lmcache_pd.integration.vllm.common import lookup_endpoint, slot_mapping
 from lmcache_pd.integration.vllm.lookup import LookupClient, LookupServer
+from lmcache_pd.kernels import PagedFormat, checksum
 from lmcache_pd.layout import KVLayout
 
 
@@ -50,6 +53,41 @@ def test_probe_gather_scatter_match_the_backend(dtype: torch.dtype, block_size: 
     n = (tokens - 3) * layout.bytes_per_token
     want = chunk[:, :, : tokens - 3].contiguous().view(torch.uint8).reshape(-1)
     assert torch.equal(again[:n], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vec_isa_map_is_the_kernels_cpu_vllm_format(dtype: torch.dtype) -> None:
+    """The probe recognises the vec ISAs' pages as CPU_VLLM, so gather/scatter run the
+    kernels' single implementation; the element map (other ISAs) moves the same bytes,
+    and the checksum variants give the digest of the chunk bytes either way."""
+    blocks, heads, d, layers, n = 6, 2, 32, 2, 32
+    isa = cpu_paged.backend_isa(dtype, n, d, "auto")
+    gen = torch.Generator().manual_seed(1)
+    caches = [torch.randn(blocks, heads, n, 2 * d, generator=gen).to(dtype) for _ in range(2)]
+    pm = cpu_paged.probe_page_map(caches[0], isa)
+    if isa in ("vec", "vec16"):
+        assert pm.fmt is PagedFormat.CPU_VLLM
+    generic = dataclasses.replace(pm, fmt=None)
+    layout = KVLayout(
+        num_layers=layers,
+        num_kv_heads=heads,
+        head_size=d,
+        dtype=str(dtype).removeprefix("torch."),
+        block_size=n,
+    )
+    slots = torch.cat([torch.arange(3 * n, 4 * n), torch.arange(n, n + 5), torch.tensor([-1])])
+    nbytes = layout.bytes_per_chunk(slots.numel())
+    outs = []
+    for m in (pm, generic):
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        digest = cpu_paged.gather_checksum(caches, slots, out, layout, m)
+        assert digest == checksum.reference_digest(out.numpy())
+        fresh = [torch.zeros_like(c) for c in caches]
+        assert cpu_paged.scatter_checksum(out, fresh, slots, layout, m) == digest
+        outs.append((out, fresh))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def test_slot_mapping_marks_outside_tokens() -> None:

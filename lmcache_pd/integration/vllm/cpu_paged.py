@@ -10,9 +10,12 @@ comes back wrong.
 
 So we do not assume: at ``register_kv_caches`` we run the backend's own
 ``cpu_attn_reshape_and_cache`` on a scratch block with digit-encoded values and read
-back where each (K|V, token, head, dim) element lands. That gives a per-block element
-map; gather and scatter are then plain index_select / index_copy on the layer's
-storage, bit-exact (copies by element width), for whatever ISA the engine runs.
+back where each (K|V, token, head, dim) element lands. When that map is the
+``CPU_VLLM`` page format (the ``vec``/``vec16`` ISAs: K ``[D, N]``, V ``[N, D]`` per
+block and head), gather and scatter are the kernels' single implementation of that
+format (:mod:`lmcache_pd.kernels`, native tiled transposes for K, checksums fused).
+Any other map (AMX and other packed ISAs) is copied through the probed element map
+with index_select / index_copy (bit-exact, slower), with one warning.
 Chunks keep lmcache-pd's chunk format ``[layers, 2, tokens, kv_heads, head_size]``,
 so a CPU decoder and a GPU prefiller exchange the same bytes.
 """
@@ -25,6 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lmcache_pd.kernels import PagedFormat, checksum
+from lmcache_pd.kernels import gather as kernel_gather
+from lmcache_pd.kernels import gather_checksum as kernel_gather_checksum
+from lmcache_pd.kernels import scatter as kernel_scatter
+from lmcache_pd.kernels import scatter_checksum as kernel_scatter_checksum
 from lmcache_pd.layout import KVLayout
 
 log = logging.getLogger("lmcache_pd.vllm")
@@ -43,6 +51,7 @@ class PageMap:
     k_pos: torch.Tensor  # int64 [block_size, kv_heads * head_size]
     v_pos: torch.Tensor  # int64 [block_size, kv_heads * head_size]
     isa: str
+    fmt: PagedFormat | None = None  # CPU_VLLM when the map is that format, else None
 
 
 def _reshape_and_cache(
@@ -113,6 +122,13 @@ def probe_page_map(
     if bool((pos < 0).any()):
         raise ValueError(f"CPU KV layout probe ({isa}): some elements were not written")
     pos = pos.view(2, n, heads * d)
+    fmt = PagedFormat.CPU_VLLM if _is_cpu_vllm(pos, heads, n, d) else None
+    if fmt is None:
+        log.warning(
+            "vLLM CPU attention ISA %s packs KV blocks in a layout other than CPU_VLLM; "
+            "using the probed element map (bit-exact, slower than the page copy)",
+            isa,
+        )
     return PageMap(
         block_size=n,
         block_stride=int(layer.stride(0)),
@@ -120,7 +136,19 @@ def probe_page_map(
         k_pos=pos[0].contiguous(),
         v_pos=pos[1].contiguous(),
         isa=isa,
+        fmt=fmt,
     )
+
+
+def _is_cpu_vllm(pos: torch.Tensor, heads: int, n: int, d: int) -> bool:
+    """Whether a probed ``[2, N, H*D]`` element map is the CPU_VLLM page format."""
+    tok = torch.arange(n, dtype=torch.int64)[:, None, None]
+    head = torch.arange(heads, dtype=torch.int64)[None, :, None]
+    dim = torch.arange(d, dtype=torch.int64)[None, None, :]
+    page = head * (2 * n * d)
+    k = (page + dim * n + tok).reshape(n, heads * d)
+    v = (page + n * d + tok * d + dim).reshape(n, heads * d)
+    return bool(torch.equal(pos[0], k) and torch.equal(pos[1], v))
 
 
 def _flat(layer: torch.Tensor, pm: PageMap) -> torch.Tensor:
@@ -157,6 +185,9 @@ def gather(
     """Copy the KV of ``slots`` (all layers) into ``out`` (chunk format; negative slots
     give zeros)."""
     slots = slots.to(torch.int64)
+    if pm.fmt is not None:
+        kernel_gather(list(layers), slots, out, layout, pm.fmt)
+        return
     chunk = _chunk_view(out, layout, slots.numel(), layers[0].dtype)
     keep = slots >= 0
     all_kept = bool(keep.all())
@@ -178,6 +209,9 @@ def scatter(
 ) -> None:
     """Copy a chunk into the paged KV at ``slots``; negative slots are skipped."""
     slots = slots.to(torch.int64)
+    if pm.fmt is not None:
+        kernel_scatter(chunk_buf, list(layers), slots, layout, pm.fmt)
+        return
     chunk = _chunk_view(chunk_buf, layout, slots.numel(), layers[0].dtype)
     keep = slots >= 0
     if not bool(keep.any()):
@@ -187,6 +221,42 @@ def scatter(
         flat = _flat(layer, pm)
         flat.index_copy_(0, k_idx, chunk[i, 0][keep].reshape(-1))
         flat.index_copy_(0, v_idx, chunk[i, 1][keep].reshape(-1))
+
+
+def gather_checksum(
+    layers: Sequence[torch.Tensor],
+    slots: torch.Tensor,
+    out: torch.Tensor,
+    layout: KVLayout,
+    pm: PageMap,
+) -> int:
+    """:func:`gather` returning the chunk's checksum (fused for CPU_VLLM; a pass over
+    the written bytes for other maps)."""
+    slots = slots.to(torch.int64)
+    if pm.fmt is not None:
+        return kernel_gather_checksum(list(layers), slots, out, layout, pm.fmt)
+    gather(layers, slots, out, layout, pm)
+    return checksum.digest(out.view(torch.uint8).reshape(-1)[: _nbytes(layout, slots)])
+
+
+def scatter_checksum(
+    chunk_buf: torch.Tensor,
+    layers: Sequence[torch.Tensor],
+    slots: torch.Tensor,
+    layout: KVLayout,
+    pm: PageMap,
+) -> int:
+    """:func:`scatter` returning the checksum of the chunk bytes it read; compare it
+    with the sender's before trusting the loaded KV."""
+    slots = slots.to(torch.int64)
+    if pm.fmt is not None:
+        return kernel_scatter_checksum(chunk_buf, list(layers), slots, layout, pm.fmt)
+    scatter(chunk_buf, layers, slots, layout, pm)
+    return checksum.digest(chunk_buf.view(torch.uint8).reshape(-1)[: _nbytes(layout, slots)])
+
+
+def _nbytes(layout: KVLayout, slots: torch.Tensor) -> int:
+    return slots.numel() * layout.bytes_per_token
 
 
 def backend_isa(model_dtype: torch.dtype, block_size: int, head_size: int, cache_dtype: str) -> str:
