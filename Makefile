@@ -10,7 +10,7 @@ EXTRAS ?= dev,vllm
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup redis-server demo test test-fast lint check bench clean
+.PHONY: setup redis-server demo test test-fast lint check bench clean gpu-check
 
 setup: $(VENV)/.installed redis-server
 
@@ -54,6 +54,11 @@ check: setup
 
 bench: setup
 	$(VENV)/bin/lmcache-pd bench transfer --quick --json benchmarks/results/transfer_quick.json --png benchmarks/results/transfer_quick.png
+
+# GPU hosts: pytest -m gpu (skips fail), check kernels, bench kernels/transfer on VRAM;
+# builds nothing (no setup dependency), JSON + PNG in benchmarks/results/gpu_*, < 8 min.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

@@ -14,8 +14,19 @@ For llama-8b chunks (256 tokens = 32 MiB each) from one chunk up to 8k tokens:
 - ``handoff_noverify_gbps``: the same with ``pd_verify_checksums: false``;
 - ``memcpy_gbps``: numpy copy of the same bytes.
 
-Prints a table, writes ``--json`` and a ``--png`` plot. ``--quick`` stops at 2k tokens.
-Run: ``lmcache-pd bench transfer [--quick] --json F --png P``.
+Latency view: ``--latency-reps`` requests of one chunk (default 100, quick 30, bounded
+by ``--latency-budget-s`` too), interleaved with raw NIXL WRITEs of one chunk: p50/p99
+microseconds from the Offer (``Sender.send``) to Committed, beside the raw WRITE's.
+
+Prints a table, writes ``--json`` and a ``--png`` plot (bandwidth and latency panels).
+``--quick`` stops at 2k tokens. Run: ``lmcache-pd bench transfer [--quick] --json F
+--png P``.
+
+``--device cuda`` (a GPU host; ``make gpu-check``): sender and receiver buffers in VRAM
+(``pd_buffer_device: cuda``), NIXL over UCX (``cuda_ipc`` between the two processes);
+the raw baseline WRITEs from VRAM into the raw target's host buffer, and "memcpy" is a
+device-to-device copy. Checksums there are those the sender takes today (none on VRAM
+until the fused kvsum64 digest is wired in).
 
 ``--netns`` (root, ``ip``): the same across two network namespaces joined by a veth
 (:mod:`lmcache_pd.netns`): this process runs in namespace ``a``, the raw target and the
@@ -37,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -46,6 +58,7 @@ from lmcache_pd.config import load_config
 from lmcache_pd.layout import preset
 from lmcache_pd.peer import PeerProcess
 from lmcache_pd.sender import OutChunk, Sender
+from lmcache_pd.transports.base import MemKind
 from lmcache_pd.transports.nixl import NixlTransport
 
 console = Console()
@@ -63,6 +76,7 @@ class Placement:
 
 
 PEERS = Placement()  # replaced by main() under --netns
+DEVICE = "cpu"  # replaced by main() under --device cuda
 
 
 class RawNixl:
@@ -76,13 +90,19 @@ class RawNixl:
         )
         self.agent = NixlTransport("raw-initiator")
         meta_hex, addr = self.target.read_tagged("READY").split()
-        self.src = host_buffer(nbytes)  # the same allocator as our buffers
-        self.src[:] = 1
-        self.agent.register(self.src.ctypes.data, nbytes)
+        kind, dev = MemKind.DRAM, 0
+        if DEVICE == "cuda":  # VRAM -> the target's host buffer
+            self.src_t = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
+            kind, dev, src = MemKind.VRAM, torch.cuda.current_device(), self.src_t.data_ptr()
+        else:
+            self.src = host_buffer(nbytes)  # the same allocator as our buffers
+            self.src[:] = 1
+            src = self.src.ctypes.data
+        self.agent.register(src, nbytes, kind, dev)
         peer = self.agent.add_peer(bytes.fromhex(meta_hex))
         self.agent.connect(peer)
-        base, src = int(addr), self.src.ctypes.data
-        self.local = self.agent.prep_local([(src + i * SLOT, SLOT, 0) for i in range(n)])
+        base = int(addr)
+        self.local = self.agent.prep_local([(src + i * SLOT, SLOT, dev) for i in range(n)], kind)
         self.remote = self.agent.prep_remote(peer, [(base + i * SLOT, SLOT, 0) for i in range(n)])
         self.idx = list(range(n))
         self.count = 0
@@ -115,6 +135,8 @@ class Handoff:
 
     def __init__(self, n: int, verify: bool, reps: int = 8) -> None:
         env = {**PEERS.env, "LMCACHE_PD_VERIFY_CHECKSUMS": "true" if verify else "false"}
+        if DEVICE == "cuda":
+            env["LMCACHE_PD_BUFFER_DEVICE"] = "cuda"
         rx_bytes = min((reps + 3) * n * SLOT, max(RX_BUFFER_MAX, 2 * n * SLOT))
         self.rx = PeerProcess(
             "receiver", "--layout", "llama-8b", "--chunk-size", str(CHUNK),
@@ -125,6 +147,7 @@ class Handoff:
                 "chunk_size": CHUNK,
                 "pd_buffer_size": n * SLOT,
                 "pd_transfer_timeout_s": 60.0,
+                **({"pd_buffer_device": "cuda"} if DEVICE == "cuda" else {}),
             }
         )
         self.tx = Sender(cfg, LAYOUT, NixlTransport("bench-tx"))
@@ -133,7 +156,7 @@ class Handoff:
         self.n = n
         self.slots = self.tx.alloc(n)
         for s in self.slots:
-            np.frombuffer(self.tx.buffer.view(s), dtype=np.uint8)[::4096] = 7
+            self.tx.buffer.slot_tensor(s)[::4096] = 7
         # checksums are taken at gather time in the engine, outside the handoff
         self.sums = [self.tx.checksum(s, SLOT) for s in self.slots]
         self.endpoint = self.rx.read_tagged("READY")
@@ -157,10 +180,19 @@ class Handoff:
 
 class Memcpy:
     def __init__(self, n: int) -> None:
+        if DEVICE == "cuda":
+            self.src_t = torch.ones(n * SLOT, dtype=torch.uint8, device="cuda")
+            self.dst_t = torch.empty_like(self.src_t)
         self.src, self.dst = host_buffer(n * SLOT), host_buffer(n * SLOT)
         self.src[:] = 1
 
     def once(self) -> float:
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self.dst_t.copy_(self.src_t)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
         t0 = time.perf_counter()
         np.copyto(self.dst, self.src)
         return time.perf_counter() - t0
@@ -196,14 +228,54 @@ def measure(n: int, reps: int) -> dict[str, float]:
     return out
 
 
-def plot(rows: list[dict[str, float]], path: str, where: str = "") -> None:
+def measure_latency(reps: int, budget_s: float) -> dict[str, float]:
+    """Per-request latency at 1 chunk: Offer -> Committed of a verified handoff (the
+    whole ``Sender.send``) and the raw NIXL WRITE -> notification, interleaved; at most
+    ``reps`` of each and ``budget_s`` seconds (after one warm-up each)."""
+    raw, hand = RawNixl(1), Handoff(1, verify=True, reps=reps)
+    t_raw: list[float] = []
+    t_hand: list[float] = []
+    try:
+        raw.once()
+        hand.once()
+        deadline = time.monotonic() + budget_s
+        for _ in range(reps):
+            t_raw.append(raw.once())
+            t_hand.append(hand.once())
+            if time.monotonic() > deadline:
+                break
+    finally:
+        raw.close()
+        hand.close()
+
+    def pct(v: list[float], q: float) -> float:
+        return round(float(np.percentile(np.array(v) * 1e6, q)), 1)
+
+    return {
+        "chunks": 1,
+        "bytes": SLOT,
+        "reps": len(t_hand),
+        "handoff_p50_us": pct(t_hand, 50),
+        "handoff_p99_us": pct(t_hand, 99),
+        "raw_nixl_p50_us": pct(t_raw, 50),
+        "raw_nixl_p99_us": pct(t_raw, 99),
+        "handoff_over_raw_p50": round(pct(t_hand, 50) / max(pct(t_raw, 50), 1e-9), 3),
+    }
+
+
+def plot(
+    rows: list[dict[str, float]],
+    path: str,
+    where: str = "",
+    latency: dict[str, float] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x = [r["bytes"] / 2**20 for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, lax) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
     for key, label in (
         ("raw_nixl_gbps", "raw NIXL WRITE"),
         ("handoff_gbps", "lmcache-pd handoff (verified)"),
@@ -217,6 +289,20 @@ def plot(rows: list[dict[str, float]], path: str, where: str = "") -> None:
     ax.set_title(f"KV handoff throughput vs raw NIXL and memcpy (same run{where})")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    if latency:
+        names = ["raw NIXL WRITE", "handoff (verified)"]
+        p50 = [latency["raw_nixl_p50_us"], latency["handoff_p50_us"]]
+        p99 = [latency["raw_nixl_p99_us"], latency["handoff_p99_us"]]
+        pos = np.arange(2)
+        lax.bar(pos - 0.2, p50, 0.4, label="p50")
+        lax.bar(pos + 0.2, p99, 0.4, label="p99")
+        lax.set_xticks(pos, names)
+        lax.set_ylabel("µs per request")
+        lax.set_title(f"latency at 1 chunk ({latency['reps']:.0f} requests)")
+        lax.grid(True, axis="y", alpha=0.3)
+        lax.legend()
+    else:
+        lax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -230,13 +316,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--netns", action="store_true", help="across two network namespaces, over TCP"
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="buffers in host memory (default) or VRAM (pd_buffer_device)",
+    )
+    parser.add_argument(
+        "--latency-reps",
+        type=int,
+        default=0,
+        help="1-chunk requests timed for p50/p99 (default 100, quick 30)",
+    )
+    parser.add_argument("--latency-budget-s", type=float, default=60.0)
     parser.add_argument("--peer-ns", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peer-addr", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("LMCACHE_PD_AUTH_SECRET", secrets.token_hex(32))
     if args.netns and args.peer_ns is None:
         return run_in_netns(list(sys.argv[1:] if argv is None else argv))
-    global PEERS
+    global PEERS, DEVICE
+    if args.device == "cuda" and not torch.cuda.is_available():
+        console.print("[red]--device cuda: torch sees no CUDA device[/red]")
+        return 2
+    DEVICE = args.device
     if args.peer_ns is not None:
         tcp = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "pd0"}
         PEERS = Placement(
@@ -261,13 +364,17 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             }
         )
+    lat_reps = args.latency_reps or (30 if args.quick else 100)
+    latency = measure_latency(lat_reps, args.latency_budget_s)
     last = rows[-1]
     summary = {
         "layout": "llama-8b",
         "chunk_size": CHUNK,
         "path": "netns veth, UCX_TLS=tcp" if args.netns else "this host, UCX default",
+        "device": DEVICE,
         "reps": reps,
         "rows": rows,
+        "latency_1_chunk": latency,
         "handoff_over_raw_at_max": round(last["handoff_gbps"] / last["raw_nixl_gbps"], 3),
         "handoff_noverify_over_raw_at_max": round(
             last["handoff_noverify_gbps"] / last["raw_nixl_gbps"], 3
@@ -276,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.monotonic() - started, 1),
     }
     where = ", two netns over TCP" if args.netns else ""
+    if DEVICE == "cuda":
+        where += ", VRAM buffers"
     table = Table(title=f"lmcache-pd transfer benchmark (llama-8b{where}, GB/s, median)")
     for col in (
         "chunks",
@@ -303,10 +412,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['handoff_noverify_over_raw_at_max']:.2f} (no verify); "
         f"raw/memcpy {summary['raw_over_memcpy_at_max']:.2f}; {summary['seconds']}s"
     )
+    lt = Table(title=f"per-request latency at 1 chunk (32 MiB), µs, {latency['reps']} requests")
+    for col in ("path", "p50 µs", "p99 µs"):
+        lt.add_column(col, justify="right")
+    lt.add_row("raw NIXL WRITE", f"{latency['raw_nixl_p50_us']:.0f}",
+               f"{latency['raw_nixl_p99_us']:.0f}")  # fmt: skip
+    lt.add_row("handoff Offer -> Committed", f"{latency['handoff_p50_us']:.0f}",
+               f"{latency['handoff_p99_us']:.0f}")  # fmt: skip
+    console.print(lt)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(summary, indent=2))
     if args.png:
-        plot(rows, args.png, where)
+        plot(rows, args.png, where, latency)
     return 0
 
 
