@@ -33,4 +33,7 @@ def test_benchmark_writes_json_and_png(tmp_path: Path) -> None:
         assert r["gather_gbps"] > 0 and r["scatter_gbps"] > 0 and r["copy_gbps"] > 0
         assert abs(r["gather_over_copy"] - r["gather_gbps"] / r["copy_gbps"]) < 0.01
     assert {"gather_over_copy_min", "scatter_over_copy_min", "meets_target"} <= set(doc["summary"])
+    for r in rows:  # the fused-checksum variants are timed in the same run
+        assert r["gather_sum_gbps"] > 0 and r["scatter_sum_gbps"] > 0 and r["copy_sum_gbps"] > 0
+    assert {"gather_sum_over_gather_min", "meets_checksum_target"} <= set(doc["summary"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
