@@ -100,6 +100,20 @@ __device__ __forceinline__ unsigned long long kvsum_term(
     return (unsigned long long)(unsigned int)x * (unsigned long long)(unsigned int)(x >> 32) + w;
 }
 
+// Terms of the 64-bit words of one vector (little-endian: x is the low half).
+__device__ __forceinline__ unsigned long long kvsum_vec(
+    const uint4& v, unsigned long long word, const unsigned long long* __restrict__ table)
+{
+    return kvsum_term(((unsigned long long)v.y << 32) | v.x, word, table)
+        + kvsum_term(((unsigned long long)v.w << 32) | v.z, word + 1, table);
+}
+
+__device__ __forceinline__ unsigned long long kvsum_vec(
+    const uint2& v, unsigned long long word, const unsigned long long* __restrict__ table)
+{
+    return kvsum_term(((unsigned long long)v.y << 32) | v.x, word, table);
+}
+
 template <typename V, bool TO_CHUNK>
 __device__ __forceinline__ void copy_token_hash(
     const unsigned long long* __restrict__ layer_ptrs, char* __restrict__ chunk,
@@ -140,10 +154,7 @@ __device__ __forceinline__ void copy_token_hash(
             }
             const unsigned long long word =
                 (unsigned long long)(reinterpret_cast<char*>(c) - chunk) >> 3;
-            const unsigned long long* wv = reinterpret_cast<const unsigned long long*>(&v);
-#pragma unroll
-            for (int q = 0; q < (int)(sizeof(V) / 8); q++)
-                acc += kvsum_term(wv[q], word + q, table);
+            acc += kvsum_vec(v, word, table);
         }
     }
 #pragma unroll
