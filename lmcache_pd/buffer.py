@@ -95,7 +95,8 @@ class SlotBuffer:
         if self._np is None:
             raise TypeError("view() needs a CPU buffer; use slot_tensor() for CUDA")
         start = slot * self.slot_bytes
-        return memoryview(self._np[start : start + (self.slot_bytes if nbytes is None else nbytes)])
+        end = start + (self.slot_bytes if nbytes is None else nbytes)
+        return self._np[start:end].data
 
     def chunk(self, slot: int, nbytes: int) -> memoryview | torch.Tensor:
         """The first ``nbytes`` of ``slot`` where they live: a memoryview for CPU
@@ -110,7 +111,7 @@ class SlotBuffer:
         if self._np is not None:
             return self.view(slot, nbytes)
         start = slot * self.slot_bytes
-        return memoryview(self.tensor[start : start + nbytes].cpu().numpy())
+        return self.tensor[start : start + nbytes].cpu().numpy().data
 
     def slot_tensor(self, slot: int) -> torch.Tensor:
         """A flat uint8 tensor view of ``slot`` (CPU or CUDA)."""

@@ -192,7 +192,7 @@ class BlockingRouter:
     def recv_ready(self) -> list[tuple[bytes, Message, list[bytes]]]:
         """Every message queued now (call when ``sock`` polled readable); bad frames are
         answered with ``Error`` or dropped, never returned."""
-        out = []
+        out: list[tuple[bytes, Message, list[bytes]]] = []
         while True:
             try:
                 identity, *frames = self.sock.recv_multipart(zmq.NOBLOCK)

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmcache_pd.layout import preset
-from lmcache_pd.peer import PeerProcess
+from lmcache_pd.peer import PeerProcess, RequestRow
 
 console = Console()
 
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rx = PeerProcess("receiver", *common, "--verify", env=env)
     tx = None
-    rows: list[dict[str, object]] = []
+    rows: list[RequestRow] = []
     try:
         endpoint = rx.read_tagged("READY", 60)
         console.print(f"receiver process {rx.proc.pid} listening on {endpoint}")
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--tokens", str(args.tokens), env=env,
         )  # fmt: skip
         for _ in range(args.requests):
-            row = json.loads(tx.read_tagged("RESULT", 120))
+            row: RequestRow = json.loads(tx.read_tagged("RESULT", 120))
             rows.append(row)
             if row["ok"]:
                 size_gb = row["bytes"] / 1e9

@@ -27,7 +27,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypedDict
 
 import numpy as np
 
@@ -149,7 +150,12 @@ def run_receiver(args: argparse.Namespace) -> int:
 def _stdin_closed() -> threading.Event:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+    def wait_stdin() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait_stdin, daemon=True).start()
     return stop
 
 
@@ -186,16 +192,30 @@ def make_requests(n: int, tokens: int, seed: int = 0, vocab: int = 32000) -> lis
     return out
 
 
+class RequestRow(TypedDict, total=False):
+    """One request's outcome in :func:`send_requests` (printed as JSON by the sender)."""
+
+    req_id: str
+    tokens: int
+    ok: bool
+    chunks: int
+    sent: int
+    dedup: int
+    bytes: int
+    seconds: float
+    error: str
+
+
 def send_requests(
     tx: Sender,
     endpoint: str,
     hasher: ChunkHasher,
     prompts: Sequence[Sequence[int]],
-    on_result: object = None,
-) -> list[dict[str, object]]:
-    """Gather (pattern-fill) and send each prompt's chunks; one result dict per prompt."""
+    on_result: Callable[[RequestRow], object] | None = None,
+) -> list[RequestRow]:
+    """Gather (pattern-fill) and send each prompt's chunks; one result row per prompt."""
     bpt = tx.layout.bytes_per_token
-    results: list[dict[str, object]] = []
+    results: list[RequestRow] = []
     for i, tokens in enumerate(prompts):
         keys = hasher.keys(tokens, include_partial=tx.cfg.save_unfull_chunk)
         sizes = [
@@ -209,7 +229,7 @@ def send_requests(
                 pattern(key, nbytes, np.frombuffer(tx.buffer.view(slot, nbytes), dtype=np.uint8))
                 chunks.append(OutChunk(key, slot, nbytes, tx.checksum(slot, nbytes)))
             res = tx.send(endpoint, f"req-{i}", chunks)
-            row: dict[str, object] = {
+            row: RequestRow = {
                 "req_id": res.req_id,
                 "tokens": len(tokens),
                 "chunks": res.chunks,
@@ -224,7 +244,7 @@ def send_requests(
         finally:
             tx.free(slots)
         results.append(row)
-        if callable(on_result):
+        if on_result is not None:
             on_result(row)
     return results
 

@@ -5,7 +5,7 @@ Every message is a :class:`Msg` subclass with a ``tag``; the wire form is msgpac
 inside a message: it travels as separate payload frames next to the header frame (see
 ``control.py`` for framing and signing).
 
-The handoff (DESIGN.md):
+The handoff (docs/architecture.md has the whole picture):
 
     sender (prefiller)                       receiver (decoder)
     Hello{compat}            + [metadata] ->

@@ -34,15 +34,24 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from lmcache_pd.transports.base import TransferTimeout, XferState
+from lmcache_pd.transports.base import DescListHandle, TransferTimeout, XferState
 from lmcache_pd.transports.nixl import NixlTransport
 
 console = Console()
 MIB = 1 << 20
 
 
-def _two_agents(nbytes: int):
-
+def _two_agents(
+    nbytes: int,
+) -> tuple[
+    NixlTransport,
+    NixlTransport,
+    np.ndarray,
+    np.ndarray,
+    DescListHandle,
+    DescListHandle,
+]:
+    """Two agents in this process, ``nbytes`` registered on each, descriptors prepped."""
     a, b = NixlTransport("check-a"), NixlTransport("check-b")
     src = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
     dst = np.zeros(nbytes, dtype=np.uint8)
