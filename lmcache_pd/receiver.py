@@ -666,74 +666,90 @@ class Receiver:
 
     # ------------------------------------------------------------------ progress
     async def _progress(self) -> None:
-        """Poll NIXL notifications only while leases are outstanding; expire leases."""
+        """Poll NIXL notifications only while leases are outstanding (backing off),
+        commit leases whose data all landed, expire leases and grants."""
         assert self._wake is not None
         delay = _POLL_MIN_S
         while True:
             if not self._leases:
-                # idle: block until a message, waking only to take back unused grants
-                self._wake.clear()
-                with self._lock:
-                    deadlines = [g.deadline for g in self._grants.values()]
-                try:
-                    timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-                self._expire_grants()
+                await self._sleep_idle()
                 delay = _POLL_MIN_S
                 continue
-            replies: list[tuple[bytes, Message]] = []
-            notifs = self.transport.notifications()
-            for _peer, text in notifs:
-                notif = LeaseNotif.decode(text)
-                if notif is None:
-                    continue
-                lease = self._leases.get(notif.lease)
-                if lease is None:
-                    grant = self._grants.get(notif.lease)
-                    if grant is not None:  # landed before its Push: kept for it
-                        grant.early.append((notif.first, notif.count))
-                    continue
-                self._verify(lease, notif.first, notif.count)
-                if lease.done is not None and len(lease.landed) == len(lease.want):
-                    with self._lock:
-                        replies.append((lease.identity, self._commit(lease)))
+            replies, landed = self._take_notifications()
             self._expire_grants()
-            now = time.monotonic()
-            with self._lock:
-                for lease in [ls for ls in self._leases.values() if ls.deadline <= now]:
-                    self.counters.inc("lease_expiries")
-                    self._drop_lease(
-                        lease, f"no Done within {self.cfg.pd_lease_ttl_s}s (sender dead?)"
-                    )
-                    if lease.done is not None:
-                        replies.append(
-                            (
-                                lease.identity,
-                                Error(
-                                    req_id=lease.req_id,
-                                    code=ErrorCode.TIMEOUT,
-                                    message="data never arrived before the lease expired",
-                                ),
-                            )
-                        )
-                young = any(
-                    now - ls.granted_at < _FAST_WINDOW_S or ls.done is not None
-                    for ls in self._leases.values()
-                )
+            replies += self._expire_leases()
             for identity, reply in replies:
                 await self.server.send(identity, reply)
             self._store_committed()
-            if notifs:
-                delay = _POLL_MIN_S
-            else:
-                delay = min(delay * 1.5, _POLL_FAST_MAX_S if young else _POLL_SLOW_MAX_S)
+            delay = _POLL_MIN_S if landed else min(delay * 1.5, self._poll_cap())
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+
+    async def _sleep_idle(self) -> None:
+        """No lease outstanding: block until a message, waking only to take back
+        unused grants when they expire."""
+        assert self._wake is not None
+        self._wake.clear()
+        with self._lock:
+            deadlines = [g.deadline for g in self._grants.values()]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        self._expire_grants()
+
+    def _take_notifications(self) -> tuple[list[tuple[bytes, Message]], bool]:
+        """Verify the chunks named by new notifications; commit leases that are done
+        and fully landed. Returns the replies to send and whether anything arrived."""
+        replies: list[tuple[bytes, Message]] = []
+        notifs = self.transport.notifications()
+        for _peer, text in notifs:
+            notif = LeaseNotif.decode(text)
+            if notif is None:
+                continue
+            lease = self._leases.get(notif.lease)
+            if lease is None:
+                grant = self._grants.get(notif.lease)
+                if grant is not None:  # landed before its Push: kept for it
+                    grant.early.append((notif.first, notif.count))
+                continue
+            self._verify(lease, notif.first, notif.count)
+            if lease.done is not None and len(lease.landed) == len(lease.want):
+                with self._lock:
+                    replies.append((lease.identity, self._commit(lease)))
+        return replies, bool(notifs)
+
+    def _expire_leases(self) -> list[tuple[bytes, Message]]:
+        """Drop leases past their TTL; a sender that already said Done gets an Error."""
+        now = time.monotonic()
+        replies: list[tuple[bytes, Message]] = []
+        with self._lock:
+            for lease in [ls for ls in self._leases.values() if ls.deadline <= now]:
+                self.counters.inc("lease_expiries")
+                self._drop_lease(lease, f"no Done within {self.cfg.pd_lease_ttl_s}s (sender dead?)")
+                if lease.done is not None:
+                    error = Error(
+                        req_id=lease.req_id,
+                        code=ErrorCode.TIMEOUT,
+                        message="data never arrived before the lease expired",
+                    )
+                    replies.append((lease.identity, error))
+        return replies
+
+    def _poll_cap(self) -> float:
+        """Longest poll gap: short while a lease is young or its sender said Done (data
+        is due any moment), longer for leases that wait on a slow sender."""
+        now = time.monotonic()
+        with self._lock:
+            young = any(
+                now - ls.granted_at < _FAST_WINDOW_S or ls.done is not None
+                for ls in self._leases.values()
+            )
+        return _POLL_FAST_MAX_S if young else _POLL_SLOW_MAX_S
 
     def _expire_grants(self) -> None:
         now = time.monotonic()
