@@ -355,25 +355,36 @@ class Bench:
         return rows
 
 
+MODE_LABELS = {
+    "single": "one engine",
+    "ours": "push-ahead\n(our proxy)",
+    "standard": "standard\ncontract",
+    "nixl": "vLLM\nNixlConnector",
+}
+
+
 def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    reuse = result.get("reuse", [])
+    if reuse:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    else:
+        fig, ax1 = plt.subplots(figsize=(6.5, 4))
     modes = [m for m in ("single", "ours", "standard", "nixl") if m in result["summary"]]
     xs = range(len(modes))
     p50 = [result["summary"][m]["ttft_p50_s"] * 1e3 for m in modes]
     p99 = [result["summary"][m]["ttft_p99_s"] * 1e3 for m in modes]
     ax1.bar([x - 0.2 for x in xs], p50, 0.4, label="TTFT p50")
     ax1.bar([x + 0.2 for x in xs], p99, 0.4, label="TTFT p99")
-    ax1.set_xticks(list(xs), modes)
+    ax1.set_xticks(list(xs), [MODE_LABELS.get(m, m) for m in modes])
     ax1.set_yscale("log")
     ax1.set_ylabel("ms (log)")
     ax1.set_title(f"TTFT, {result['config']['prompt_tokens']}-token prompts")
     ax1.legend()
-    reuse = result.get("reuse", [])
     if reuse:
         lengths = [r["prefix_tokens"] for r in reuse]
         ax2.plot(lengths, [r["cold_ttft_s"] * 1e3 for r in reuse], "o-", label="recompute")
