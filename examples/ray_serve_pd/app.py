@@ -187,21 +187,26 @@ def llm_config(spec: PDAppSpec, stage: Stage) -> LLMConfig:
     for key in ("LMCACHE_PD_AUTH_SECRET", "LMCACHE_LOG_LEVEL"):
         if key in os.environ:
             env[key] = os.environ[key]
-    return LLMConfig(
-        model_loading_config={"model_id": spec.model_id, "model_source": str(spec.model)},
-        accelerator_config={"kind": "cpu"},
-        placement_group_config={"bundles": [{"CPU": spec.engine_cpus}]},
-        deployment_config={
-            "num_replicas": spec.replicas(stage),
-            "ray_actor_options": {"num_cpus": spec.replica_actor_cpus},
-        },
-        engine_kwargs={
-            "max_model_len": spec.max_model_len,
-            "dtype": spec.dtype,
-            "enforce_eager": True,
-            "kv_transfer_config": kv_transfer_config(spec, stage),
-        },
-        runtime_env={"env_vars": env},
+    return LLMConfig.model_validate(
+        {
+            "model_loading_config": {
+                "model_id": spec.model_id,
+                "model_source": str(spec.model),
+            },
+            "accelerator_config": {"kind": "cpu"},
+            "placement_group_config": {"bundles": [{"CPU": spec.engine_cpus}]},
+            "deployment_config": {
+                "num_replicas": spec.replicas(stage),
+                "ray_actor_options": {"num_cpus": spec.replica_actor_cpus},
+            },
+            "engine_kwargs": {
+                "max_model_len": spec.max_model_len,
+                "dtype": spec.dtype,
+                "enforce_eager": True,
+                "kv_transfer_config": kv_transfer_config(spec, stage),
+            },
+            "runtime_env": {"env_vars": env},
+        }
     )
 
 
@@ -235,6 +240,7 @@ class LocalRay:
         http_port: int = 8000,
         temp_dir: str | os.PathLike[str] | None = None,
         log_to_driver: bool = True,
+        object_store_bytes: int = 256 << 20,
     ) -> None:
         if num_cpus < 1:
             raise ValueError(f"num_cpus: expected >= 1, got {num_cpus!r}")
@@ -244,6 +250,8 @@ class LocalRay:
         self.http_port = http_port
         self.temp_dir = str(temp_dir) if temp_dir is not None else None
         self.log_to_driver = log_to_driver
+        # Serve passes requests, not tensors: a small plasma store (Ray's minimum is 75 MiB)
+        self.object_store_bytes = object_store_bytes
         self.started = False
 
     @property
@@ -264,6 +272,7 @@ class LocalRay:
         ray.init(
             num_cpus=self.num_cpus,
             include_dashboard=False,
+            object_store_memory=self.object_store_bytes,
             _temp_dir=self.temp_dir,
             log_to_driver=self.log_to_driver,
         )

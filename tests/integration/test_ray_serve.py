@@ -76,7 +76,7 @@ def post_stream_text(url: str, body: dict[str, Any], timeout_s: float = 120.0) -
         data=json.dumps(dict(body, stream=True)).encode(),
         headers={"Content-Type": "application/json"},
     )
-    parts = []
+    parts: list[str] = []
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         for raw in resp:
             line = raw.decode().strip()
