@@ -6,7 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,vllm
+# ray: Ray Serve LLM PD app test (tests/integration/test_ray_serve.py, ~100 s)
+EXTRAS ?= dev,vllm,ray
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
