@@ -155,7 +155,21 @@ class WorkerSide:
     # --- setup ---
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """vLLM allocated the KV caches (once, before serving): learn their layout, then
+        start what this role runs (tiers, receiver or producer) and the lookup server."""
         self.tp_rank, self.tp_size = tp_rank_and_size()
+        layout = self._adopt_caches(kv_caches)
+        self._scratch = torch.empty(layout.bytes_per_chunk(self.chunk_size), dtype=torch.uint8)
+        self._start_role(layout)
+        ktc = self.vllm_config.kv_transfer_config
+        assert ktc is not None
+        self.lookup_server = LookupServer(
+            lookup_endpoint(str(ktc.engine_id), self.tp_rank), self._lookup, self._pull_endpoint
+        )
+
+    def _adopt_caches(self, kv_caches: dict[str, torch.Tensor]) -> KVLayout:
+        """Check the KV tensors against the model config, keep them in layer order and
+        probe vLLM's CPU page format where it applies; returns the layout to move."""
         layers = ordered_layers(kv_caches)
         self.layout = layout_from_tensors(self.expected_layout, kv_caches)
         self.kv_caches = [t for _, t in layers]
@@ -185,9 +199,12 @@ class WorkerSide:
                 first, isa, str(cc.cache_dtype), self.vllm_config.model_config.dtype
             )
             log.info("CPU attention backend, ISA %s: KV block layout probed", isa)
-        hasher = ChunkHasher(layout.fingerprint(), self.chunk_size, self.cfg.hash_algorithm)
-        self.hasher = hasher
-        self._scratch = torch.empty(layout.bytes_per_chunk(self.chunk_size), dtype=torch.uint8)
+        self.hasher = ChunkHasher(layout.fingerprint(), self.chunk_size, self.cfg.hash_algorithm)
+        return layout
+
+    def _start_role(self, layout: KVLayout) -> None:
+        """The tiers (all but kv_producer), and the receiver + fetcher (kv_consumer) or
+        the producer (kv_producer)."""
         if self.role is not KVRole.PRODUCER:
             self.store = build_tiers(self.cfg, layout)
         if self.role is KVRole.BOTH:
@@ -226,11 +243,6 @@ class WorkerSide:
             from lmcache_pd.integration.vllm.producer import Producer
 
             self.producer = Producer(self.cfg, layout, self.tp_rank, self.tp_size)
-        ktc = self.vllm_config.kv_transfer_config
-        assert ktc is not None
-        self.lookup_server = LookupServer(
-            lookup_endpoint(str(ktc.engine_id), self.tp_rank), self._lookup, self._pull_endpoint
-        )
 
     def _pull_endpoint(self) -> str:
         return self.producer.holds.endpoint if self.producer is not None else ""
