@@ -134,7 +134,7 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
                 for k, v in row.items():
                     samples[k].append(v)
         stats = store.stats()
-        if stats["corrupt_values"] or stats["dropped_writes"]:
+        if stats["corrupt_files"] or stats["dropped_writes"]:
             raise RuntimeError(f"remote tier counted problems: {stats}")
     finally:
         store.close()

@@ -51,8 +51,15 @@ import xxhash
 
 from lmcache_pd.tiers.base import Buffer, Store
 from lmcache_pd.tiers.cpu import as_byte_view
-from lmcache_pd.tiers.disk import FORMAT_VERSION, HEADER_SIZE, encode_header, parse_header
-from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
+from lmcache_pd.tiers.disk import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    Fault,
+    HeaderProblem,
+    encode_header,
+    parse_header,
+)
+from lmcache_pd.tiers.metrics import Count, DropReason, TierCounters, TierMetrics, tier_metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,29 @@ class RemoteScheme(str, enum.Enum):
     VALKEY = "valkey"
     VALKEYS = "valkeys"
     UNIX = "unix"
+
+
+class RemoteEvent(str, enum.Enum):
+    """The remote tier's own counts (its state, not chunk traffic), in ``stats()``."""
+
+    LOOKUPS = "lookups"  # prompt lookups answered by the server (one round trip each)
+    DOWN_EVENTS = "down_events"  # times the tier turned itself off
+    RECOVERIES = "recoveries"  # times it came back
+    PROBES = "probes"  # PINGs sent while off
+
+
+COUNTS = (
+    Count.HITS,
+    Count.MISSES,
+    Count.BYTES_WRITTEN,
+    Count.BYTES_READ,
+    Count.DROPPED_WRITES,
+    Count.QUEUE_FULL_DROPS,
+    Count.DUPLICATE_PUTS,
+    Count.CORRUPT_FILES,  # values: flipped, truncated, foreign, of another type
+    Count.FOREIGN_FILES,
+    Count.WRITE_ERRORS,
+)
 
 
 class RemoteState(str, enum.Enum):
@@ -296,26 +326,9 @@ class RemoteStore(Store):
         self._down_since = 0.0
         self._backoff = self._probe_min
         self._next_probe = 0.0
-        self._counts: dict[str, int] = dict.fromkeys(
-            (
-                "hits",
-                "misses",
-                "bytes_written",
-                "bytes_read",
-                "dropped_writes",
-                "queue_full_drops",
-                "duplicate_puts",
-                "corrupt_values",
-                "write_errors",
-                "lookups",
-                "down_events",
-                "recoveries",
-                "probes",
-            ),
-            0,
-        )
         self._metrics = metrics if metrics is not None else tier_metrics()
-        self._m = self._metrics.bind(self.tier, 0, extra=("corrupt_files",))
+        self._c = TierCounters(self._metrics, self.tier, 0, COUNTS)
+        self._events: dict[RemoteEvent, int] = dict.fromkeys(RemoteEvent, 0)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_size))
         self._warned_write_error = False
         self._lua = True
@@ -364,7 +377,7 @@ class RemoteStore(Store):
             self._down_since = time.monotonic()
             self._backoff = self._probe_min
             self._next_probe = self._down_since + self._backoff
-            self._counts["down_events"] += 1
+            self._events[RemoteEvent.DOWN_EVENTS] += 1
         cause = down_cause(exc)  # (redis-py drops the failed connection itself)
         log.warning(
             "remote tier %s %s (%s: %s); lmcache-pd goes on without it (misses are "
@@ -384,7 +397,7 @@ class RemoteStore(Store):
 
     def _probe(self) -> None:
         with self._lock:
-            self._counts["probes"] += 1
+            self._events[RemoteEvent.PROBES] += 1
         try:
             self.client.ping()
         except redis.exceptions.RedisError as exc:
@@ -397,7 +410,7 @@ class RemoteStore(Store):
             if self._state is not RemoteState.DOWN:
                 return
             self._state = RemoteState.UP
-            self._counts["recoveries"] += 1
+            self._events[RemoteEvent.RECOVERIES] += 1
             down_s = time.monotonic() - self._down_since
         log.info("remote tier %s: back after %.1f s", self.url.redacted(), down_s)
 
@@ -453,21 +466,20 @@ class RemoteStore(Store):
 
     def _write_batch(self, batch: list[_Write]) -> None:
         if not self._up():
-            self._drop(len(batch))
+            self._drop(len(batch), DropReason.DISABLED)
             return
         rkeys = [self.redis_key(w.key) for w in batch]
         try:
             held = self._exists(rkeys)
             todo = [(w, rkey) for w, rkey, h in zip(batch, rkeys, held, strict=True) if not h]
             if len(todo) < len(batch):
-                with self._lock:
-                    self._counts["duplicate_puts"] += len(batch) - len(todo)
+                self._c.inc(Count.DUPLICATE_PUTS, len(batch) - len(todo))
             if not todo:
                 return
             results = self._send_sets(todo)
         except redis.exceptions.RedisError as exc:
             self._mark_down(exc)
-            self._drop(len(batch))
+            self._drop(len(batch), DropReason.DISABLED)
             return
         written = 0
         failed: list[BaseException] = []
@@ -476,15 +488,12 @@ class RemoteStore(Store):
                 failed.append(res)
             else:
                 written += w.payload.nbytes
+        self._c.inc(Count.BYTES_WRITTEN, written)
+        self._c.inc(Count.WRITE_ERRORS, len(failed))
+        self._c.inc(Count.DROPPED_WRITES, len(failed))
         with self._lock:
-            self._counts["bytes_written"] += written
-            self._counts["write_errors"] += len(failed)
-            self._counts["dropped_writes"] += len(failed)
             warn = bool(failed) and not self._warned_write_error
             self._warned_write_error |= warn
-        self._m["bytes_written"].inc(written)
-        if failed:
-            self._m["dropped_writes"].inc(len(failed))
         if warn:
             log.warning(
                 "remote tier %s refused a write: %s (with maxmemory set, use "
@@ -525,12 +534,9 @@ class RemoteStore(Store):
         finally:
             pool.release(conn)
 
-    def _drop(self, n: int, reason: str = "") -> None:
-        with self._lock:
-            self._counts["dropped_writes"] += n
-            if reason:
-                self._counts[reason] += n
-        self._m["dropped_writes"].inc(n)
+    def _drop(self, n: int, reason: DropReason) -> None:
+        for _ in range(n):
+            self._c.drop(reason)
 
     # --- writes ---
 
@@ -541,11 +547,11 @@ class RemoteStore(Store):
         called (exactly once, also when the write is dropped or fails)."""
         item = _Write(bytes(key), as_byte_view(data), on_written)
         if not self._up():
-            self._drop(1)
+            self._drop(1, DropReason.DISABLED)
             _call_done(item)
             return False
         if self._queue.full():
-            self._drop(1, "queue_full_drops")
+            self._drop(1, DropReason.QUEUE_FULL)
             _call_done(item)
             return False
         if on_written is None:
@@ -553,7 +559,7 @@ class RemoteStore(Store):
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            self._drop(1, "queue_full_drops")
+            self._drop(1, DropReason.QUEUE_FULL)
             _call_done(item)
             return False
         return True
@@ -585,7 +591,7 @@ class RemoteStore(Store):
             self._mark_down(exc)
             return [False] * len(keys)
         with self._lock:
-            self._counts["lookups"] += 1
+            self._events[RemoteEvent.LOOKUPS] += 1
         return [bool(n) for n in found]
 
     def _exists(self, rkeys: list[bytes]) -> list[int]:
@@ -640,14 +646,15 @@ class RemoteStore(Store):
             self._count_misses(len(keys))
             return [None] * len(keys)
         out: list[memoryview | None] = []
-        bad: list[tuple[bytes, str]] = []
+        bad: list[tuple[bytes, HeaderProblem]] = []
         hits = nbytes = 0
         for key, rkey, value in zip(keys, rkeys, values, strict=True):
             if value is None:
                 out.append(None)
                 continue
             if isinstance(value, redis.exceptions.ResponseError):  # e.g. WRONGTYPE
-                bad.append((rkey, f"cannot be read as a chunk ({value})"))
+                why = HeaderProblem(f"cannot be read as a chunk ({value})", Fault.NOT_A_CHUNK)
+                bad.append((rkey, why))
                 out.append(None)
                 continue
             if isinstance(value, BaseException):
@@ -664,31 +671,25 @@ class RemoteStore(Store):
             out.append(payload)
             hits += 1
             nbytes += payload.nbytes
-        misses = len(keys) - hits
-        with self._lock:
-            self._counts["hits"] += hits
-            self._counts["misses"] += misses
-            self._counts["bytes_read"] += nbytes
-        self._m["hits"].inc(hits)
-        self._m["misses"].inc(misses)
-        self._m["bytes_read"].inc(nbytes)
+        self._c.inc(Count.HITS, hits)
+        self._c.inc(Count.MISSES, len(keys) - hits)
+        self._c.inc(Count.BYTES_READ, nbytes)
         if bad:
             self._delete_corrupt(bad)
         return out
 
-    def _check(self, key: bytes, view: memoryview) -> str | None:
+    def _check(self, key: bytes, view: memoryview) -> HeaderProblem | None:
         parsed = parse_header(view[:HEADER_SIZE], key, view.nbytes, self.fingerprint)
-        if isinstance(parsed, str):
+        if isinstance(parsed, HeaderProblem):
             return parsed
         _, checksum = parsed
         if xxhash.xxh3_64_intdigest(view[HEADER_SIZE:]) != checksum:
-            return "checksum mismatch (xxh3-64)"
+            return HeaderProblem("checksum mismatch (xxh3-64)", Fault.CHECKSUM)
         return None
 
-    def _delete_corrupt(self, bad: list[tuple[bytes, str]]) -> None:
-        with self._lock:
-            self._counts["corrupt_values"] += len(bad)
-        self._m["corrupt_files"].inc(len(bad))
+    def _delete_corrupt(self, bad: list[tuple[bytes, HeaderProblem]]) -> None:
+        self._c.inc(Count.CORRUPT_FILES, len(bad))
+        self._c.inc(Count.FOREIGN_FILES, sum(why.fault is Fault.FOREIGN for _, why in bad))
         for rkey, why in bad:
             log.warning(
                 "remote tier: value %s %s; deleting it and counting a miss (the chunk is "
@@ -702,9 +703,7 @@ class RemoteStore(Store):
             self._mark_down(exc)
 
     def _count_misses(self, n: int) -> None:
-        with self._lock:
-            self._counts["misses"] += n
-        self._m["misses"].inc(n)
+        self._c.inc(Count.MISSES, n)
 
     def get(self, key: bytes) -> memoryview | None:
         return self.get_many([key])[0]
@@ -722,12 +721,10 @@ class RemoteStore(Store):
             return False
 
     def stats(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = dict(self._c.snapshot())
         with self._lock:
-            out: dict[str, int | float] = dict(self._counts)
-            out.update(
-                queued=self._queue.qsize(),
-                disabled=int(self._state is not RemoteState.UP),
-            )
+            out.update({event.value: n for event, n in self._events.items()})
+        out.update(queued=self._queue.qsize(), disabled=int(self._state is not RemoteState.UP))
         return out
 
     def close(self) -> None:

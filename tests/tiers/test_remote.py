@@ -81,7 +81,7 @@ def test_round_trip_bit_exact(store: RemoteStore, redis_server: RedisServer) -> 
     assert raw is not None and len(raw) == HEADER_SIZE + SLOT  # our header + the bytes
     stats = store.stats()
     assert stats["hits"] == 5 and stats["misses"] == 1
-    assert stats["bytes_written"] == sum(sizes) and stats["corrupt_values"] == 0
+    assert stats["bytes_written"] == sum(sizes) and stats["corrupt_files"] == 0
 
 
 def test_duplicate_puts_are_not_resent(store: RemoteStore, redis_server: RedisServer) -> None:
@@ -214,7 +214,8 @@ def test_corrupt_value_is_a_miss_deleted_and_counted(
             assert s.get(key) is None
         assert client.exists(rkey) == 0  # deleted
         stats = s.stats()
-        assert stats["corrupt_values"] == 1 and stats["misses"] == 1 and stats["hits"] == 0
+        assert stats["corrupt_files"] == 1 and stats["misses"] == 1 and stats["hits"] == 0
+        assert stats["foreign_files"] == (damage == "foreign")
         sample = registry.get_sample_value(
             "lmcache_pd_tier_corrupt_files_total", {"tier": "remote"}
         )
@@ -280,7 +281,7 @@ def test_server_killed_mid_run_and_restarted(
         assert any(got is not None for _, got in results)
         stats = s.stats()
         assert stats["down_events"] == 1 and stats["recoveries"] == 1
-        assert stats["corrupt_values"] == 0 and stats["dropped_writes"] > 0
+        assert stats["corrupt_files"] == 0 and stats["dropped_writes"] > 0
         assert s.put(key_of(10_000), payload(1, SLOT)) and s.flush(10)
         assert s.get(key_of(10_000)) == payload(1, SLOT)
     finally:
