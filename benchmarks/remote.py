@@ -38,7 +38,8 @@ import redis
 
 from lmcache_pd.layout import preset
 from lmcache_pd.tiers.redis_server import RedisServer
-from lmcache_pd.tiers.remote import RemoteStore, parse_remote_url
+from lmcache_pd.tiers.remote import RemoteStore
+from lmcache_pd.tiers.remote_url import parse_remote_url
 
 TARGET = 0.8
 RATIOS = ("put_over_raw", "get_over_raw")

@@ -17,7 +17,8 @@ from lmcache_pd.tiers.manager import (
     log_store,
 )
 from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
-from lmcache_pd.tiers.remote import RemoteStore, RemoteURLError, parse_remote_url
+from lmcache_pd.tiers.remote import RemoteStore
+from lmcache_pd.tiers.remote_url import RemoteURLError, parse_remote_url
 
 __all__ = [
     "Buffer",

@@ -30,7 +30,8 @@ from lmcache_pd.tiers.base import Buffer, Store
 from lmcache_pd.tiers.cpu import CPUStore
 from lmcache_pd.tiers.disk import DiskStore
 from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
-from lmcache_pd.tiers.remote import RemoteStore, RemoteURLError, parse_remote_url
+from lmcache_pd.tiers.remote import RemoteStore
+from lmcache_pd.tiers.remote_url import RemoteURLError, parse_remote_url
 
 if TYPE_CHECKING:
     from lmcache_pd.config import Config

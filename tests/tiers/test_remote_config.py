@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmcache_pd.config import LMCACHE_IGNORED_KEYS, ConfigError, RemoteSerde, load_config
-from lmcache_pd.tiers.remote import RemoteScheme, RemoteURLError, parse_remote_url
+from lmcache_pd.tiers.remote_url import RemoteScheme, RemoteURLError, parse_remote_url
 
 
 def test_lmcache_remote_keys_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
