@@ -123,40 +123,90 @@ uint64_t kvsum_copy(uint8_t* dst, const uint8_t* src, uint64_t nbytes, uint64_t 
 
 /* vLLM CPU_VLLM pages: per (block, head) K is stored transposed, [D][N] elements.
    kt_gather: whole blocks blk[0..nblk) -> dst [nblk*N][H][D] (chunk order);
-   kt_scatter: the inverse. sb/sh: byte strides of block and head. Tiled 8x8 so both
-   sides stay in L1; one instantiation per element width. */
-#define KT_TILE 8
+   kt_scatter: the inverse. sb/sh: byte strides of block and head. Square tiles: 8x8
+   (2-byte) and 4x4 (4-byte) elements transposed in SSE registers, the rest scalar. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#include <xmmintrin.h>
+static inline void tr_u16(const uint16_t* s, int64_t ss, uint16_t* o, int64_t os) {
+    __m128i a[8], b[8], c[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm_loadu_si128((const __m128i*)(s + i * ss));
+    for (int i = 0; i < 4; i++) {
+        b[2 * i] = _mm_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
+        b[2 * i + 1] = _mm_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        c[4 * i] = _mm_unpacklo_epi32(b[4 * i], b[4 * i + 2]);
+        c[4 * i + 1] = _mm_unpackhi_epi32(b[4 * i], b[4 * i + 2]);
+        c[4 * i + 2] = _mm_unpacklo_epi32(b[4 * i + 1], b[4 * i + 3]);
+        c[4 * i + 3] = _mm_unpackhi_epi32(b[4 * i + 1], b[4 * i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        _mm_storeu_si128((__m128i*)(o + (2 * j) * os), _mm_unpacklo_epi64(c[j], c[j + 4]));
+        _mm_storeu_si128((__m128i*)(o + (2 * j + 1) * os), _mm_unpackhi_epi64(c[j], c[j + 4]));
+    }
+}
+static inline void tr_u32(const uint32_t* s, int64_t ss, uint32_t* o, int64_t os) {
+    __m128 r0 = _mm_loadu_ps((const float*)(s)), r1 = _mm_loadu_ps((const float*)(s + ss));
+    __m128 r2 = _mm_loadu_ps((const float*)(s + 2 * ss));
+    __m128 r3 = _mm_loadu_ps((const float*)(s + 3 * ss));
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+    _mm_storeu_ps((float*)(o), r0);
+    _mm_storeu_ps((float*)(o + os), r1);
+    _mm_storeu_ps((float*)(o + 2 * os), r2);
+    _mm_storeu_ps((float*)(o + 3 * os), r3);
+}
+#define TR_2(s, ss, o, os) tr_u16(s, ss, o, os)
+#define TR_4(s, ss, o, os) tr_u32(s, ss, o, os)
+#define TS_2 8
+#define TS_4 4
+#endif
+#ifndef TS_2
+#define TS_2 0
+#define TR_2(s, ss, o, os)
+#endif
+#ifndef TS_4
+#define TS_4 0
+#define TR_4(s, ss, o, os)
+#endif
+#define TS_1 0
+#define TR_1(s, ss, o, os)
+#define TS_8 0
+#define TR_8(s, ss, o, os)
+
+/* one [R][C] matrix at s (row stride ss) -> [C][R] at o (row stride os), elements T */
+#define KT_TRANSPOSE(T, W, s, ss, o, os, R, C)                                            \
+    for (int64_t r0 = 0; r0 < (R); r0 += 8)                                               \
+        for (int64_t c0 = 0; c0 < (C); c0 += 8) {                                         \
+            const int64_t r1 = r0 + 8 < (R) ? r0 + 8 : (R), c1 = c0 + 8 < (C) ? c0 + 8 : (C); \
+            if (TS_##W && r1 - r0 == 8 && c1 - c0 == 8) {                                 \
+                for (int64_t i = 0; TS_##W && i < 8; i += (TS_##W ? TS_##W : 8))           \
+                    for (int64_t j = 0; j < 8; j += (TS_##W ? TS_##W : 8))                 \
+                        TR_##W((s) + (r0 + i) * (ss) + c0 + j, ss,                         \
+                               (o) + (c0 + j) * (os) + r0 + i, os);                        \
+                continue;                                                                 \
+            }                                                                             \
+            for (int64_t r = r0; r < r1; r++)                                             \
+                for (int64_t c = c0; c < c1; c++) (o)[c * (os) + r] = (s)[r * (ss) + c];  \
+        }
+
 #define KT_DEFINE(T, W)                                                                   \
 void kt_gather_##W(uint8_t* dst, const uint8_t* base, const int64_t* blk, int64_t nblk,   \
                    int64_t H, int64_t D, int64_t N, int64_t sb, int64_t sh) {             \
-    T* out = (T*)dst;                                                                     \
-    for (int64_t i = 0; i < nblk; i++)                                                    \
+    for (int64_t b = 0; b < nblk; b++)                                                    \
         for (int64_t h = 0; h < H; h++) {                                                 \
-            const T* s = (const T*)(base + blk[i] * sb + h * sh);                         \
-            T* o = out + i * N * H * D + h * D;                                           \
-            for (int64_t n0 = 0; n0 < N; n0 += KT_TILE)                                   \
-                for (int64_t d0 = 0; d0 < D; d0 += KT_TILE) {                             \
-                    const int64_t n1 = n0 + KT_TILE < N ? n0 + KT_TILE : N;               \
-                    const int64_t d1 = d0 + KT_TILE < D ? d0 + KT_TILE : D;               \
-                    for (int64_t n = n0; n < n1; n++)                                     \
-                        for (int64_t d = d0; d < d1; d++) o[n * H * D + d] = s[d * N + n]; \
-                }                                                                         \
+            const T* s = (const T*)(base + blk[b] * sb + h * sh);                         \
+            T* o = (T*)dst + b * N * H * D + h * D;                                       \
+            KT_TRANSPOSE(T, W, s, N, o, H * D, D, N)                                      \
         }                                                                                 \
 }                                                                                         \
 void kt_scatter_##W(const uint8_t* src, uint8_t* base, const int64_t* blk, int64_t nblk,  \
                     int64_t H, int64_t D, int64_t N, int64_t sb, int64_t sh) {            \
-    const T* in = (const T*)src;                                                          \
-    for (int64_t i = 0; i < nblk; i++)                                                    \
+    for (int64_t b = 0; b < nblk; b++)                                                    \
         for (int64_t h = 0; h < H; h++) {                                                 \
-            T* s = (T*)(base + blk[i] * sb + h * sh);                                     \
-            const T* o = in + i * N * H * D + h * D;                                      \
-            for (int64_t d0 = 0; d0 < D; d0 += KT_TILE)                                   \
-                for (int64_t n0 = 0; n0 < N; n0 += KT_TILE) {                             \
-                    const int64_t n1 = n0 + KT_TILE < N ? n0 + KT_TILE : N;               \
-                    const int64_t d1 = d0 + KT_TILE < D ? d0 + KT_TILE : D;               \
-                    for (int64_t d = d0; d < d1; d++)                                     \
-                        for (int64_t n = n0; n < n1; n++) s[d * N + n] = o[n * H * D + d]; \
-                }                                                                         \
+            T* s = (T*)(base + blk[b] * sb + h * sh);                                     \
+            const T* o = (const T*)src + b * N * H * D + h * D;                           \
+            KT_TRANSPOSE(T, W, o, H * D, s, N, N, D)                                      \
         }                                                                                 \
 }
 KT_DEFINE(uint8_t, 1)

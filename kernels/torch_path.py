@@ -190,7 +190,7 @@ def _fused_index(seg: _Segment, num_layers: int, layer_step: int) -> torch.Tenso
     return (steps[:, None, None] + seg.idx[None]).reshape(-1)
 
 
-PIECE_BYTES = 512 * 1024  # chunk bytes copied per call when hashing: hashed while in L2
+PIECE_BYTES = 2 << 20  # chunk bytes per copy call when hashing: hashed while still cached
 
 
 class SumAccumulator:
@@ -230,10 +230,9 @@ def _rows_op(
         p, i = part[a : a + step], idx[a : a + step]
         if op == "gather":
             torch.index_select(cache_rows, 0, i, out=p)
-            acc.add(p)
         else:
-            acc.add(p)
             cache_rows.index_copy_(0, i, p)
+        acc.add(p)  # just written (gather) or just read (scatter): still in cache
 
 
 def _copy(
@@ -325,11 +324,9 @@ def _copy_k_transposed(
             for a in range(0, blocks.numel(), step):
                 nb = min(step, blocks.numel() - a)
                 piece = k_part[a * n : (a + nb) * n]
-                if acc is not None and op == "scatter":
-                    acc.add(piece)
                 kt(piece.data_ptr(), t.data_ptr(), blocks[a:].data_ptr(), nb, h, d, n,
                    geom.stride_b * es, geom.stride_h * es)  # fmt: skip
-                if acc is not None and op == "gather":
+                if acc is not None:
                     acc.add(piece)
         elif main:
             whole = k_part[:main].view(-1, n, h, d)
