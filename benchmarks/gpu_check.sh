@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 CLI="$VENV/bin/lmcache-pd"
-OUT=benchmarks/results
+OUT=${GPU_CHECK_OUT:-benchmarks/results}
+SMI=${NVIDIA_SMI:-nvidia-smi}
 LOG="$OUT/gpu_check.log"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 START=$(date +%s)
@@ -37,8 +38,8 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, log, fail loudly
 mkdir -p "$OUT"
 : > "$LOG"
 [[ -x $PY && -x $CLI ]] || fail "preflight: $VENV not set up (make setup TORCH_SPEC= EXTRAS=dev,cuda)" 2
-command -v nvidia-smi >/dev/null 2>&1 || fail "preflight: no NVIDIA GPU on this host (nvidia-smi not found)" 2
-nvidia-smi -L 2>&1 | tee -a "$LOG" | grep -q "^GPU " || fail "preflight: nvidia-smi lists no GPU" 2
+command -v "$SMI" >/dev/null 2>&1 || fail "preflight: no NVIDIA GPU on this host ($SMI not found)" 2
+"$SMI" -L 2>&1 | tee -a "$LOG" | grep -q "^GPU " || fail "preflight: nvidia-smi lists no GPU" 2
 step preflight 120 "$PY" - <<'PY'
 import sys, torch
 from lmcache_pd.kernels import checksum, cuda_kernels

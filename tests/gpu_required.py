@@ -25,6 +25,7 @@ def pytest_runtest_makereport(
         report.longrepr = f"GPU test skipped on a GPU host (gpu-check requires it): {reason}"
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not any(item.get_closest_marker("gpu") for item in items):
         raise pytest.UsageError("gpu-check: no test marked `gpu` was selected")
