@@ -27,6 +27,7 @@ import enum
 import ipaddress
 import logging
 import os
+import signal
 import tempfile
 import time
 import urllib.request
@@ -340,6 +341,10 @@ def _wait_models(url: str, timeout_s: float) -> None:
         time.sleep(1.0)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="model directory (default: the tiny model)")
@@ -373,7 +378,11 @@ def main(argv: list[str] | None = None) -> None:
         prefill_config_file=args.prefill_config,
         decode_config_file=args.decode_config,
     )
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # `cmd &` starts it ignored
     with LocalRay(num_cpus=args.num_cpus, http_port=args.port) as cluster:
+        # after ray.init, which installs a SIGTERM handler that aborts the driver and
+        # leaves the replicas' engines behind: SIGTERM stops Serve and Ray like Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
         url = cluster.deploy(spec)
         _wait_models(url, timeout_s=60)
         log.info("PD app ready: %s (model %r); Ctrl-C stops it", url, spec.model_id)
