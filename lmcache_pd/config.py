@@ -100,6 +100,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pd_busy_max_retries: int = 20
     pd_busy_retry_after_s: float = 0.05
     pd_max_frame_bytes: int = 4 * 1024 * 1024
+    # bytes per notified NIXL WRITE group (the receiver verifies a group while later ones
+    # fly); 0 = one WRITE per request, better where UCX runs over TCP only
+    pd_write_group_bytes: int = 16 * 1024 * 1024
     pd_verify_checksums: bool = True
     pd_auth_secret: str | None = None
     pd_auth_secret_file: str = DEFAULT_SECRET_FILE
@@ -230,7 +233,12 @@ def _check_ranges(cfg: Config) -> list[str]:
         "remote_write_queue_size",
     ):
         positive(name)
-    for name in ("max_local_cpu_size", "max_local_disk_size", "pd_busy_retry_after_s"):
+    for name in (
+        "max_local_cpu_size",
+        "max_local_disk_size",
+        "pd_busy_retry_after_s",
+        "pd_write_group_bytes",
+    ):
         if getattr(cfg, name) < 0:
             errors.append(f"{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.pd_busy_max_retries < 0:

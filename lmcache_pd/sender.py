@@ -18,9 +18,9 @@ deadline:
    (or ``Busy``: wait ``retry_after`` and retry, at most ``pd_busy_max_retries`` times),
    NIXL WRITEs of the wanted chunks into the leased slots, ``Done`` -> ``Committed``.
 
-WRITEs go in groups of about ``GROUP_BYTES``, each with a notification naming its chunks,
-so the receiver verifies a group while the next is in flight. Every reply may carry the
-next grant.
+WRITEs go in groups of about ``pd_write_group_bytes`` (0: one WRITE per request), each
+with a notification naming its chunks, so the receiver verifies a group while the next
+is in flight. Every reply may carry the next grant.
 
 Failures raise :class:`HandoffError` naming the cause; a failed batch sends ``Cancel``
 so the receiver frees its slots at once (its lease TTL covers a sender that dies).
@@ -66,7 +66,6 @@ from lmcache_pd.transports.base import MemKind, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
-GROUP_BYTES = 16 * 1024 * 1024  # WRITE group size: verification overlaps later groups
 MAX_KNOWN_KEYS = 65536  # per receiver: keys this sender believes it holds (skipped)
 MAX_GRANT_WANT = 64  # slots asked to be lent ahead, at most
 MAX_PEERS = 64  # receiver connections kept per sender (least recently used closed)
@@ -338,7 +337,8 @@ class Sender:
         self, peer: _Peer, lease: int, chunks: Sequence[OutChunk], slots: Sequence[int]
     ) -> list[Any]:
         """Post the WRITEs of ``chunks`` into remote ``slots`` in notified groups."""
-        per_group = max(1, GROUP_BYTES // self.buffer.slot_bytes)
+        group_bytes = self.cfg.pd_write_group_bytes
+        per_group = max(1, group_bytes // self.buffer.slot_bytes if group_bytes else len(chunks))
         handles: list[Any] = []
         try:
             for first in range(0, len(chunks), per_group):

@@ -187,3 +187,23 @@ def test_grants_never_take_more_than_half_the_buffer(chunks: int) -> None:
             got, _ = fill(tx, keys_of(rng, min(chunks, 2)), rng)
             tx.send(rx.endpoint, f"s{i}", got)
         assert rx.slot_usage()["granted"] <= 4
+
+
+@pytest.mark.parametrize("group_bytes", [0, 16 * 1024, 1 << 30])
+def test_write_group_size_is_configurable(group_bytes: int) -> None:
+    """One WRITE per request (0, as over TCP), one per chunk, or a big group: same bytes."""
+    cfg = make_config(pd_buffer_size=32 * 16 * 1024, pd_write_group_bytes=group_bytes)
+    rng = np.random.default_rng(20)
+    with receiver(cfg) as rx, sender(cfg) as tx:
+        for i in range(2):  # the first by Offer/Accept, the second by Push
+            chunks, data = fill(tx, keys_of(rng, 4), rng)
+            assert tx.send(rx.endpoint, f"g{i}", chunks).sent == 4
+            assert [rx.read(c.key) for c in chunks] == data
+            tx.free([c.slot for c in chunks])
+
+
+def test_negative_write_group_size_is_refused() -> None:
+    from lmcache_pd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="pd_write_group_bytes"):
+        make_config(pd_write_group_bytes=-1)
