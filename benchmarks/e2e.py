@@ -48,6 +48,7 @@ import psutil
 
 from lmcache_pd.integration.vllm.launch import VLLMServer, free_port
 from lmcache_pd.integration.vllm.tiny_model import TinySpec, make_tiny_model
+from lmcache_pd.protocol import standard_prefill_params
 
 CONNECTOR = {
     "kv_connector": "LMCachePDConnector",
@@ -90,22 +91,12 @@ def stream_completion(
     return {"ttft_s": ttft, "tpot_s": tpot, "e2e_s": stamps[-1] - t0}
 
 
-STANDARD_PREFILL_PARAMS = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
-
-
 def standard_completion(
     prefill_url: str, decode_url: str, prompt: list[int], max_tokens: int
 ) -> dict[str, float]:
     """One request through the standard PD contract; times count from the prefill."""
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
-    body["kv_transfer_params"] = STANDARD_PREFILL_PARAMS
+    body["kv_transfer_params"] = standard_prefill_params()
     t0 = time.perf_counter()
     resp = httpx.post(f"{prefill_url}/v1/completions", json=body, timeout=600)
     if resp.status_code != 200:

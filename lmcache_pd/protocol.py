@@ -329,6 +329,19 @@ class KVTransferParams(msgspec.Struct, kw_only=True):
         return out
 
 
+def standard_prefill_params() -> dict[str, Any]:
+    """The prefill-step ``kv_transfer_params`` of the standard vLLM PD contract, exactly
+    as vLLM's proxy example, Ray Serve LLM and llm-d send them (a fresh dict)."""
+    return {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }
+
+
 class DecodeParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Decode-step ``kv_transfer_params``: what the prefiller's connector returns from the
     prefill (``request_finished``), handed to the decoder's connector unchanged by any

@@ -17,7 +17,13 @@ import pytest
 
 from lmcache_pd.config import Config
 from lmcache_pd.control import Codec
-from lmcache_pd.protocol import DecodeParams, ErrorCode, HandoffDone, KVTransferParams
+from lmcache_pd.protocol import (
+    DecodeParams,
+    ErrorCode,
+    HandoffDone,
+    KVTransferParams,
+    standard_prefill_params,
+)
 from lmcache_pd.pull import Fetcher, FetchError, HoldServer
 from lmcache_pd.receiver import Receiver
 from lmcache_pd.sender import HandoffError, OutChunk, Sender
@@ -184,18 +190,9 @@ def test_wrongly_signed_fetch_is_dropped() -> None:
 
 # --- kv_transfer_params as orchestrators send them ------------------------------------
 
-STANDARD_PREFILL = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
-
 
 def test_standard_prefill_params_parse_as_a_hold_request() -> None:
-    params = KVTransferParams.from_request(STANDARD_PREFILL)
+    params = KVTransferParams.from_request(standard_prefill_params())
     assert params is not None and not params.push_ahead
 
 

@@ -33,7 +33,7 @@ import psutil
 import pytest
 
 from lmcache_pd.integration.vllm.launch import VLLMServer, free_port, metric_value
-from lmcache_pd.protocol import DecodeParams
+from lmcache_pd.protocol import DecodeParams, standard_prefill_params
 from lmcache_pd.router.proxy import spawn
 from tests.integration.helpers import connector_config, load_lines, start_servers
 from tests.integration.observe import chunks_of, kv_events, metric_sum, stored_chunks
@@ -305,15 +305,6 @@ def test_layout_mismatch_refused_at_hello(tiny_model: Path, server_factory: Any,
 
 # --- the standard vLLM PD contract, spoken by a stdlib client (no proxy of ours) -------
 
-STANDARD_PREFILL_PARAMS = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
-
 
 def post_json(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
     req = urllib.request.Request(
@@ -326,7 +317,7 @@ def post_json(url: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[
 def contract_request(pd: PD, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """What vLLM's proxy example, Ray Serve LLM and llm-d do: prefill with max_tokens 1
     and ``do_remote_decode``, then decode with the returned params, unchanged."""
-    prefill = dict(body, max_tokens=1, stream=False, kv_transfer_params=STANDARD_PREFILL_PARAMS)
+    prefill = dict(body, max_tokens=1, stream=False, kv_transfer_params=standard_prefill_params())
     if "max_completion_tokens" in prefill:
         prefill["max_completion_tokens"] = 1
     returned = post_json(pd.prefiller.url + path, prefill).get("kv_transfer_params")
@@ -429,7 +420,7 @@ def test_unknown_and_expired_holds_recompute_without_leaks(pd: PD) -> None:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
     returned = post_json(
         pd.prefiller.url + "/v1/completions",
-        dict(body, kv_transfer_params=STANDARD_PREFILL_PARAMS),
+        dict(body, kv_transfer_params=standard_prefill_params()),
     )["kv_transfer_params"]
     forged = dict(returned, lmcache_pd_hold="0" * 32)
     t0 = time.monotonic()
