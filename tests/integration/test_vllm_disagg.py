@@ -32,7 +32,12 @@ import httpx
 import psutil
 import pytest
 
-from lmcache_pd.integration.vllm.launch import VLLMServer, free_port, metric_value
+from lmcache_pd.integration.vllm.launch import (
+    VLLMServer,
+    free_port,
+    free_port_pair,
+    metric_value,
+)
 from lmcache_pd.protocol import DecodeParams, standard_prefill_params
 from lmcache_pd.router.proxy import spawn
 from tests.integration.helpers import connector_config, load_lines, start_servers
@@ -109,7 +114,7 @@ class PD:
 def pd(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
     work = tmp_path_factory.mktemp("disagg")
     kv_port = free_port()
-    events_port = free_port()
+    events_port = free_port_pair(avoid=(kv_port,))  # publisher + replay on the next port
     plain = VLLMServer(tiny_model, work / "plain.log", name="plain")
     # compute on separate cores: engines busy-poll for a second after each step
     prefiller = VLLMServer(

@@ -18,7 +18,12 @@ from typing import Any
 
 import pytest
 
-from lmcache_pd.integration.vllm.launch import ServerError, VLLMServer, free_port, metric_value
+from lmcache_pd.integration.vllm.launch import (
+    ServerError,
+    VLLMServer,
+    free_port_pair,
+    metric_value,
+)
 from lmcache_pd.integration.vllm.tiny_model import prompts as make_prompts
 from tests.integration.helpers import (
     connector_config,
@@ -48,7 +53,7 @@ def both_config(disk: Path, events_port: int = 0) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def events_port() -> int:
-    return free_port()
+    return free_port_pair()  # the publisher's replay socket binds the next port
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +149,16 @@ def test_our_metrics_and_events(
     assert want and want <= stored_chunks(events, "CPU")
     assert {e.block_size for e in events} == {CHUNK}
     # the same chunks on vLLM's own stream (replayed from its first batch)
+    # vLLM publishes the connector's events when the engine steps: step until they show
     replay = both.log_path.parent / "vllm-replay.sock"
-    assert want <= stored_chunks(kv_events(f"ipc://{replay}", start=0), "CPU")
+    deadline = time.monotonic() + 30
+    seen: set = set()
+    while time.monotonic() < deadline:
+        seen = stored_chunks(kv_events(f"ipc://{replay}", start=0), "CPU")
+        if want <= seen:
+            break
+        both.completion(prompt, 2)
+    assert want <= seen
 
 
 def test_restart_hits_from_disk(

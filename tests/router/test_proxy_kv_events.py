@@ -20,8 +20,8 @@ from lmcache_pd.events import (
     KVEventPublisher,
     TierName,
 )
+from lmcache_pd.integration.vllm.launch import free_port_pair
 from lmcache_pd.router.kv_events import EngineEvents, HeldMap
-from lmcache_pd.router.proxy import free_port
 from lmcache_pd.router.stub import word_tokens
 from lmcache_pd.tiers.cpu import CPUStore
 from lmcache_pd.tiers.disk import DiskStore
@@ -61,7 +61,8 @@ def test_routes_to_the_engine_that_reloaded_the_prefix_from_disk(
     tokens = word_tokens(PROMPT)
     keys = hasher.keys(tokens)
     assert len(keys) >= 4
-    p0, p1 = free_port(), free_port()
+    p0 = free_port_pair()
+    p1 = free_port_pair(avoid=(p0, p0 + 1))  # each publisher binds port and port + 1
     disk = DiskStore(tmp_path / "e0", 1 << 20, FP)
     pub0 = KVEventPublisher(hasher, {TierName.DISK: disk.keys_lru}, port=p0, disk_root=disk.root)
     cpu1 = CPUStore(1 << 16, len(CHUNK), backend="numpy")

@@ -32,6 +32,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_pair(host: str = "127.0.0.1", avoid: tuple[int, ...] = ()) -> int:
+    """A port ``p`` with ``p`` and ``p + 1`` free a moment ago (a KV-event publisher
+    binds its replay socket on the next port), neither in ``avoid``."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a:
+            a.bind((host, 0))
+            port = int(a.getsockname()[1])
+            if port + 1 > 65535 or {port, port + 1} & set(avoid):
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as b:
+                try:
+                    b.bind((host, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise OSError(f"no two adjacent free ports on {host}")
+
+
 class ServerError(RuntimeError):
     """A server failed to start or answered with an error."""
 
