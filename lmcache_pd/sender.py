@@ -175,7 +175,7 @@ class Sender:
         )
         self.local = transport.prep_local(self.buffer.descs, self.buffer.kind)
         # slots asked to be lent ahead: as many as one request of ours could use (the
-        # receiver caps it at a quarter of its buffer per sender, half for all)
+        # receiver lends at most half its buffer, shared by its connected senders)
         self._want_grant = min(self.buffer.num_slots, MAX_GRANT_WANT)
         self._ctx = zmq.Context()
         self._peers: OrderedDict[str, _Peer] = OrderedDict()  # least recently used first
@@ -322,7 +322,8 @@ class Sender:
             fresh = [c for c in chunks if c.key not in peer.known]
             grant = peer.take_grant(len(fresh))
             if grant is not None:
-                chunks, (sent, dedup, nbytes, bad) = self._push(peer, req_id, chunks, grant)
+                skipped = [c for c in chunks if c.key in peer.known]
+                chunks, (sent, dedup, nbytes, bad) = self._push(peer, req_id, fresh, skipped, grant)
             for start in range(0, len(chunks), peer.num_slots):
                 s, d, b, x = self._send_batch(peer, req_id, chunks[start : start + peer.num_slots])
                 sent, dedup, nbytes, bad = sent + s, dedup + d, nbytes + b, bad + x
@@ -359,13 +360,17 @@ class Sender:
         return handles
 
     def _push(
-        self, peer: _Peer, req_id: str, chunks: list[OutChunk], grant: Grant
+        self,
+        peer: _Peer,
+        req_id: str,
+        fresh: list[OutChunk],
+        skipped: list[OutChunk],
+        grant: Grant,
     ) -> tuple[list[OutChunk], tuple[int, int, int, int]]:
-        """The credit path: WRITE the chunks the receiver lacks into ``grant`` and send
-        one ``Push``. Returns the chunks still to send the slow way (skipped ones the
-        receiver no longer holds) and ``(sent, dedup, bytes, bad)``."""
-        fresh = [c for c in chunks if c.key not in peer.known]
-        skipped = [c for c in chunks if c.key in peer.known]
+        """The credit path: WRITE ``fresh`` (the chunks the receiver lacks, as far as we
+        know) into ``grant`` and send one ``Push`` naming ``skipped`` too. Returns the
+        chunks still to send the slow way (skipped ones the receiver no longer holds) and
+        ``(sent, dedup, bytes, bad)``."""
         push = Push(
             req_id=req_id,
             lease=grant.lease,
@@ -384,10 +389,7 @@ class Sender:
         sent = len(fresh) - len(reply.bad)
         dedup = len(skipped) - len(reply.missing)
         self.counters.inc("dedupe_hits", dedup)
-        self.counters.inc("chunks", sent)
-        self.counters.inc("bytes", moved)
-        if reply.bad:
-            self.counters.inc("checksum_failures", len(reply.bad))
+        self._tally(sent, moved, len(reply.bad))
         missing = set(reply.missing)
         rest = [c for c in skipped if c.key in missing]
         return rest, (sent, dedup, moved, len(reply.bad))
@@ -403,15 +405,9 @@ class Sender:
             raise HandoffError(f"receiver error ({reply.code.value}): {reply.message}", reply.code)
         return reply
 
-    def _request(self, peer: _Peer, msg: Any) -> Any:
-        try:
-            reply, _ = peer.client.request(msg, (), self.cfg.pd_connect_timeout_s)
-        except ControlTimeout as exc:
-            self._forget(peer)
-            raise HandoffError(f"receiver stopped answering: {exc}", ErrorCode.TIMEOUT) from None
-        if isinstance(reply, Error):
-            raise HandoffError(f"receiver error ({reply.code.value}): {reply.message}", reply.code)
-        return reply
+    def _request(self, peer: _Peer, msg: Offer) -> Any:
+        peer.client.send(msg)
+        return self._reply(peer, msg.req_id)
 
     def _offer(self, peer: _Peer, req_id: str, batch: list[OutChunk]) -> Accept:
         offer = Offer(
@@ -451,11 +447,16 @@ class Sender:
         peer.learn([batch[i].key for i in reply.stored if i not in reply.bad])
         wanted_idx = set(accept.want)
         moved = sum(batch[i].nbytes for i in reply.stored if i in wanted_idx)
-        self.counters.inc("chunks", len(accept.want) - len(reply.bad))
+        sent = len(accept.want) - len(reply.bad)
+        self._tally(sent, moved, len(reply.bad))
+        return sent, len(accept.have), moved, len(reply.bad)
+
+    def _tally(self, sent: int, moved: int, bad: int) -> None:
+        """Count a committed batch: chunks that landed good, their bytes, rejections."""
+        self.counters.inc("chunks", sent)
         self.counters.inc("bytes", moved)
-        if reply.bad:
-            self.counters.inc("checksum_failures", len(reply.bad))
-        return len(accept.want) - len(reply.bad), len(accept.have), moved, len(reply.bad)
+        if bad:
+            self.counters.inc("checksum_failures", bad)
 
     def _write_and_commit(
         self,
@@ -477,10 +478,9 @@ class Sender:
                 peer.client.send(push)
             for handle in handles:
                 self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
-            if push is not None:
-                reply = self._reply(peer, req_id)
-            else:
-                reply = self._request(peer, Done(req_id=req_id, lease=lease))
+            if push is None:
+                peer.client.send(Done(req_id=req_id, lease=lease))
+            reply = self._reply(peer, req_id)
         except TransportError as exc:
             self.counters.inc("transfer_errors")
             self._cancel(peer, req_id, lease, str(exc))
