@@ -15,8 +15,8 @@ Credits: each connected sender may be lent a **grant** of free slots (at Hello, 
 every ``Committed``) which it writes into before asking; its ``Push`` then turns the grant
 into an ordinary lease (the ``Push`` plays the part of ``Offer`` and ``Done`` at once).
 Notifications that land before their ``Push`` are kept with the grant. An unused grant is
-freed after ``pd_lease_ttl_s``; grants never evict held chunks and together never take
-more than half of the buffer.
+freed after ``pd_lease_ttl_s``; grants evict only ready chunks the tier store also holds,
+and together never take more than half of the buffer.
 
 Ready chunks stay in the buffer (LRU; unpinned ones are evicted for new leases) and are
 copied into the ``store`` when one is configured. Engine-facing calls (``lookup``,
@@ -324,12 +324,8 @@ class Receiver:
         slots = list(reuse[:n])
         if len(reuse) > n:
             self.buffer.free(list(reuse[n:]))
-        extra = n - len(slots)
-        if extra > 0:
-            room = self.buffer.free_count
-            if self.store is not None:
-                room += sum(1 for k, r in self._ready.items() if r.pins == 0 and k in self.store)
-            slots += self._take_slots(min(extra, room), stored_only=True) or []
+        if n > len(slots):
+            slots += self._take_slots(n - len(slots), stored_only=True, partial=True) or []
         if not slots:
             return None
         now = time.monotonic()
@@ -513,12 +509,12 @@ class Receiver:
             return f"chunk sizes must be in 1..{self.buffer.slot_bytes} bytes"
         return None
 
-    def _take_slots(self, n: int, stored_only: bool = False) -> list[int] | None:
+    def _take_slots(
+        self, n: int, stored_only: bool = False, partial: bool = False
+    ) -> list[int] | None:
         """Free slots for ``n`` chunks, evicting unpinned ready chunks (LRU) if needed
         (``stored_only``: only chunks the tier store holds too). Called with the lock
-        held. None when there is not enough room."""
-        if n == 0:
-            return []
+        held. Not enough room: None, or with ``partial`` as many slots as there are."""
         free = self.buffer.free_count
         if free < n:
             evictable = [
@@ -527,7 +523,9 @@ class Receiver:
                 if r.pins == 0 and (not stored_only or (self.store is not None and k in self.store))
             ]
             if free + len(evictable) < n:
-                return None
+                if not partial:
+                    return None
+                n = free + len(evictable)
             for key in evictable[: n - free]:
                 self.buffer.free([self._ready.pop(key).slot])
         return self.buffer.alloc(n)
@@ -640,17 +638,6 @@ class Receiver:
             finally:
                 with self._lock:
                     entry.pins -= 1
-
-    def flush_store(self, timeout_s: float = 10.0) -> bool:
-        """Wait until every committed chunk was handed to the store (tests, shutdown)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                busy = bool(self._to_store) or any(r.pins for r in self._ready.values())
-            if not busy and self._store_queue.empty():
-                return True
-            time.sleep(0.005)
-        return False
 
     def _forget_lease(self, lease: _Lease) -> None:
         self._leases.pop(lease.lease, None)
