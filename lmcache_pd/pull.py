@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import zmq
 
 from lmcache_pd.config import Config
-from lmcache_pd.control import BlockingRouter, Codec, ControlTimeout, DealerClient
+from lmcache_pd.control import BlockingRouter, Codec, ControlTimeout, DealerClient, tcp_endpoint
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import Error, ErrorCode, Fetch, HandoffDone, Message
 from lmcache_pd.sender import OutChunk
@@ -84,8 +84,8 @@ class HoldServer:
         self._ctx = zmq.Context()
         bind_port = cfg.port_for_rank("pd_pull_port", tp_rank) if port is None else port
         self._router = BlockingRouter(self._ctx, codec, cfg.pd_bind_host, bind_port, self.counters)
-        self.port = self._router.port
-        self.endpoint = f"tcp://{cfg.advertised_host()}:{self.port}"
+        self.host, self.port = cfg.advertised_host(), self._router.port
+        self.endpoint = tcp_endpoint(self.host, self.port)
         # completions from push threads reach the server thread through an inproc pair
         self._wake_addr = f"inproc://lmcache-pd-hold-{id(self)}"
         self._wake_in = self._ctx.socket(zmq.PULL)

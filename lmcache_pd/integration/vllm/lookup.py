@@ -32,7 +32,8 @@ class LookupRequest(msgspec.Struct, frozen=True):
 class LookupReply(msgspec.Struct, frozen=True):
     hit: int
     error: str = ""
-    pull_endpoint: str = ""  # ``tcp://host:port``; "" where the rank has none
+    pull_host: str = ""  # the rank's pull endpoint; "" where the rank has none
+    pull_port: int = 0
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -47,11 +48,11 @@ class LookupServer:
         self,
         endpoint: str,
         lookup_fn: Callable[[list[bytes]], int],
-        pull_endpoint: Callable[[], str] = lambda: "",
+        pull_address: Callable[[], tuple[str, int] | None] = lambda: None,
     ) -> None:
         self.endpoint = endpoint
         self._fn = lookup_fn
-        self._pull_endpoint = pull_endpoint
+        self._pull_address = pull_address
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -74,7 +75,8 @@ class LookupServer:
             try:
                 req = _dec_req.decode(raw)
                 if req.want_endpoint:
-                    reply = LookupReply(hit=0, pull_endpoint=self._pull_endpoint())
+                    host, port = self._pull_address() or ("", 0)
+                    reply = LookupReply(hit=0, pull_host=host, pull_port=port)
                 else:
                     reply = LookupReply(hit=int(self._fn(req.keys)))
             except Exception as exc:  # one bad request must not kill the server
@@ -104,7 +106,7 @@ class LookupClient:
         self._ctx = zmq.Context()
         self._socks: list[zmq.Socket | None] = [None] * len(self.endpoints)
         self._lock = threading.Lock()
-        self._pull_endpoints: list[str] | None = None
+        self._pull_addresses: list[tuple[str, int]] | None = None
 
     def _sock(self, i: int) -> zmq.Socket:
         sock = self._socks[i]
@@ -141,10 +143,11 @@ class LookupClient:
                 best = min(best, reply.hit)
         return best
 
-    def pull_endpoints(self) -> list[str] | None:
-        """Every rank's pull endpoint (cached once all answered); None if one did not."""
-        if self._pull_endpoints is not None:
-            return self._pull_endpoints
+    def pull_addresses(self) -> list[tuple[str, int]] | None:
+        """Every rank's pull endpoint ``(host, port)`` (cached once all answered); None
+        if one did not."""
+        if self._pull_addresses is not None:
+            return self._pull_addresses
         payload = _enc.encode(LookupRequest(keys=[], want_endpoint=True))
         out = []
         with self._lock:
@@ -158,10 +161,10 @@ class LookupClient:
                     sock.close(linger=0)
                     self._socks[i] = None
                     return None
-                if not reply.pull_endpoint:
+                if not reply.pull_host:
                     return None
-                out.append(reply.pull_endpoint)
-        self._pull_endpoints = out
+                out.append((reply.pull_host, reply.pull_port))
+        self._pull_addresses = out
         return out
 
     def close(self) -> None:

@@ -78,11 +78,6 @@ def prefill_params(request_id: str, params: dict[str, Any] | None) -> KVTransfer
         return None
 
 
-def _split_endpoint(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-    return host, int(port)
-
-
 class SchedulerSide:
     """State and decisions of the scheduler-side connector."""
 
@@ -331,25 +326,24 @@ class SchedulerSide:
         nothing = DecodeParams(lmcache_pd_tokens=len(st.tokens))  # decoder computes all
         if not st.keys:
             return nothing
-        endpoints = self.lookup_client.pull_endpoints()
-        if not endpoints:
+        addresses = self.lookup_client.pull_addresses()
+        if not addresses:
             log.error(
                 "request %s: the workers did not report their pull endpoints; the decoder "
                 "recomputes this prompt",
                 st.req_id,
             )
             return nothing
-        hosts_ports = [_split_endpoint(e) for e in endpoints]
-        host = hosts_ports[0][0]
+        host, port = addresses[0]  # every rank of an engine runs on one host
         return DecodeParams(
             remote_engine_id=self.engine_id,
             remote_host=host,
-            remote_port=hosts_ports[0][1],
+            remote_port=port,
             lmcache_pd_hold=st.hold,
-            lmcache_pd_pull_ports=[port for _, port in hosts_ports],
+            lmcache_pd_pull_ports=[p for _, p in addresses],
             lmcache_pd_chunks=len(st.keys),
             lmcache_pd_tokens=len(st.tokens),
-            lmcache_pd_tp_size=len(hosts_ports),
+            lmcache_pd_tp_size=len(addresses),
         )
 
     def shutdown(self) -> None:

@@ -31,6 +31,7 @@ import torch
 
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.config import Config
+from lmcache_pd.control import tcp_endpoint
 from lmcache_pd.integration.vllm import cpu_paged
 from lmcache_pd.integration.vllm.common import (
     KVRole,
@@ -164,7 +165,7 @@ class WorkerSide:
         ktc = self.vllm_config.kv_transfer_config
         assert ktc is not None
         self.lookup_server = LookupServer(
-            lookup_endpoint(str(ktc.engine_id), self.tp_rank), self._lookup, self._pull_endpoint
+            lookup_endpoint(str(ktc.engine_id), self.tp_rank), self._lookup, self._pull_address
         )
 
     def _adopt_caches(self, kv_caches: dict[str, torch.Tensor]) -> KVLayout:
@@ -236,7 +237,7 @@ class WorkerSide:
             self.fetcher = Fetcher(
                 self.cfg,
                 self.receiver.codec,
-                f"tcp://{self.cfg.advertised_host()}:{self.receiver.port}",
+                tcp_endpoint(self.cfg.advertised_host(), self.receiver.port),
                 tp_rank=self.tp_rank,
             )
         elif self.role is KVRole.PRODUCER:
@@ -244,8 +245,9 @@ class WorkerSide:
 
             self.producer = Producer(self.cfg, layout, self.tp_rank, self.tp_size)
 
-    def _pull_endpoint(self) -> str:
-        return self.producer.holds.endpoint if self.producer is not None else ""
+    def _pull_address(self) -> tuple[str, int] | None:
+        holds = self.producer.holds if self.producer is not None else None
+        return (holds.host, holds.port) if holds is not None else None
 
     def _lookup(self, keys: list[bytes]) -> int:
         return self.source.lookup(keys) if self.source is not None else 0
