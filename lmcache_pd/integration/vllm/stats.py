@@ -10,6 +10,9 @@ to the API server, which builds our stats class (``build_kv_connector_stats``) f
 Exported (every series also carries vLLM's ``model_name`` / ``engine`` labels):
 
 * counters ``vllm:lmcache_pd_<figure>_total{role, medium}`` for every :class:`Figure`;
+* gauges ``vllm:lmcache_pd_<level>{role, medium}`` for every :class:`Level` (slots and
+  holds in use now; 0 on an idle engine, so a leak shows; refreshed with the engine's
+  steps, at most once per second);
 * histograms ``vllm:lmcache_pd_transfer_seconds`` and ``vllm:lmcache_pd_transfer_bytes``
   ``{role, medium, op}``: ``op=push`` one handoff sent by a prefiller (``medium=nixl``),
   ``op=load`` one load of held chunks into paged KV (``medium=buffer`` on a decoder,
@@ -68,6 +71,25 @@ class Figure(str, enum.Enum):
     TIER_BYTES_WRITTEN = "tier_bytes_written"
     EVENTS_PUBLISHED = "kv_events_published"
     EVENTS_DROPPED = "kv_events_dropped"
+
+
+class Level(str, enum.Enum):
+    """A gauge we export (``vllm:lmcache_pd_<value>``): what is in use right now."""
+
+    RECEIVE_SLOTS_LEASED = "receive_slots_leased"
+    RECEIVE_SLOTS_GRANTED = "receive_slots_granted"
+    RECEIVE_SLOTS_READY = "receive_slots_ready"
+    SEND_SLOTS_IN_USE = "send_slots_in_use"
+    HOLDS_OUTSTANDING = "holds_outstanding"
+
+
+LEVEL_DOCS: dict[Level, str] = {
+    Level.RECEIVE_SLOTS_LEASED: "receive-buffer slots under a lease (KV landing now)",
+    Level.RECEIVE_SLOTS_GRANTED: "receive-buffer slots granted to senders, not yet leased",
+    Level.RECEIVE_SLOTS_READY: "receive-buffer slots holding ready chunks (a cache, evictable)",
+    Level.SEND_SLOTS_IN_USE: "send-buffer slots in use (gathered, pushing or held)",
+    Level.HOLDS_OUTSTANDING: "prefiller holds (standard contract) not yet fetched or expired",
+}
 
 
 class MetricMedium(str, enum.Enum):
@@ -194,6 +216,25 @@ def cumulative(worker: WorkerSide, events: KVEventPublisher | None) -> dict[Key,
     return out
 
 
+def levels(worker: WorkerSide) -> dict[str, int]:
+    """Every level of this worker now, ``"level|medium"`` -> value."""
+    out: dict[str, int] = {}
+    nixl = MetricMedium.NIXL.value
+    producer = worker.producer
+    if producer is not None:
+        buf = producer.sender.buffer
+        out[f"{Level.SEND_SLOTS_IN_USE.value}|{nixl}"] = buf.num_slots - buf.free_count
+        out[f"{Level.HOLDS_OUTSTANDING.value}|{MetricMedium.HOLD.value}"] = (
+            producer.holds.outstanding()
+        )
+    if worker.receiver is not None:
+        usage = worker.receiver.slot_usage()
+        out[f"{Level.RECEIVE_SLOTS_LEASED.value}|{nixl}"] = usage["leased"]
+        out[f"{Level.RECEIVE_SLOTS_GRANTED.value}|{nixl}"] = usage["granted"]
+        out[f"{Level.RECEIVE_SLOTS_READY.value}|{nixl}"] = usage["ready"]
+    return out
+
+
 class TransferLog:
     """Per-transfer observations (op, medium, seconds, bytes) between two collections.
     Thread-safe; bounded (the oldest are dropped)."""
@@ -216,8 +257,9 @@ class TransferLog:
 @dataclass
 class PDConnectorStats(KVConnectorStats):
     """What changed in one interval. ``data``: ``role``; ``counts``: ``"figure|medium"``
-    -> delta; ``transfers``: ``[op, medium, seconds, bytes]`` each (plain values: vLLM
-    ships this payload between processes)."""
+    -> delta; ``transfers``: ``[op, medium, seconds, bytes]`` each; ``levels``:
+    ``"level|medium"`` -> value now (summed over workers; plain values: vLLM ships this
+    payload between processes)."""
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -231,12 +273,19 @@ class PDConnectorStats(KVConnectorStats):
         for key, value in other.data.get("counts", {}).items():
             counts[key] = counts.get(key, 0) + int(value)
         self.data.setdefault("transfers", []).extend(other.data.get("transfers", []))
+        mine: dict[str, int] = self.data.setdefault("levels", {})
+        for key, value in other.data.get("levels", {}).items():
+            mine[key] = mine.get(key, 0) + int(value)
         if not self.data.get("role"):
             self.data["role"] = other.data.get("role", "")
         return self
 
     def is_empty(self) -> bool:
-        return not any(self.data.get("counts", {}).values()) and not self.data.get("transfers")
+        return (
+            not any(self.data.get("counts", {}).values())
+            and not self.data.get("transfers")
+            and not self.data.get("levels")
+        )
 
     def reduce(self) -> dict[str, int | float]:
         """The log line's figures: non-zero counters, then per (op, medium) the number
@@ -264,11 +313,13 @@ class WorkerStats:
         self.role = role
         self.transfers = TransferLog()
         self._last: dict[Key, int] = {}
+        self._last_levels: dict[str, int] = {}
         self._last_t = 0.0
 
     def take(self, worker: WorkerSide, events: KVEventPublisher | None) -> PDConnectorStats | None:
         transfers = self.transfers.drain()
         counts: dict[str, int] = {}
+        levels_now: dict[str, int] = {}
         now = time.monotonic()
         if now - self._last_t >= COUNTS_INTERVAL_S or transfers:
             self._last_t = now
@@ -278,9 +329,14 @@ class WorkerStats:
                 if delta > 0:
                     counts[f"{key[0].value}|{key[1].value}"] = delta
             self._last = current
-        if not counts and not transfers:
+            now_levels = levels(worker)
+            if now_levels != self._last_levels or any(now_levels.values()):
+                levels_now = now_levels  # sent while anything is in use or it changed
+            self._last_levels = now_levels
+        if not counts and not transfers and not levels_now:
             return None
-        return PDConnectorStats(data={"role": self.role, "counts": counts, "transfers": transfers})
+        data = {"role": self.role, "counts": counts, "transfers": transfers, "levels": levels_now}
+        return PDConnectorStats(data=data)
 
 
 # histogram buckets: 100 us .. 30 s; 4 KiB .. 16 GiB
@@ -323,6 +379,12 @@ class PDPromMetrics(KVConnectorPromMetrics):
             )
             for f in Figure
         }
+        self.gauges: dict[Level, Any] = {
+            lv: self._gauge_cls(
+                name=f"vllm:lmcache_pd_{lv.value}", documentation=LEVEL_DOCS[lv], labelnames=ours
+            )
+            for lv in Level
+        }
         histogram: Any = self._histogram_cls  # vLLM types it as a union of the three
         self.xfer_seconds = histogram(
             name="vllm:lmcache_pd_transfer_seconds",
@@ -347,6 +409,13 @@ class PDPromMetrics(KVConnectorPromMetrics):
             except ValueError:
                 continue  # a figure of a newer worker: not ours to guess
             self.counters[figure].labels(*base, role, medium).inc(value)
+        for key, value in transfer_stats_data.get("levels", {}).items():
+            name, _, medium = key.partition("|")
+            try:
+                level = Level(name)
+            except ValueError:
+                continue
+            self.gauges[level].labels(*base, role, medium).set(value)
         for op, medium, seconds, nbytes in transfer_stats_data.get("transfers", []):
             self.xfer_seconds.labels(*base, role, medium, op).observe(seconds)
             self.xfer_bytes.labels(*base, role, medium, op).observe(nbytes)
