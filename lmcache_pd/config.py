@@ -122,6 +122,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # pd_bind_host and a replay/snapshot ROUTER on the next one (TP rank 0); 0 = off
     pd_kv_events_port: int = 0
     pd_kv_events_queue: int = 10_000
+    # peer-to-peer fetch between kv_both engines (lmcache_pd.p2p): LMCache's enable_p2p,
+    # p2p_host (bound and advertised; a wildcard advertises pd_peer_host) and
+    # p2p_init_ports (the p2p endpoint per TP rank; 0 = a free port), and ours: how long
+    # a holder entry lives in the remote tier's index
+    enable_p2p: bool = False
+    p2p_host: str = "127.0.0.1"
+    p2p_init_ports: Port = 0
+    p2p_holder_ttl_s: float = 600.0
 
     def port_for_rank(self, name: str, rank: int = 0) -> int:
         """A port key (int or per-TP-rank list) resolved for TP rank ``rank``."""
@@ -138,6 +146,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.pd_bind_host in ("0.0.0.0", "::", "*", ""):
             return self.pd_peer_host
         return self.pd_bind_host
+
+    def p2p_advertised_host(self) -> str:
+        """The address peers fetch from: ``p2p_host``, or ``pd_peer_host`` when it is a
+        wildcard."""
+        if self.p2p_host in ("0.0.0.0", "::", "*", ""):
+            return self.pd_peer_host
+        return self.p2p_host
 
     def local_disk_path(self) -> Path | None:
         """``local_disk`` as a directory path (``file:///x`` or a plain path)."""
@@ -231,6 +246,7 @@ def _check_ranges(cfg: Config) -> list[str]:
         "disk_write_queue_size",
         "remote_timeout_s",
         "remote_write_queue_size",
+        "p2p_holder_ttl_s",
     ):
         positive(name)
     for name in (
@@ -245,7 +261,13 @@ def _check_ranges(cfg: Config) -> list[str]:
         errors.append(f"pd_busy_max_retries: must be >= 0, got {cfg.pd_busy_max_retries}")
     if cfg.chunk_size > 1 << 20:
         errors.append(f"chunk_size: must be <= 1048576, got {cfg.chunk_size}")
-    for name in ("pd_peer_init_port", "pd_peer_alloc_port", "pd_proxy_port", "pd_pull_port"):
+    for name in (
+        "pd_peer_init_port",
+        "pd_peer_alloc_port",
+        "pd_proxy_port",
+        "pd_pull_port",
+        "p2p_init_ports",
+    ):
         value = getattr(cfg, name)
         ports = value if isinstance(value, list) else [value]
         if not ports:
@@ -253,7 +275,8 @@ def _check_ranges(cfg: Config) -> list[str]:
         # 0: a free port. pd_pull_port: advertised in kv_transfer_params; pd_peer_init_port:
         # named in Fetch (standard contract; several decoder replicas per host, as under
         # Ray Serve). Push-ahead through our proxy needs a fixed decoder port.
-        low = 0 if name in ("pd_pull_port", "pd_peer_init_port") else 1
+        # p2p_init_ports: advertised in the remote tier's holder index.
+        low = 0 if name in ("pd_pull_port", "pd_peer_init_port", "p2p_init_ports") else 1
         for port in ports:
             if not low <= port <= 65535:
                 errors.append(f"{name}: port {port} out of range {low}..65535")

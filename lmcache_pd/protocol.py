@@ -245,6 +245,21 @@ class Fetch(Msg, tag="fetch"):
     tp_rank: int = 0
 
 
+class FetchKeys(Msg, tag="fetch_keys"):
+    """``kv_both`` engine -> a peer's p2p endpoint (peer-to-peer fetch, ``p2p.py``): push
+    the chunks ``keys`` (a prompt's chunk keys in prefix order, as the remote tier's
+    holder index named this peer for them) from your CPU/disk tiers to the receiver at
+    ``receiver`` (``tcp://host:port``, TP rank ``tp_rank``) with the ordinary handoff.
+    The peer sends the longest prefix of ``keys`` it still holds. Answered with
+    ``HandoffDone`` (``chunks`` moved + ``dedup`` already held there = the prefix sent;
+    fewer than ``len(keys)``: the rest is a miss), or ``Error`` for a bad request."""
+
+    req_id: str
+    keys: list[bytes]
+    receiver: str
+    tp_rank: int = 0
+
+
 class Error(Msg, tag="error", kw_only=True):
     req_id: str | None = None
     code: ErrorCode
@@ -456,6 +471,7 @@ Message = (
     | Committed
     | Cancel
     | Fetch
+    | FetchKeys
     | Error
     | HandoffDone
 )

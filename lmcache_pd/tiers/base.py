@@ -69,6 +69,11 @@ class Store(abc.ABC):
         data = self.get(key)
         return None if data is None else memoryview(data).toreadonly()
 
+    def acquire_many(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        """:meth:`acquire` of each of ``keys`` (a tier behind a network batches them
+        into one round trip); release each non-None."""
+        return [self.acquire(key) for key in keys]
+
     def release(self, key: bytes) -> None:  # noqa: B027 - optional hook
         """Undo one :meth:`acquire` of ``key``."""
 

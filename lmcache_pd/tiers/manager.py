@@ -9,7 +9,10 @@ served from CPU, else from disk, else from remote, and a disk or remote hit is p
 (copied up) into the CPU tier. A lookup of a prompt returns the longest prefix of its chunk
 keys held in any tier: CPU and disk are index lookups, the remote tier is asked about the
 keys they lack in one round trip. :meth:`TieredStore.acquire_many` fetches every remote
-chunk of a load in one round trip.
+chunk of a load in one round trip. With peer-to-peer fetch on (:meth:`TieredStore.set_holder`)
+every chunk that lands in the CPU tier is advertised in the remote tier's holder index, and
+:meth:`TieredStore.lookup_holders` returns, in the lookup's one round trip, which peer
+holds the chunks no tier has.
 :func:`build_tiers` builds it from a :class:`~lmcache_pd.config.Config` and a
 :class:`~lmcache_pd.layout.KVLayout`.
 """
@@ -120,6 +123,17 @@ class TieredStore(Store):
             tier: self._metrics.promotions.labels(tier=tier) for tier in ("disk", "remote")
         }
         self._remote_promotions = 0
+        self._holder: tuple[str, float] | None = None  # (p2p endpoint, entry TTL)
+
+    def set_holder(self, endpoint: str, ttl_s: float) -> None:
+        """Advertise chunks that land in the CPU tier as held by the p2p ``endpoint``
+        (entries expire after ``ttl_s``); needs the remote tier."""
+        self._holder = (endpoint, ttl_s)
+
+    def _advertise(self, key: bytes) -> None:
+        holder, remote = self._holder, self.remote
+        if holder is not None and remote is not None and remote.disabled is None:
+            remote.advertise([key], holder[0], holder[1])
 
     # --- writes ---
 
@@ -131,6 +145,8 @@ class TieredStore(Store):
         cpu, disk, remote = self.cpu, self.disk, self.remote
         known = cpu is not None and key in cpu
         stored = cpu.put(key, data) if cpu is not None else False
+        if stored and not known:
+            self._advertise(key)
         queued = False
         if disk is not None and disk.disabled is None and key not in disk:
             view = self._lend(key) if stored else None
@@ -230,6 +246,7 @@ class TieredStore(Store):
 
     def _promote(self, key: bytes, data: Buffer, tier: str = "disk") -> None:
         if self.cpu is not None and self.promote and self.cpu.put(key, data):
+            self._advertise(key)
             with self._lock:
                 self._promotions += 1
                 self._remote_promotions += tier == "remote"
@@ -297,6 +314,33 @@ class TieredStore(Store):
                 if data is not None:
                     out[i] = self._pin_promoted(keys[i], data, "remote")
         return out
+
+    def acquire_local(self, keys: Sequence[bytes]) -> list[memoryview]:
+        """The longest prefix of ``keys`` the CPU or disk tier holds, pinned (no remote
+        call); release each."""
+        out: list[memoryview] = []
+        for key in keys:
+            view = self._acquire_local(key)
+            if view is None:
+                break
+            out.append(view)
+        return out
+
+    def lookup_holders(self, keys: Sequence[bytes]) -> tuple[int, list[str | None]]:
+        """The longest prefix of ``keys`` held in any tier, and for each key after it the
+        p2p endpoint the holder index names (None: nobody known). One remote round trip
+        for both (the same as :meth:`contains`)."""
+        n = self._contains_local(keys)
+        remote = self._remote_up()
+        if n == len(keys) or remote is None:
+            return n, [None] * (len(keys) - n)
+        rest = keys[n:]
+        answers = remote.held_with_holders(rest)
+        i = 0
+        while i < len(rest) and (answers[i] is True or self._local(rest[i])):
+            i += 1
+        holders = [a if isinstance(a, str) else None for a in answers[i:]]
+        return n + i, holders
 
     def _acquire_local(self, key: bytes) -> memoryview | None:
         cpu = self.cpu

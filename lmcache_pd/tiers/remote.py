@@ -19,6 +19,13 @@ CPU slots), and each ``SET`` goes out as header + payload buffers, so the payloa
 copied on the way out. The writer skips chunks the server already holds (one existence
 check per batch) so engines sharing a prefix do not resend it.
 
+Peer-to-peer holder index (``enable_p2p``, :mod:`lmcache_pd.p2p`): next to a chunk's
+key, ``...:p2p:<chunk key hex>`` names the p2p endpoint of an engine that holds the chunk
+in its CPU tier (last writer wins, expiring after ``p2p_holder_ttl_s``). Engines
+:meth:`RemoteStore.advertise` what they hold; the write-behind thread sets the entries
+(batched, pipelined, off the hot path), and :meth:`RemoteStore.held_with_holders` answers
+"value held, else who holds it" per key in the lookup's one round trip.
+
 Faults: every socket wait (connect, each read) is bounded by ``remote_timeout_s`` and
 redis-py does not retry, so no call waits longer than that on a dead or stalled server.
 The first error turns the tier off with one warning; while off every call is a miss (the
@@ -138,10 +145,34 @@ class _Write(msgspec.Struct):
     done: Callable[[], None] | None = None
 
 
+class _Advert(msgspec.Struct, frozen=True):
+    """A holder-index entry to set: ``key`` is held by the p2p ``endpoint``."""
+
+    key: bytes
+    endpoint: bytes
+    ttl_s: float
+
+
+MAX_PENDING_ADVERTS = 4096  # holder entries waiting for the writer; beyond: dropped
+
+
 # One round trip, one command for a whole prompt: per-key existence, no values moved.
 EXISTS_LUA = """
 local out = {}
 for i, key in ipairs(KEYS) do out[i] = redis.call('EXISTS', key) end
+return out
+"""
+
+
+# Per key: 1 when the value is held, else the holder entry (a p2p endpoint) or 0.
+# KEYS = value keys then holder keys, in the same order.
+HOLDERS_LUA = """
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 1 then out[i] = 1
+  else out[i] = redis.call('GET', KEYS[n + i]) or 0 end
+end
 return out
 """
 
@@ -210,6 +241,9 @@ class RemoteStore(Store):
         self._warned_write_error = False
         self._lua = True
         self._exists_script = self.client.register_script(EXISTS_LUA)
+        self._holders_script = self.client.register_script(HOLDERS_LUA)
+        self._adverts = self._advert_drops = 0
+        self._pending_adverts: list[_Advert] = []
         try:
             self.client.ping()
         except redis.exceptions.RedisError as exc:
@@ -231,6 +265,12 @@ class RemoteStore(Store):
         if not isinstance(key, (bytes, bytearray)) or not 1 <= len(key) <= 32:
             raise ValueError(f"chunk keys are 1..32 bytes, got {key!r:.80}")
         return self._prefix_b + bytes(key).hex().encode()
+
+    def holder_key(self, key: bytes) -> bytes:
+        """The server-side key of chunk ``key``'s holder entry (p2p index)."""
+        if not isinstance(key, (bytes, bytearray)) or not 1 <= len(key) <= 32:
+            raise ValueError(f"chunk keys are 1..32 bytes, got {key!r:.80}")
+        return self._prefix_b + b"p2p:" + bytes(key).hex().encode()
 
     # --- state: up, down (with one warning), re-probe with backoff ---
 
@@ -311,6 +351,7 @@ class RemoteStore(Store):
                 self._queue.task_done()
                 return
             if item is _WAKE:
+                self._flush_adverts()
                 self._queue.task_done()
                 continue
             batch: list[_Write] = [item]
@@ -334,6 +375,7 @@ class RemoteStore(Store):
             except Exception:
                 log.exception("remote tier: unexpected error writing %d chunks", len(batch))
             finally:
+                self._flush_adverts()
                 for w in batch:
                     _call_done(w)
                     self._queue.task_done()
@@ -379,6 +421,25 @@ class RemoteStore(Store):
                 self.url.redacted(),
                 failed[0],
             )
+
+    def _flush_adverts(self) -> None:
+        """Write the pending holder entries: pipelined ``SET ... PX`` in one round trip
+        (writer thread)."""
+        with self._lock:
+            pending, self._pending_adverts = self._pending_adverts, []
+        if not pending or not self._up():
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for ad in pending:
+                ttl_ms = max(1, int(ad.ttl_s * 1000))
+                pipe.set(self.holder_key(ad.key), ad.endpoint, px=ttl_ms)
+            pipe.execute(raise_on_error=False)
+        except redis.exceptions.RedisError as exc:
+            self._mark_down(exc)
+            return
+        with self._lock:
+            self._adverts += len(pending)
 
     def _send_sets(self, todo: list[tuple[_Write, bytes]]) -> list[object]:
         """Pipelined ``SET key <header><payload>`` without joining header and payload:
@@ -440,6 +501,67 @@ class RemoteStore(Store):
             _call_done(item)
             return False
         return True
+
+    def advertise(self, keys: Sequence[bytes], endpoint: str, ttl_s: float) -> bool:
+        """Note holder entries: ``endpoint`` (a p2p endpoint) holds ``keys``, for
+        ``ttl_s`` seconds; the writer thread sets them in batches. Never waits; False
+        (counted) when the tier is off or too many are pending."""
+        if not keys:
+            return True
+        if not self._up():
+            return False
+        ads = [_Advert(bytes(k), endpoint.encode(), float(ttl_s)) for k in keys]
+        with self._lock:
+            room = MAX_PENDING_ADVERTS - len(self._pending_adverts)
+            self._advert_drops += max(0, len(ads) - room)
+            wake = not self._pending_adverts
+            self._pending_adverts += ads[: max(0, room)]
+        if wake:
+            try:
+                self._queue.put_nowait(_WAKE)
+            except queue.Full:
+                pass  # the writer is busy and flushes them after its batch
+        return room >= len(ads)
+
+    def held_with_holders(self, keys: Sequence[bytes]) -> list[bool | str]:
+        """Per key: True when the server holds the chunk, else the p2p endpoint its
+        holder entry names, else False. One round trip (one ``EVALSHA``; a pipeline of
+        ``EXISTS`` + ``GET`` where scripts are refused). All False while the tier is off."""
+        if not keys:
+            return []
+        if not self._up():
+            return [False] * len(keys)
+        vkeys = [self.redis_key(key) for key in keys]
+        hkeys = [self.holder_key(key) for key in keys]
+        try:
+            if self._lua:
+                try:
+                    raw = list(self._holders_script(keys=[*vkeys, *hkeys]))
+                except redis.exceptions.ResponseError:
+                    self._lua = False  # said once by _exists on its next call
+                    raw = self._holders_pipelined(vkeys, hkeys)
+            else:
+                raw = self._holders_pipelined(vkeys, hkeys)
+        except redis.exceptions.RedisError as exc:
+            self._mark_down(exc)
+            return [False] * len(keys)
+        with self._lock:
+            self._events[RemoteEvent.LOOKUPS] += 1
+        out: list[bool | str] = []
+        for value in raw:
+            if isinstance(value, bytes):
+                out.append(value.decode(errors="replace"))
+            else:
+                out.append(bool(value))
+        return out
+
+    def _holders_pipelined(self, vkeys: list[bytes], hkeys: list[bytes]) -> list[object]:
+        pipe = self.client.pipeline(transaction=False)
+        for vkey, hkey in zip(vkeys, hkeys, strict=True):
+            pipe.exists(vkey)
+            pipe.get(hkey)
+        res = pipe.execute()
+        return [1 if res[2 * i] else (res[2 * i + 1] or 0) for i in range(len(vkeys))]
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is done (written or dropped); False on timeout."""
@@ -601,6 +723,7 @@ class RemoteStore(Store):
         out: dict[str, int | float] = dict(self._c.snapshot())
         with self._lock:
             out.update({event.value: n for event, n in self._events.items()})
+            out.update(holder_adverts=self._adverts, holder_advert_drops=self._advert_drops)
         out.update(queued=self._queue.qsize(), disabled=int(self._state is not RemoteState.UP))
         return out
 
