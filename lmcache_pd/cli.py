@@ -84,7 +84,7 @@ def check_kernels(ctx: typer.Context) -> None:
 @app.command("bench", context_settings=PASSTHROUGH)
 def bench(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="transfer|kernels|tiers|remote|proxy|e2e"),
+    name: str = typer.Argument(..., help="transfer|kernels|tiers|remote|proxy|e2e|soak"),
 ) -> None:
     """Run benchmarks/NAME.py with the remaining arguments (--quick --json F --png P)."""
     script = BENCH_DIR / f"{name}.py"

@@ -126,7 +126,8 @@ def _config(args: argparse.Namespace) -> tuple[Config, KVLayout]:
 def run_receiver(args: argparse.Namespace) -> int:
     cfg, layout = _config(args)
     store = build_tiers(cfg, layout) if args.cpu_store_bytes else None
-    rx = Receiver(cfg, layout, NixlTransport(), port=args.port, store=store).start()
+    transport = NixlTransport(bind_host=cfg.pd_bind_host)
+    rx = Receiver(cfg, layout, transport, port=args.port, store=store).start()
     print(f"READY {rx.endpoint}", flush=True)
     _stdin_closed().wait()
     verified = bad = 0

@@ -8,15 +8,29 @@ receiver calls only while a lease is outstanding. Idle, nothing runs.
 
 Descriptor lists are prepared once (``prep_xfer_dlist``) and reused for every transfer
 (``make_prepped_xfer``): no per-chunk allocation on the hot path beyond the index arrays.
+
+Listening interfaces: UCX's TCP transport listens on every network interface it uses
+(by default all of them), whatever ``pd_bind_host`` says. Given ``bind_host``, the agent
+is created with ``UCX_NET_DEVICES`` naming only the interface that carries that address
+(:func:`ucx_net_devices`: ``lo`` for a loopback address), so a loopback deployment
+listens on no outside address. Shared-memory transports (``cma``, ``sm``) are not
+network devices and stay available. A ``UCX_NET_DEVICES`` set by the user wins (NIXL's
+UCX plugin honours it too); a wildcard or unknown address leaves UCX's default, with a
+warning. NIXL's own ``device_list`` backend parameter is no help here: it appends an
+RDMA port (``lo:1``), which names no TCP device.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -45,6 +59,8 @@ logging.getLogger("nixl").setLevel(os.environ.get("LMCACHE_PD_NIXL_LOG", "WARNIN
 
 _BACKOFF_START_S = 20e-6
 _BACKOFF_MAX_S = 500e-6
+_WILDCARDS = ("", "0.0.0.0", "::", "*")
+_ENV_LOCK = threading.Lock()  # UCX reads UCX_NET_DEVICES while the agent is created
 _FAST_TLS = ("sm", "shm", "cma", "posix", "sysv", "xpmem", "knem", "rc", "dc", "ud", "ib", "cuda")
 
 
@@ -69,16 +85,89 @@ def check_ucx_env() -> str | None:
     return None
 
 
-class NixlTransport(Transport):
-    """One NIXL agent with the configured backends (UCX by default)."""
+def _interface_of(address: str) -> str | None:
+    """Name of the local interface carrying ``address`` (None: no such interface)."""
+    import psutil
 
-    def __init__(self, name: str | None = None, backends: Sequence[str] = ("UCX",)) -> None:
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6) and a.address.split("%")[0] == address:
+                return name
+    return None
+
+
+def ucx_net_devices(bind_host: str | None) -> str | None:
+    """The ``UCX_NET_DEVICES`` value that keeps UCX's listeners on ``bind_host``'s
+    interface: the interface carrying that address (``lo`` for loopback), or None (UCX's
+    default: every interface) for no host, a wildcard, or an address no local interface
+    carries (then with a warning)."""
+    if bind_host is None or bind_host.strip() in _WILDCARDS:
+        return None
+    host = bind_host.strip().strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:  # a host name: the address it resolves to here
+            ip = ipaddress.ip_address(socket.gethostbyname(host))
+        except (OSError, ValueError):
+            log.warning(
+                "NIXL/UCX: pd_bind_host %r does not resolve; UCX listens on every interface",
+                bind_host,
+            )
+            return None
+    device = _interface_of(str(ip))
+    if device is None and ip.is_loopback:
+        device = _interface_of("127.0.0.1") or "lo"
+    if device is None:
+        log.warning(
+            "NIXL/UCX: no local interface carries pd_bind_host %s; UCX listens on every "
+            "interface (set UCX_NET_DEVICES to restrict it)",
+            ip,
+        )
+    return device
+
+
+@contextmanager
+def _ucx_env(net_devices: str | None) -> Iterator[str | None]:
+    """``UCX_NET_DEVICES=net_devices`` while the agent is created, unless the user set
+    it; yields the value UCX sees."""
+    with _ENV_LOCK:
+        mine = os.environ.get("UCX_NET_DEVICES")
+        if mine is not None or net_devices is None:
+            yield mine
+            return
+        os.environ["UCX_NET_DEVICES"] = net_devices
+        try:
+            yield net_devices
+        finally:
+            os.environ.pop("UCX_NET_DEVICES", None)
+
+
+class NixlTransport(Transport):
+    """One NIXL agent with the configured backends (UCX by default). ``bind_host``
+    (``pd_bind_host``): UCX's network transports use only the interface carrying it."""
+
+    def __init__(
+        self,
+        name: str | None = None,
+        backends: Sequence[str] = ("UCX",),
+        bind_host: str | None = None,
+    ) -> None:
         warning = check_ucx_env()
         if warning:
             log.warning("NIXL/UCX: %s", warning)
         self.name = name or f"lmcache-pd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         conf = nixl_agent_config(enable_prog_thread=False, backends=list(backends))
-        self.agent = nixl_agent(self.name, conf)
+        with _ucx_env(ucx_net_devices(bind_host)) as devices:
+            self.agent = nixl_agent(self.name, conf)
+        self.net_devices = devices  # what UCX was told (None: every interface)
+        self._hint = ""
+        if devices is not None and bind_host is not None:
+            self._hint = (
+                f" (UCX uses only {devices!r}, the interface of pd_bind_host={bind_host}: a "
+                "peer on another host needs pd_bind_host set to this host's address on the "
+                "KV network)"
+            )
         missing = [b for b in backends if b not in self.agent.backends]
         if missing:
             raise TransportError(
@@ -170,10 +259,12 @@ class NixlTransport(Transport):
             )
             state = self.agent.transfer(handle)
         except Exception as exc:
-            raise TransportError(f"NIXL WRITE could not be posted: {exc}") from exc
+            raise TransportError(f"NIXL WRITE could not be posted: {exc}{self._hint}") from exc
         if state == "ERR":
             self.release(handle)
-            raise TransportError("NIXL WRITE failed at post (peer gone or memory unregistered?)")
+            raise TransportError(
+                f"NIXL WRITE failed at post (peer gone or memory unregistered?){self._hint}"
+            )
         return handle
 
     def poll(self, handle: TransferHandle) -> XferState:
@@ -187,7 +278,9 @@ class NixlTransport(Transport):
             if state is XferState.DONE:
                 return
             if state is XferState.ERR:
-                raise TransportError("NIXL WRITE failed (peer died or connection lost)")
+                raise TransportError(
+                    f"NIXL WRITE failed (peer died or connection lost){self._hint}"
+                )
             if time.monotonic() >= deadline:
                 raise TransferTimeout(f"NIXL WRITE not complete after {timeout_s:.1f}s")
             time.sleep(delay)

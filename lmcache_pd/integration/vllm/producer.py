@@ -48,7 +48,9 @@ class Producer:
         self.layout = layout
         self.tp_rank = tp_rank
         self.transport = NixlTransport(
-            agent_name(KVRole.PRODUCER, tp_rank), backends=cfg.nixl_backends
+            agent_name(KVRole.PRODUCER, tp_rank),
+            backends=cfg.nixl_backends,
+            bind_host=cfg.pd_bind_host,
         )
         self.sender = Sender(cfg, layout, self.transport, tp_size=tp_size, tp_rank=tp_rank)
         self._codec = Codec(cfg.auth_secret(), cfg.pd_max_frame_bytes)

@@ -222,7 +222,9 @@ class WorkerSide:
             from lmcache_pd.transports.nixl import NixlTransport
 
             transport = NixlTransport(
-                agent_name(self.role, self.tp_rank), backends=self.cfg.nixl_backends
+                agent_name(self.role, self.tp_rank),
+                backends=self.cfg.nixl_backends,
+                bind_host=self.cfg.pd_bind_host,
             )
             self.receiver = Receiver(
                 self.cfg,
