@@ -18,7 +18,14 @@ dominates on CPU), with fresh random prompts and vLLM's prefix cache off everywh
 * ``nixl``: the same two-step flow with vLLM's own ``NixlConnector``
   (``kv_buffer_device: cpu``), through the same proxy in HTTP-only mode;
 * ``reuse``: one kv_both engine (CPU tier), TTFT of a prompt whose prefix of L tokens is
-  held (warm) vs the same prompt shape with a fresh prefix (cold), L growing.
+  held (warm) vs the same prompt shape with a fresh prefix (cold), L growing;
+* deployment shapes (``--shape``, comma-separated; default ``1p1d``, which is ``ours``
+  above): ``2p2d`` (2 prefillers on core 0, 2 decoders on core 1, round robin) and the
+  mixed-TP shapes ``tp2-tp1``, ``tp1-tp2``, ``tp2-tp2`` (prefiller TP - decoder TP; a
+  TP=2 engine runs ``--tensor-parallel-size 2`` with ``VLLM_CPU_OMP_THREADS_BIND=0|1``,
+  a TP=2 decoder's rank r listens on ``pd_peer_init_port`` + r), each through the
+  lmcache-pd proxy, reported next to ``single`` and ``ours`` in the same table, JSON
+  and PNG. A shape the engines refuse fails alone with the engine's error.
 
 TTFT = time to the first streamed token; TPOT = mean gap between later tokens. Engines
 run one configuration at a time (this box has 2 cores) and are always stopped. The idle
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import json
 import os
 import random
@@ -40,13 +48,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
-from lmcache_pd.integration.vllm.launch import VLLMServer, free_port
+from lmcache_pd.integration.vllm.launch import VLLMServer, free_port, free_port_pair
 from lmcache_pd.integration.vllm.tiny_model import TinySpec, make_tiny_model
 from lmcache_pd.protocol import standard_prefill_params
 
@@ -54,6 +63,51 @@ CONNECTOR = {
     "kv_connector": "LMCachePDConnector",
     "kv_connector_module_path": "lmcache_pd.integration.vllm",
 }
+
+
+class Shape(str, enum.Enum):
+    """A deployment shape: prefillers x decoders and their tensor-parallel sizes."""
+
+    P1D1 = "1p1d"
+    P2D2 = "2p2d"
+    TP2_TP1 = "tp2-tp1"
+    TP1_TP2 = "tp1-tp2"
+    TP2_TP2 = "tp2-tp2"
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    prefillers: int
+    decoders: int
+    prefill_tp: int
+    decode_tp: int
+
+
+SHAPES: dict[Shape, ShapeSpec] = {
+    Shape.P1D1: ShapeSpec(1, 1, 1, 1),
+    Shape.P2D2: ShapeSpec(2, 2, 1, 1),
+    Shape.TP2_TP1: ShapeSpec(1, 1, 2, 1),
+    Shape.TP1_TP2: ShapeSpec(1, 1, 1, 2),
+    Shape.TP2_TP2: ShapeSpec(1, 1, 2, 2),
+}
+
+
+def parse_shapes(text: str) -> list[Shape]:
+    """``--shape`` value: comma-separated shape names, each once."""
+    out: list[Shape] = []
+    for name in (x.strip().lower() for x in text.split(",")):
+        if not name:
+            continue
+        try:
+            shape = Shape(name)
+        except ValueError:
+            known = ", ".join(s.value for s in Shape)
+            raise argparse.ArgumentTypeError(f"unknown shape {name!r} (known: {known})") from None
+        if shape not in out:
+            out.append(shape)
+    if not out:
+        raise argparse.ArgumentTypeError("--shape names no shape")
+    return out
 
 
 def _cc(role: str, **extra: Any) -> dict[str, Any]:
@@ -267,6 +321,56 @@ class Bench:
                 )
             return rows
 
+    def tp_env(self, tp: int, core: int) -> dict[str, str]:
+        """Cores of an engine: TP=1 on ``core`` (see :meth:`bind`), TP=2 one core per rank."""
+        if tp == 1:
+            return self.bind(core)
+        if self.a.no_bind or (os.cpu_count() or 1) < tp:
+            return {}
+        return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(r) for r in range(tp))}
+
+    def shape(self, shape: Shape) -> list[dict[str, float]]:
+        """Prefillers and decoders of ``shape`` behind the lmcache-pd proxy."""
+        spec = SHAPES[shape]
+        common = {"chunk_size": self.a.chunk_size, "pd_buffer_size": 256 << 20}
+        tag = shape.value
+
+        def tp_args(tp: int) -> list[str]:
+            return ["--tensor-parallel-size", str(tp)] if tp > 1 else []
+
+        prefillers = [
+            self.server(
+                f"{tag}-prefiller{i}",
+                kv_transfer_config=_cc("kv_producer", **common),
+                env=self.tp_env(spec.prefill_tp, 0),
+                extra_args=tp_args(spec.prefill_tp),
+            )
+            for i in range(spec.prefillers)
+        ]
+        kv_ports: list[int] = []
+        for _ in range(spec.decoders):  # rank r listens on base + r
+            base = free_port_pair(avoid=tuple(kv_ports)) if spec.decode_tp == 2 else free_port()
+            kv_ports += [base + r for r in range(spec.decode_tp)]
+        bases = kv_ports[:: spec.decode_tp]
+        decoders = [
+            self.server(
+                f"{tag}-decoder{i}",
+                kv_transfer_config=_cc(
+                    "kv_consumer", pd_peer_init_port=bases[i], max_local_cpu_size=0.5, **common
+                ),
+                env=self.tp_env(spec.decode_tp, 1),
+                extra_args=tp_args(spec.decode_tp),
+            )
+            for i in range(spec.decoders)
+        ]
+        with running([*prefillers, *decoders]):
+            self.idle.update(idle_cpu_pct([*prefillers, *decoders], self.a.idle_s))
+            argv = [a for p in prefillers for a in ("--prefiller", p.url)]
+            for d, base in zip(decoders, bases, strict=True):
+                argv += ["--decoder", d.url, "--decoder-kv", f"127.0.0.1:{base}"]
+            with proxy([*argv, "--handoff-port", "0"]) as url:
+                return self.measure(url, tag, self.a.requests)
+
     def nixl_shim(self) -> str:
         """vLLM imports ``nixl._api``; the ``nixl-cu12`` wheel alone installs it as
         ``nixl_cu12``. A three-file alias package on PYTHONPATH (engines of this phase
@@ -348,10 +452,46 @@ class Bench:
 
 MODE_LABELS = {
     "single": "one engine",
-    "ours": "push-ahead\n(our proxy)",
+    "ours": "push-ahead\n(our proxy)\n1P1D",
     "standard": "standard\ncontract",
     "nixl": "vLLM\nNixlConnector",
+    Shape.P2D2.value: "2P2D\n(our proxy)",
+    Shape.TP2_TP1.value: "P TP2\nD TP1",
+    Shape.TP1_TP2.value: "P TP1\nD TP2",
+    Shape.TP2_TP2.value: "P TP2\nD TP2",
 }
+MODES = ["single", "ours", "standard", "nixl", *(s.value for s in Shape if s is not Shape.P1D1)]
+
+
+def print_table(summary: dict[str, dict[str, float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="e2e: TTFT / TPOT (ms)")
+    for col in (
+        "mode",
+        "n",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "TTFT p50 / one engine",
+    ):
+        t.add_column(col, justify="right")
+    base = summary.get("single", {}).get("ttft_p50_s")
+    for mode in [m for m in MODES if m in summary]:
+        row = summary[mode]
+        ratio = f"{row['ttft_p50_s'] / base:.2f}" if base else "-"
+        t.add_row(
+            MODE_LABELS.get(mode, mode).replace("\n", " "),
+            str(row["requests"]),
+            *(
+                f"{row[k] * 1e3:.1f}"
+                for k in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")
+            ),
+            ratio,
+        )
+    Console().print(t)
 
 
 def plot(result: dict[str, Any], path: str) -> None:
@@ -361,22 +501,34 @@ def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     reuse = result.get("reuse", [])
-    if reuse:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    else:
-        fig, ax1 = plt.subplots(figsize=(6.5, 4))
-    modes = [m for m in ("single", "ours", "standard", "nixl") if m in result["summary"]]
+    modes = [m for m in MODES if m in result["summary"]]
+    shapes = any(m in result["summary"] for m in MODES[4:])
+    panels = 1 + bool(reuse) + shapes
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels + 1, 4))
+    axes = list(axes) if panels > 1 else [axes]
+    ax1 = axes[0]
     xs = range(len(modes))
     p50 = [result["summary"][m]["ttft_p50_s"] * 1e3 for m in modes]
     p99 = [result["summary"][m]["ttft_p99_s"] * 1e3 for m in modes]
     ax1.bar([x - 0.2 for x in xs], p50, 0.4, label="TTFT p50")
     ax1.bar([x + 0.2 for x in xs], p99, 0.4, label="TTFT p99")
-    ax1.set_xticks(list(xs), [MODE_LABELS.get(m, m) for m in modes])
+    ax1.set_xticks(list(xs), [MODE_LABELS.get(m, m) for m in modes], fontsize=8)
     ax1.set_yscale("log")
     ax1.set_ylabel("ms (log)")
     ax1.set_title(f"TTFT, {result['config']['prompt_tokens']}-token prompts")
     ax1.legend()
+    if shapes:
+        ax3 = axes[-1]
+        t50 = [result["summary"][m]["tpot_p50_s"] * 1e3 for m in modes]
+        t99 = [result["summary"][m]["tpot_p99_s"] * 1e3 for m in modes]
+        ax3.bar([x - 0.2 for x in xs], t50, 0.4, label="TPOT p50")
+        ax3.bar([x + 0.2 for x in xs], t99, 0.4, label="TPOT p99")
+        ax3.set_xticks(list(xs), [MODE_LABELS.get(m, m) for m in modes], fontsize=8)
+        ax3.set_ylabel("ms")
+        ax3.set_title(f"TPOT, {result['config']['output_tokens']} output tokens")
+        ax3.legend()
     if reuse:
+        ax2 = axes[1]
         lengths = [r["prefix_tokens"] for r in reuse]
         ax2.plot(lengths, [r["cold_ttft_s"] * 1e3 for r in reuse], "o-", label="recompute")
         ax2.plot(lengths, [r["warm_ttft_s"] * 1e3 for r in reuse], "o-", label="tier hit")
@@ -407,6 +559,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse-reps", type=int, default=None)
     p.add_argument("--idle-s", type=float, default=3.0)
     p.add_argument("--skip", default="", help="comma-separated: single,ours,standard,nixl,reuse")
+    p.add_argument(
+        "--shape",
+        type=parse_shapes,
+        default=[Shape.P1D1],
+        help="comma-separated deployment shapes: " + ", ".join(s.value for s in Shape),
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bind", action="store_true", help="do not pin prefiller/decoder cores")
     p.add_argument("--quiet", action="store_true")
@@ -448,11 +606,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     summary: dict[str, dict[str, float]] = {}
     errors: dict[str, str] = {}
-    phases: list[tuple[str, Callable[[], list[dict[str, float]]]]] = [
-        ("single", bench.single),
-        ("ours", bench.ours),
-        ("nixl", bench.nixl),
-    ]
+    phases: list[tuple[str, Callable[[], list[dict[str, float]]]]] = [("single", bench.single)]
+    if Shape.P1D1 in a.shape:
+        phases.append(("ours", bench.ours))
+    for shape in a.shape:
+        if shape is not Shape.P1D1:
+            phases.append((shape.value, lambda shape=shape: bench.shape(shape)))
+    phases.append(("nixl", bench.nixl))
     t_start = time.time()
     for name, fn in phases:
         if name in a.skip:
@@ -478,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios: dict[str, float] = {}
     if "single" in summary:
         base = summary["single"]["ttft_p50_s"]
-        for m in ("ours", "standard", "nixl"):
+        for m in MODES[1:]:
             if m in summary:
                 ratios[f"{m}_ttft_p50_over_single"] = summary[m]["ttft_p50_s"] / base
                 ratios[f"{m}_tpot_p50_over_single"] = (
@@ -503,6 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             "prompt_tokens": a.prompt_tokens,
             "output_tokens": a.output_tokens,
+            "shapes": [s.value for s in a.shape],
             "chunk_size": a.chunk_size,
             "max_model_len": a.max_model_len,
             "cpus": os.cpu_count(),
@@ -522,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             indent=2,
         )
     )
+    print_table(summary)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=2))
