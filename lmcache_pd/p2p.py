@@ -413,14 +413,18 @@ class PeerSharing:
         self.receiver = Receiver(
             cfg,
             layout,
-            NixlTransport(backends=cfg.nixl_backends),
+            NixlTransport(backends=cfg.nixl_backends, bind_host=cfg.pd_bind_host),
             port=receiver_port,
             tp_rank=tp_rank,
             tp_size=tp_size,
             store=store,
         ).start()
         self.sender = Sender(
-            cfg, layout, NixlTransport(backends=cfg.nixl_backends), tp_size=tp_size, tp_rank=tp_rank
+            cfg,
+            layout,
+            NixlTransport(backends=cfg.nixl_backends, bind_host=cfg.pd_bind_host),
+            tp_size=tp_size,
+            tp_rank=tp_rank,
         )
         codec = self.receiver.codec
         self.server = PeerServer(cfg, codec, store, self.sender, tp_rank=tp_rank, port=server_port)

@@ -144,6 +144,9 @@ class SchedulerSide:
         st.pull = st.error = None
         if self.role is KVRole.CONSUMER and st.load_attempts == 0:
             target, wait_s = self._remote_plan(request, st, held)
+        if self.role is KVRole.BOTH and self.cfg.enable_p2p and target > 0:
+            # chunks a peer holds are pushed here first, off the forward path (p2p.py)
+            wait_s = self.cfg.pd_connect_timeout_s + self.cfg.pd_transfer_timeout_s
         st.held = held
         hit_tokens = min(target * self.chunk_size, n)
         if not st.logged:

@@ -11,7 +11,8 @@ Loads run in ``start_load_kv`` (the request is not in the forward of that step: 
 are async in vLLM's terms). A load whose chunks are still landing from a prefiller waits
 in a helper thread, bounded by ``pd_transfer_timeout_s``; under the standard contract
 that thread first fetches them (:class:`~lmcache_pd.pull.Fetcher`: the prefiller pushes
-its held chunks to our receiver). Chunks that cannot be loaded
+its held chunks to our receiver); with ``enable_p2p`` (``kv_both``) it first has the peer
+engine that holds them push them here (:mod:`lmcache_pd.p2p`). Chunks that cannot be loaded
 are reported as invalid blocks: vLLM then recomputes them (policy ``recompute``) or
 fails the request (policy ``fail``).
 """
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
     from lmcache_pd.integration.vllm.producer import Producer
+    from lmcache_pd.p2p import PeerSharing
     from lmcache_pd.receiver import Receiver
 
 log = logging.getLogger("lmcache_pd.vllm")
@@ -139,6 +141,7 @@ class WorkerSide:
         self.receiver: Receiver | None = None
         self.producer: Producer | None = None
         self.fetcher: Fetcher | None = None
+        self.p2p: PeerSharing | None = None
         self.lookup_server: LookupServer | None = None
         self.tp_rank, self.tp_size = 0, 1
         self._lock = threading.Lock()
@@ -165,7 +168,9 @@ class WorkerSide:
         ktc = self.vllm_config.kv_transfer_config
         assert ktc is not None
         self.lookup_server = LookupServer(
-            lookup_endpoint(str(ktc.engine_id), self.tp_rank), self._lookup, self._pull_address
+            lookup_endpoint(str(ktc.engine_id), self.tp_rank),
+            self._lookup if self.p2p is None else self._lookup_with_peers,
+            self._pull_address,
         )
 
     def _adopt_caches(self, kv_caches: dict[str, torch.Tensor]) -> KVLayout:
@@ -215,6 +220,8 @@ class WorkerSide:
                     "and/or local_disk with max_local_disk_size > 0"
                 )
             self.source = TierSource(self.store)
+            if self.cfg.enable_p2p:
+                self._start_p2p(layout)
         else:
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         if self.role is KVRole.CONSUMER:
@@ -246,6 +253,31 @@ class WorkerSide:
             from lmcache_pd.integration.vllm.producer import Producer
 
             self.producer = Producer(self.cfg, layout, self.tp_rank, self.tp_size)
+
+    def _start_p2p(self, layout: KVLayout) -> None:
+        """kv_both with ``enable_p2p``: a receiver and a sender beside the tiers, the p2p
+        endpoint, and loads through :class:`~lmcache_pd.p2p.PeerSource` (a load whose
+        chunks a peer holds waits for that peer's push in a helper thread)."""
+        from lmcache_pd.p2p import PeerSharing
+
+        assert self.store is not None
+        if self.store.remote is None:
+            log.warning(
+                "enable_p2p needs the remote tier (remote_url; its index says which peer "
+                "holds a chunk): peer-to-peer fetch is off"
+            )
+            return
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
+        self.p2p = PeerSharing(
+            self.cfg, layout, self.store, tp_rank=self.tp_rank, tp_size=self.tp_size
+        )
+        self.source = self.p2p.source
+        self._waiters = ThreadPoolExecutor(4, thread_name_prefix="lmcache-pd-load")
+
+    def _lookup_with_peers(self, keys: list[bytes], source_tp: int = 0) -> int:
+        """The scheduler's lookup with p2p on: chunks held here or by one peer."""
+        assert self.p2p is not None
+        return self.p2p.source.lookup_with_peers(keys)
 
     def _pull_address(self) -> tuple[str, int] | None:
         holds = self.producer.holds if self.producer is not None else None
@@ -466,6 +498,8 @@ class WorkerSide:
             out.update(self.store.stats())
         if self.receiver is not None:
             out.update(self.receiver.stats())
+        if self.p2p is not None:
+            out.update(self.p2p.stats())
         return out
 
     def shutdown(self) -> None:
@@ -485,6 +519,9 @@ class WorkerSide:
             self.receiver.close()
             self.receiver.transport.close()
             self.receiver = None
+        if self.p2p is not None:
+            self.p2p.close()
+            self.p2p = None
         if self.store is not None:
             self.store.flush(timeout=5.0)
             self.store.close()
