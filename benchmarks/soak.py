@@ -245,6 +245,8 @@ class Cluster:
         self.lock = threading.Lock()
         self.proxy: subprocess.Popen[bytes] | None = None
         self.proxy_url = ""
+        self.clock: Callable[[], float] = lambda: 0.0  # the soak's (seconds since the load)
+        self.ready_at: dict[str, float] = {}  # series -> when it answered /health
 
     def _make(self, name: str) -> VLLMServer:
         gen = self.generation.get(name, -1) + 1
@@ -282,6 +284,7 @@ class Cluster:
             self.engines[name] = self._make(name).start()
         for s in self.engines.values():
             s.wait_ready(timeout_s)
+        self.ready_at = {self.series(name): 0.0 for name in self.engines}
         from lmcache_pd.router.proxy import spawn
 
         argv = ["--prefiller", self.engines["P0"].url, "--prefiller", self.engines["P1"].url]
@@ -310,6 +313,7 @@ class Cluster:
             self.engines[name] = new
         new.start()
         new.wait_ready(timeout_s)
+        self.ready_at[self.series(name)] = self.clock()
 
     def pids(self) -> dict[str, int]:
         """Series name -> root pid of every live process group (engines, proxy)."""
@@ -489,43 +493,54 @@ def wait_healthy(urls: Sequence[str], timeout_s: float) -> None:
             time.sleep(1.0)
 
 
-def leak_check(cluster: Cluster, settle_s: float) -> dict[str, dict[str, float]]:
+def leak_check(cluster: Cluster, settle_s: float) -> dict[str, dict[str, float | None]]:
     """Idle in-use gauges of every engine, read after ``settle_s`` (leases and grants
     expire) and two short probe requests ~1 s apart (the connector's stats ride on
-    engine steps; the probe is shorter than a chunk, so it moves no KV)."""
+    engine steps; the probe is shorter than a chunk, so it moves no KV). None: the
+    engine does not export that gauge (a decoder has no send slots)."""
     time.sleep(settle_s)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float | None]] = {}
     for name, s in sorted(cluster.engines.items()):
         for _ in range(2):
             with contextlib.suppress(Exception):
                 s.completion("the cache", max_tokens=2, timeout_s=30)
             time.sleep(1.2)
         text = s.metrics()
-        row = {g: metric_value(text, g) for g in (*LEAK_GAUGES, CACHE_GAUGE)}
-        out[cluster.series(name)] = {
-            k: (v if v is not None else float("nan")) for k, v in row.items()
-        }
+        out[cluster.series(name)] = {g: metric_value(text, g) for g in (*LEAK_GAUGES, CACHE_GAUGE)}
     return out
 
 
+def role_gauges(series: str) -> tuple[str, ...]:
+    """The leak gauges an engine of this role must export."""
+    if series.startswith("P"):
+        return ("vllm:lmcache_pd_send_slots_in_use", "vllm:lmcache_pd_holds_outstanding")
+    return ("vllm:lmcache_pd_receive_slots_leased", "vllm:lmcache_pd_receive_slots_granted")
+
+
 def rss_report(
-    samples: list[Sample], warmup_s: float, window: int, tolerance: float
+    samples: list[Sample],
+    ready_at: dict[str, float],
+    warmup_s: float,
+    window: int,
+    tolerance: float,
 ) -> dict[str, dict[str, Any]]:
     """Per series: first/last MB, growth after warm-up (median of the last ``window``
-    samples against the median of the first ``window`` samples after warm-up)."""
+    samples against the median of the first ``window`` samples from ``warmup_s`` after
+    the process group answered /health: a restarted engine warms up anew)."""
     by: dict[str, list[tuple[float, float]]] = {}
     for s in samples:
         for series, mb in s.rss_mb.items():
             by.setdefault(series, []).append((s.t_s, mb))
     out: dict[str, dict[str, Any]] = {}
     for series, points in by.items():
-        start = points[0][0]
+        start = ready_at.get(series, points[0][0])
         steady = [mb for t, mb in points if t >= start + warmup_s]
         row: dict[str, Any] = {
             "samples": len(points),
             "first_mb": points[0][1],
             "last_mb": points[-1][1],
             "steady_samples": len(steady),
+            "ready_at_s": round(start, 1),
         }
         if len(steady) >= 2 * window:
             head = statistics.median(steady[:window])
@@ -633,12 +648,13 @@ def summarize(result: dict[str, Any]) -> None:
             {True: "yes", False: "NO", None: "n/a"}[row["flat"]],
         )
     console.print(t)
-    t = Table(title="slots in use when idle (must be 0)")
+    t = Table(title="slots in use when idle (must be 0; '-': not this role's)")
     t.add_column("engine")
-    for g in (*LEAK_GAUGES, CACHE_GAUGE):
-        t.add_column(g.removeprefix("vllm:lmcache_pd_"), justify="right")
+    for col in ("leased", "granted", "send in use", "holds", "ready (cache)"):
+        t.add_column(col, justify="right")
     for series, row in result["leaks"].items():
-        t.add_row(series, *(f"{row[g]:.0f}" for g in (*LEAK_GAUGES, CACHE_GAUGE)))
+        cells = [row[g] for g in (*LEAK_GAUGES, CACHE_GAUGE)]
+        t.add_row(series, *("-" if v is None else f"{v:.0f}" for v in cells))
     console.print(t)
     verdict = "PASS" if result["passed"] else "FAIL: " + "; ".join(result["failures"])
     console.print(f"[bold]{verdict}[/bold]")
@@ -650,16 +666,26 @@ def plot(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    fig, (ax0, ax1, ax2) = plt.subplots(3, 1, figsize=(10, 10), sharex=True)
     series: dict[str, list[tuple[float, float]]] = {}
     for s in result["rss_samples"]:
         for name, mb in s["rss_mb"].items():
             series.setdefault(name, []).append((s["t_s"], mb))
+    warmup = result["config"]["warmup_s"]
+    tol = result["config"]["rss_tolerance"] * 100
     for name, pts in sorted(series.items()):
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=1.2)
-    ax1.set_ylabel("RSS MB (process group)")
-    ax1.set_title("soak 2P2D: RSS of every process group")
-    ax1.legend(fontsize=7, ncol=4)
+        (line,) = ax0.plot([p[0] for p in pts], [p[1] for p in pts], label=name, lw=1.2)
+        row = result["rss"].get(name, {})
+        head = row.get("head_mb")
+        if head:  # growth against the median just after this group's warm-up
+            steady = [(t, mb) for t, mb in pts if t >= row["ready_at_s"] + warmup]
+            growth = [(mb / head - 1) * 100 for _, mb in steady]
+            ax1.plot([t for t, _ in steady], growth, lw=1.2, color=line.get_color())
+    ax0.set_ylabel("RSS MB (process group)")
+    ax0.set_title("soak 2P2D: RSS of every process group (engine: API server + engine core)")
+    ax0.legend(fontsize=7, ncol=4)
+    ax1.axhspan(-tol, tol, color="green", alpha=0.08)
+    ax1.set_ylabel(f"RSS after warm-up, % (band: +-{tol:.0f} %)")
     rows = result["rows"]
     ok = [r for r in rows if r["ok"]]
     bad = [r for r in rows if not r["ok"]]
@@ -679,9 +705,9 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax2.legend(fontsize=7)
     colors = {e.value: c for e, c in zip(Event, ("red", "green", "orange", "blue"), strict=True)}
     for t, name in result["events"]:
-        for ax in (ax1, ax2):
+        for ax in (ax0, ax1, ax2):
             ax.axvline(t, color=colors.get(name, "black"), ls="--", lw=0.8)
-        ax1.annotate(name, (t, ax1.get_ylim()[1]), rotation=90, fontsize=7, va="top", ha="right")
+        ax0.annotate(name, (t, ax0.get_ylim()[1]), rotation=90, fontsize=7, va="top", ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -779,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     soak = Soak(a, cluster, prompts)
     failures: list[str] = []
     t_start = time.time()
-    leaks: dict[str, dict[str, float]] = {}
+    leaks: dict[str, dict[str, float | None]] = {}
     proxy: dict[str, float] = {}
     prompt_tokens: list[int] = []
     with cluster_running(cluster, a.start_timeout_s):
@@ -787,6 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt_tokens = [len(d0.tokenize(prompts.get(i))) for i in range(len(prompts.prefixes))]
         print(f"2P2D up; proxy {cluster.proxy_url}; prompt tokens {prompt_tokens}", flush=True)
         soak.t0 = time.monotonic()
+        cluster.clock = soak.now
         sampler = Sampler(cluster, a.sample_s, soak.now)
         with sampler:
             soak.run()
@@ -804,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         tokens = {"checked": 0, "mismatches": [], "error": f"{type(exc).__name__}: {exc}"[:500]}
         failures.append(f"reference engine: {tokens['error']}")
-    rss = rss_report(samples, a.warmup_s, a.rss_window, a.rss_tolerance)
+    rss = rss_report(samples, cluster.ready_at, a.warmup_s, a.rss_window, a.rss_tolerance)
     late = [o for o in outcomes if o.ok and o.latency_s > a.deadline_s]
     failed = [o for o in outcomes if not o.ok]
     stalled = stalls(work)
@@ -825,8 +852,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures.append(f"RSS of {series} grew {row['growth'] * 100:+.1f} % after warm-up")
     for series, row in leaks.items():
         for g in LEAK_GAUGES:
-            if row[g] != 0:
-                failures.append(f"{series}: {g} = {row[g]} when idle")
+            value = row[g]
+            if value is None and g in role_gauges(series):
+                failures.append(f"{series}: {g} not on /metrics")
+            elif value:
+                failures.append(f"{series}: {g} = {value:.0f} when idle")
     if tokens.get("mismatches"):
         failures.append(f"tokens differ from the reference engine: {tokens['mismatches'][:20]}")
     result = {
