@@ -12,8 +12,9 @@ at ``--rate`` per second with at most ``--concurrency`` in flight, cycling over
 completions / chat, each streamed and not; every prompt is one of a few shared prefixes
 plus its own suffix (a few hundred tokens), so decoders already hold some chunks
 (dedupe). At ``--kill-at`` of the requests P0's process group is SIGKILLed and started
-again; once it is back (and ``--restart-at`` of the requests were sent) D1 is stopped with
-SIGTERM and started again on the same HTTP and KV ports.
+again; at ``--restart-at`` D1 is stopped with SIGTERM (vLLM's default: in-flight requests
+aborted) and started again on the same HTTP and KV ports. Restarts overlap when an engine
+takes longer to start than the gap.
 
 Reported (table, ``--json``, ``--png``):
 
@@ -167,18 +168,23 @@ def _choice_text(choice: dict[str, Any], chat: bool, stream: bool) -> str:
 def send(
     client: httpx.Client, url: str, kind: Kind, prompt: str, max_tokens: int, timeout_s: float
 ) -> tuple[str, float]:
-    """One request: (text, ttft seconds). Raises on any error or a truncated stream."""
+    """One request: (text, ttft seconds). Raises on any error, a truncated stream, or an
+    answer that did not run to ``max_tokens`` (finish_reason other than ``length``: e.g.
+    ``abort`` from an engine that shut down under it)."""
     path, body = request_body(kind, prompt, max_tokens)
     t0 = time.perf_counter()
     if not kind.stream:
         resp = client.post(url + path, json=body, timeout=timeout_s)
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
-        text = _choice_text(resp.json()["choices"][0], kind.chat, False)
-        return text, time.perf_counter() - t0
+        choice = resp.json()["choices"][0]
+        if choice.get("finish_reason") != "length":
+            raise RuntimeError(f"finish_reason {choice.get('finish_reason')!r}")
+        return _choice_text(choice, kind.chat, False), time.perf_counter() - t0
     parts: list[str] = []
     ttft = float("nan")
     done = False
+    finish = None
     with client.stream("POST", url + path, json=body, timeout=timeout_s) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:200]!r}")
@@ -197,8 +203,11 @@ def send(
                 if piece and ttft != ttft:
                     ttft = time.perf_counter() - t0
                 parts.append(piece)
+                finish = choice.get("finish_reason") or finish
     if not done:
         raise RuntimeError("stream ended without [DONE]")
+    if finish != "length":
+        raise RuntimeError(f"stream finish_reason {finish!r}")
     return "".join(parts), ttft
 
 
@@ -388,21 +397,33 @@ class Soak:
         self.events.append((round(self.now(), 3), event))
         print(f"  [{self.now():7.1f} s] {event.value}", flush=True)
 
-    def _faults(self, restart_index: threading.Event) -> None:
-        """Kill P0 and restart it; then restart D1 (the fault thread)."""
+    def _kill_prefiller(self) -> None:
+        """SIGKILL P0's process group, start it again (a fault thread)."""
         try:
             self.cluster.kill_and_restart(
                 "P0", self.a.start_timeout_s, lambda: self.mark(Event.PREFILLER_KILLED)
             )
             self.mark(Event.PREFILLER_BACK)
-            restart_index.wait(self.a.max_seconds)
+        except Exception as exc:
+            self.fault_error += f"prefiller: {type(exc).__name__}: {exc}"[:1000]
+            print(f"  prefiller fault failed: {exc}"[:300], flush=True)
+
+    def _restart_decoder(self) -> None:
+        """SIGTERM D1, start it again on the same ports (a fault thread)."""
+        try:
             self.cluster.stop_and_restart(
                 "D1", self.a.start_timeout_s, lambda: self.mark(Event.DECODER_STOPPED)
             )
             self.mark(Event.DECODER_BACK)
         except Exception as exc:
-            self.fault_error = f"{type(exc).__name__}: {exc}"[:2000]
-            print(f"  fault thread failed: {self.fault_error[:300]}", flush=True)
+            self.fault_error += f"decoder: {type(exc).__name__}: {exc}"[:1000]
+            print(f"  decoder fault failed: {exc}"[:300], flush=True)
+
+    def _both(self) -> None:
+        other = threading.Thread(target=self._restart_decoder, name="restart-decoder")
+        other.start()
+        self._kill_prefiller()
+        other.join(2 * self.a.start_timeout_s + 120)
 
     def _one(self, client: httpx.Client, out: Outcome) -> None:
         t = time.perf_counter()
@@ -426,20 +447,22 @@ class Soak:
         """Open-loop load at ``rate`` with at most ``concurrency`` in flight."""
         a = self.a
         kill_i, restart_i = int(a.requests * a.kill_at), int(a.requests * a.restart_at)
-        restart_index = threading.Event()
         slots = threading.Semaphore(a.concurrency)
         threads: list[threading.Thread] = []
-        fault = threading.Thread(target=self._faults, args=(restart_index,), name="faults")
+        faults = {
+            kill_i: threading.Thread(target=self._kill_prefiller, name="kill-prefiller"),
+            restart_i: threading.Thread(target=self._restart_decoder, name="restart-decoder"),
+        }
+        if kill_i == restart_i:
+            faults = {kill_i: threading.Thread(target=self._both, name="faults")}
         limits = httpx.Limits(max_connections=a.concurrency, max_keepalive_connections=0)
         with httpx.Client(limits=limits) as client:
             for i in range(a.requests):
                 if self.now() > a.max_seconds:
                     print(f"  load stopped at {i} requests: --max-seconds reached", flush=True)
                     break
-                if i == kill_i:
-                    fault.start()
-                if i == restart_i:
-                    restart_index.set()
+                if i in faults:
+                    faults[i].start()
                 delay = i / a.rate - self.now()
                 if delay > 0:
                     time.sleep(delay)
@@ -463,17 +486,18 @@ class Soak:
                     print(f"  [{self.now():7.1f} s] sent {i + 1}, ok so far {ok}", flush=True)
             for th in threads:
                 th.join(a.request_timeout_s + 5)
-            restart_index.set()
-            if fault.ident is not None:
-                fault.join(2 * a.start_timeout_s + 120)
+            for fault in faults.values():
+                if fault.ident is not None:
+                    fault.join(2 * a.start_timeout_s + 120)
         self.phases()
 
     def phases(self) -> None:
-        """Label each request by when it was sent: before the kill, during the faults
-        (kill until the restarted decoder is back), after."""
+        """Label each request by when it was sent: before the first fault, during the
+        faults (until both restarted engines are back), after."""
         times = {e: t for t, e in self.events}
-        start = times.get(Event.PREFILLER_KILLED, float("inf"))
-        end = times.get(Event.DECODER_BACK, float("inf"))
+        inf = float("inf")
+        start = min(times.get(Event.PREFILLER_KILLED, inf), times.get(Event.DECODER_STOPPED, inf))
+        end = max(times.get(Event.PREFILLER_BACK, inf), times.get(Event.DECODER_BACK, inf))
         for o in self.outcomes:
             o.phase = Phase.BEFORE if o.sent_s < start else Phase.FAULTS
             if o.sent_s >= end:
