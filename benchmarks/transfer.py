@@ -5,13 +5,18 @@ For llama-8b chunks (256 tokens = 32 MiB each) from one chunk up to 8k tokens:
 - ``raw_nixl_gbps``: one prepped NIXL WRITE of the chunks into a bare agent in another
   process (target progressed by polling, as our receiver does), timed until the target
   saw the notification: the floor of what any handoff can do;
-- ``handoff_gbps``: the whole handoff from this process to a real receiver process that
-  verifies every chunk's xxh3 checksum (sender checksums are taken at gather time,
-  outside the timed region, as the engine does). The receive buffer has room for the
+- ``handoff_gbps``: the whole handoff from this process to a real receiver process, with
+  checksums on: each chunk carries its ``kvsum64`` digest (taken at gather time, outside
+  the timed region, as the engine does) and the receiver keeps it with the chunk; it is
+  checked by the first pass that reads the chunk anyway (the decoder's scatter, the
+  store copy), not by a pass in the handoff. That cost is in ``bench kernels``
+  (gather/scatter with vs without the checksum); here, after the timed reps, the
+  receiver reads every chunk once through its verifying ``acquire``
+  (``digests_checked``, which must fail none). The receive buffer has room for the
   run's requests, so after Hello every request takes the credit path (WRITEs into the
   lent grant, one Push -> Committed), as it does on a decoder whose CPU tier lets grants
   evict received chunks (up to ``RX_BUFFER_MAX``; beyond, the Offer path is measured);
-- ``handoff_noverify_gbps``: the same with ``pd_verify_checksums: false``;
+- ``handoff_noverify_gbps``: the same with ``pd_verify_checksums: false`` (no digests);
 - ``memcpy_gbps``: numpy copy of the same bytes.
 
 Latency view: ``--latency-reps`` requests of one chunk (default 100, quick 30, bounded
@@ -25,8 +30,8 @@ Prints a table, writes ``--json`` and a ``--png`` plot (bandwidth and latency pa
 ``--device cuda`` (a GPU host; ``make gpu-check``): sender and receiver buffers in VRAM
 (``pd_buffer_device: cuda``), NIXL over UCX (``cuda_ipc`` between the two processes);
 the raw baseline WRITEs from VRAM into the raw target's host buffer, and "memcpy" is a
-device-to-device copy. Checksums there are those the sender takes today (none on VRAM
-until the fused kvsum64 digest is wired in).
+device-to-device copy. The digests are real there too (kvsum64 of the VRAM slots; the
+receiver checks them on its CUDA tensors at the end).
 
 ``--netns`` (root, ``ip``): the same across two network namespaces joined by a veth
 (:mod:`lmcache_pd.netns`): this process runs in namespace ``a``, the raw target and the
@@ -138,10 +143,13 @@ class Handoff:
         if DEVICE == "cuda":
             env["LMCACHE_PD_BUFFER_DEVICE"] = "cuda"
         rx_bytes = min((reps + 3) * n * SLOT, max(RX_BUFFER_MAX, 2 * n * SLOT))
+        check = ["--check-digests"] if verify else []
         self.rx = PeerProcess(
             "receiver", "--layout", "llama-8b", "--chunk-size", str(CHUNK),
-            "--buffer-bytes", str(rx_bytes), "--timeout", "60", env=env, prefix=PEERS.prefix,
+            "--buffer-bytes", str(rx_bytes), "--timeout", "60", *check, env=env,
+            prefix=PEERS.prefix,
         )  # fmt: skip
+        self.rx_stats: dict[str, int] = {}
         cfg = load_config(
             overrides={
                 "chunk_size": CHUNK,
@@ -175,7 +183,11 @@ class Handoff:
     def close(self) -> None:
         self.tx.free(self.slots)
         self.tx.close()
-        self.rx.stop()
+        self.rx.close_stdin()
+        try:
+            self.rx_stats = json.loads(self.rx.read_tagged("STATS"))
+        finally:
+            self.rx.stop()
 
 
 class Memcpy:
@@ -223,8 +235,13 @@ def measure(n: int, reps: int) -> dict[str, float]:
     finally:
         for bench in benches.values():
             bench.close()
+    checked = verified.rx_stats.get("digests_checked", 0)
+    failed = verified.rx_stats.get("checksum_failures", 0)
+    if failed or not checked:
+        raise RuntimeError(f"receiver digest check: {checked} chunks checked, {failed} failed")
     out = {k: n * SLOT / statistics.median(v[1:]) / 1e9 for k, v in times.items()}
     out["credit_path_share"] = credit
+    out["digests_checked"] = checked
     return out
 
 

@@ -21,8 +21,11 @@ import torch
 from lmcache_pd.kernels import PagedFormat, gather_checksum, scatter_checksum
 from lmcache_pd.kernels import checksum as kvsum
 from lmcache_pd.kernels.geometry import KVShapeLike
+from lmcache_pd.protocol import CHECKSUM_ALGORITHM, NO_CHECKSUM
 
-ALGORITHM = kvsum.NAME  # "kvsum64": goes next to the digests wherever peers must agree
+ALGORITHM = kvsum.NAME  # "kvsum64": in the Hello compat, so peers agree on it
+if ALGORITHM != CHECKSUM_ALGORITHM:  # the wire names the algorithm the kernels implement
+    raise ImportError(f"protocol names {CHECKSUM_ALGORITHM!r}, the kernels compute {ALGORITHM!r}")
 ChunkBytes = Union[memoryview, bytes, bytearray, np.ndarray, torch.Tensor]
 
 
@@ -42,8 +45,9 @@ def chunk_digest(data: ChunkBytes) -> int:
 
 
 def matches(data: ChunkBytes, expected: int) -> bool:
-    """Whether ``data`` hashes to ``expected`` (a separate pass: prefer the fused ones)."""
-    return chunk_digest(data) == expected
+    """Whether ``data`` hashes to ``expected`` (a separate pass: prefer the fused ones);
+    ``NO_CHECKSUM`` (not hashed) matches anything."""
+    return expected == NO_CHECKSUM or chunk_digest(data) == expected
 
 
 def copy_verified(dst: ChunkBytes, src: ChunkBytes, expected: int) -> bool:

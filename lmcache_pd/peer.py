@@ -3,7 +3,9 @@ run the handoff across real process boundaries with these.
 
     python -m lmcache_pd.peer receiver --layout tiny --chunk-size 16 [--port 0]
         prints ``READY <endpoint>``, serves until stdin closes (or SIGTERM), then
-        prints ``STATS <json>`` (counters, slot usage, pattern verification).
+        prints ``STATS <json>`` (counters, slot usage, pattern verification; with
+        ``--check-digests`` every held chunk read once through the verifying
+        ``acquire``: ``digests_checked``, failures in ``checksum_failures``).
     python -m lmcache_pd.peer sender --endpoint tcp://... --requests N --tokens L
         prints one ``RESULT <json>`` line per request, then ``STATS <json>``.
     python -m lmcache_pd.peer raw-target --buffer-bytes N
@@ -140,7 +142,19 @@ def run_receiver(args: argparse.Namespace) -> int:
                 ok = verify_pattern(key, data)
                 verified += ok
                 bad += not ok
-    stats = {**rx.stats(), "pattern_verified": verified, "pattern_bad": bad}
+    checked = 0
+    if args.check_digests:
+        with rx._lock:
+            keys = list(rx._ready)
+        for key in keys:
+            checked += rx.acquire([key])[0] is not None
+            rx.release([key])
+    stats = {
+        **rx.stats(),
+        "pattern_verified": verified,
+        "pattern_bad": bad,
+        "digests_checked": checked,
+    }
     rx.close()
     if store is not None:
         store.close()
@@ -274,6 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default=None)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--verify", action="store_true", help="receiver: check pattern bytes")
+    parser.add_argument(
+        "--check-digests",
+        action="store_true",
+        help="receiver: at exit, read every held chunk through the checksum-verifying acquire",
+    )
     parser.add_argument(
         "--cpu-store-bytes", type=int, default=0, help="receiver: a CPU tier behind the buffer"
     )

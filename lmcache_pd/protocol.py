@@ -13,8 +13,8 @@ The handoff (docs/architecture.md has the whole picture):
     Offer{req_id, keys, nbytes, checksums} ->
                                           <- Accept{have, slots, lease}     (or Busy/Error)
     ... NIXL WRITEs of the missing chunks into the granted slots, in groups; each
-        group's notification ``lmcpd:<lease>:<first>:<count>`` lets the receiver
-        verify those chunks while later groups are still in flight ...
+        group's notification ``lmcpd:<lease>:<first>:<count>`` tells the receiver
+        those chunks landed (their checksums are checked at first read) ...
     Done{req_id, lease}                  ->
                                           <- Committed{stored, bad, grant}  (or Error)
     Cancel{req_id, lease, reason}        ->  (slots freed at once)
@@ -51,7 +51,9 @@ import msgspec
 from lmcache_pd.layout import KVLayout
 
 PROTOCOL_VERSION = 1
-NO_CHECKSUM = 0  # "not hashed" (VRAM, or verification off); real digests map 0 -> 1
+NO_CHECKSUM = 0  # "not hashed" (pd_verify_checksums: false); real digests map 0 -> 1
+# the chunk checksum every digest in Offer/Push is taken with (lmcache_pd.checksum)
+CHECKSUM_ALGORITHM = "kvsum64"
 
 
 class ErrorCode(str, enum.Enum):
@@ -86,6 +88,8 @@ class Compat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     chunk_size: int
     tp_size: int = 1
     hash_algorithm: str = "xxh3_128"
+    # peers from before this field hashed chunks with xxh3-64: absent means that one
+    checksum_algorithm: str = "xxh3_64"
 
     @classmethod
     def of(cls, layout: KVLayout, chunk_size: int, hash_algorithm: str, tp_size: int = 1) -> Compat:
@@ -100,6 +104,7 @@ class Compat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             chunk_size=chunk_size,
             tp_size=tp_size,
             hash_algorithm=str(getattr(hash_algorithm, "value", hash_algorithm)),
+            checksum_algorithm=CHECKSUM_ALGORITHM,
         )
 
     def diff(self, other: Compat) -> list[str]:
@@ -154,8 +159,10 @@ class HelloAck(Msg, tag="hello_ack"):
 class Offer(Msg, tag="offer"):
     """Sender offers the chunks of a request, in prefix order. ``nbytes[i]`` is the
     used length of chunk ``i`` (a partial last chunk is shorter than a slot) and
-    ``checksums[i]`` its xxh3-64, taken when the chunk was gathered (``NO_CHECKSUM``
-    where the sender does not hash: the receiver then cannot verify that chunk)."""
+    ``checksums[i]`` its ``kvsum64`` digest, taken in the gather that filled the slot
+    (``NO_CHECKSUM`` where the sender does not hash: ``pd_verify_checksums: false``).
+    The receiver keeps it with the chunk and checks it in the first pass that reads
+    the chunk (the copy into a tier, the scatter into paged KV), not on landing."""
 
     req_id: str
     keys: list[bytes]
@@ -210,8 +217,9 @@ class Push(Msg, tag="push"):
 
 
 class Committed(Msg, tag="committed"):
-    """Receiver verified the chunks: ``stored`` are offer (or push) indices now held,
-    ``bad`` the ones rejected (checksum mismatch); bad chunks are never handed on.
+    """Every chunk landed: ``stored`` are offer (or push) indices now held, ``bad`` ones
+    rejected at commit (none today: checksums are checked later, at the chunk's first
+    read, so a chunk corrupted in flight is dropped there, not reported here).
     ``missing``: skipped keys of a ``Push`` the receiver does not hold (send them again).
     ``grant``: slots lent for the sender's next request. ``recent``: keys that became
     held here since this sender's previous reply (from any source, newest last, capped),

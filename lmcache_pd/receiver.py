@@ -1,15 +1,24 @@
-"""Consumer side of the handoff: lease slots, accept writes, verify, hand chunks on.
+"""Consumer side of the handoff: lease slots, accept writes, hand chunks on verified.
 
 The receiver owns a registered receive buffer of ``pd_buffer_size`` bytes split into
 chunk slots, a ROUTER socket on ``pd_bind_host:pd_peer_init_port`` and one background
 thread running an asyncio loop. Per Offer it answers ``Accept`` (chunks it already holds,
 in the buffer or in a tier ``store``, are listed in ``have`` and not resent; the rest get
 slots under a **lease**), ``Busy`` (no room now) or ``Error``. Each NIXL WRITE group's
-notification names the chunks that landed; they are verified against the xxh3-64
-checksums from the Offer at once, while later groups are still in flight. On ``Done``
-with every group landed, good chunks become *ready* and bad ones are rejected; a lease
-that sees no ``Done`` within its TTL expires and its slots are freed: a dead sender never
-leaks slots.
+notification names the chunks that landed. On ``Done`` with every group landed, the
+chunks become *ready*; a lease that sees no ``Done`` within its TTL expires and its slots
+are freed: a dead sender never leaks slots.
+
+Checksums (no pass of their own): a ready chunk keeps the ``kvsum64`` digest its sender
+took in its gather and is checked by the first pass that reads it anyway, whichever
+comes first: the store thread's read for the copy into the tier ``store`` (a chunk
+enters a tier only verified), or the engine's scatter into paged KV
+(:meth:`Receiver.acquire_checked` hands out the expected digest with the bytes, the
+scatter hashes what it reads and the engine reports with :meth:`Receiver.settle`).
+:meth:`Receiver.acquire` and :meth:`Receiver.read` check unverified chunks themselves.
+A chunk that fails is dropped from the buffer (its slot freed once no reader pins it)
+and from the store, never handed on as good, counted (``checksum_failures``) and
+logged (rate-limited); the engine recomputes its tokens.
 
 Credits: each connected sender may be lent a **grant** of free slots (at Hello, then with
 every ``Committed``) which it writes into before asking; its ``Push`` then turns the grant
@@ -38,10 +47,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import xxhash
 import zmq
 import zmq.asyncio
 
+from lmcache_pd import checksum
 from lmcache_pd.buffer import SlotBuffer, slots_for
 from lmcache_pd.config import Config
 from lmcache_pd.control import Codec, RouterServer
@@ -77,6 +86,7 @@ _POLL_SLOW_MAX_S = 10e-3
 _FAST_WINDOW_S = 0.5
 _RECENT_KEYS = 4096  # keys made ready lately, told to senders so they can skip them
 _RECENT_PER_REPLY = 1024
+_FAILURE_LOG_EVERY_S = 10.0  # checksum failures: one log line per this interval at most
 
 
 @dataclass
@@ -104,6 +114,10 @@ class _Ready:
     slot: int
     nbytes: int
     pins: int = 0
+    # the sender's digest, still to be checked at the first read (NO_CHECKSUM: checked
+    # already, or not hashed)
+    checksum: int = NO_CHECKSUM
+    rejected: bool = False  # failed its checksum: gone from ``_ready``, slot freed unpinned
 
 
 @dataclass
@@ -155,6 +169,10 @@ class Receiver:
         self._store_thread: threading.Thread | None = None
         self._recent: deque[tuple[int, bytes]] = deque(maxlen=_RECENT_KEYS)
         self._recent_seq = 0
+        # rejected chunks a reader still pins (slots freed at their last release)
+        self._doomed: dict[bytes, list[_Ready]] = {}
+        self._failures_unlogged = 0
+        self._failure_logged_at = -_FAILURE_LOG_EVERY_S
         self._peers: dict[bytes, _PeerInfo] = {}
         self._next_lease = 1
         self._thread: threading.Thread | None = None
@@ -194,6 +212,7 @@ class Receiver:
             self._leases.clear()
             self._grants.clear()
             self._ready.clear()
+            self._doomed.clear()
             self._lock.notify_all()
         self.buffer.close()
 
@@ -427,7 +446,7 @@ class Receiver:
             self.counters.inc("dedupe_hits", len(msg.skipped) - len(lease.missing))
             early, lease.early = lease.early, []
         for first, count in early:
-            self._verify(lease, first, count)
+            self._land(lease, first, count)
         if len(lease.landed) == len(lease.want):
             with self._lock:
                 return self._commit(lease)
@@ -545,35 +564,18 @@ class Receiver:
                 return self._commit(lease)
         return None  # committed when the last data notification arrives
 
-    def _verify(self, lease: _Lease, first: int, count: int) -> None:
-        """Check the checksums of ``want[first:first+count]`` as they land (loop thread,
-        outside the lock: only this thread touches a lease's slots before commit)."""
-        for pos in range(first, min(first + count, len(lease.want))):
-            if pos in lease.landed:
-                continue
-            i = lease.want[pos]
-            expected = lease.checksums[i]
-            if (
-                expected != NO_CHECKSUM
-                and self.cfg.pd_verify_checksums
-                and self.buffer.kind is MemKind.DRAM
-            ):
-                view = self.buffer.view(lease.slots[pos], lease.nbytes[i])
-                if (xxhash.xxh3_64_intdigest(view) or 1) != expected:
-                    lease.bad.append(i)
-                    self.counters.inc("checksum_failures")
-                    log.error(
-                        "chunk %d of request %s failed its checksum: rejected, not handed on",
-                        i,
-                        lease.req_id,
-                    )
-            lease.landed.add(pos)
+    @staticmethod
+    def _land(lease: _Lease, first: int, count: int) -> None:
+        """Mark ``want[first:first+count]`` landed. No checksum pass here: each chunk's
+        digest is checked by the first pass that reads it (see the module docstring)."""
+        lease.landed.update(range(first, min(first + count, len(lease.want))))
 
     def _commit(self, lease: _Lease) -> Committed:
         """Publish a fully landed lease's good chunks. Called with the lock held."""
         stored = list(lease.have)
         bad = set(lease.bad)
         moved = 0
+        verify = self.cfg.pd_verify_checksums
         for i, slot in zip(lease.want, lease.slots, strict=True):
             key, nbytes = lease.keys[i], lease.nbytes[i]
             if i in bad or key in self._ready:  # rejected, or a concurrent lease won
@@ -581,7 +583,8 @@ class Receiver:
                 if i not in bad:
                     stored.append(i)
                 continue
-            self._ready[key] = _Ready(slot=slot, nbytes=nbytes)
+            expected = lease.checksums[i] if verify else NO_CHECKSUM
+            self._ready[key] = _Ready(slot=slot, nbytes=nbytes, checksum=expected)
             self._recent_seq += 1
             self._recent.append((self._recent_seq, key))
             if self.store is not None:
@@ -627,17 +630,26 @@ class Receiver:
 
     def _store_loop(self) -> None:
         """Copies committed chunks into the tier store, off the loop thread (blocks on
-        its queue: no spinning). ``None`` stops it."""
+        its queue: no spinning); a chunk not verified yet is checked on the way and
+        enters the store only when it matches. ``None`` stops it."""
         assert self.store is not None
         while (item := self._store_queue.get()) is not None:
             key, entry = item
             try:
-                self.store.put(key, self.buffer.to_host(entry.slot, entry.nbytes))
+                with self._lock:
+                    live, expected = self._ready.get(key) is entry, entry.checksum
+                if live:
+                    data = self.buffer.to_host(entry.slot, entry.nbytes)  # VRAM: a copy
+                    ok = checksum.matches(data, expected)
+                    if expected != NO_CHECKSUM:
+                        self.settle(key, expected, ok, "the copy into the tier store")
+                    if ok:
+                        self.store.put(key, data)
             except Exception:  # a failing tier must not stop the receiver
                 log.exception("copying a received chunk into the tier store failed")
             finally:
                 with self._lock:
-                    entry.pins -= 1
+                    self._unpin(key, entry)
 
     def _forget_lease(self, lease: _Lease) -> None:
         self._leases.pop(lease.lease, None)
@@ -704,7 +716,7 @@ class Receiver:
                 if grant is not None:  # landed before its Push: kept for it
                     grant.early.append((notif.first, notif.count))
                 continue
-            self._verify(lease, notif.first, notif.count)
+            self._land(lease, notif.first, notif.count)
             if lease.done is not None and len(lease.landed) == len(lease.want):
                 with self._lock:
                     replies.append((lease.identity, self._commit(lease)))
@@ -772,11 +784,30 @@ class Receiver:
                 self._lock.wait(left)
 
     def acquire(self, keys: Sequence[bytes]) -> list[ChunkData | None]:
-        """Pin and return the bytes of each key (None where not held). Buffer-resident
-        chunks are returned without a copy (a memoryview, or a uint8 CUDA tensor for a
-        VRAM buffer) and stay pinned until :meth:`release`; the rest are read from the
-        store (outside the lock: a disk read never blocks the receiver)."""
+        """Pin and return the verified bytes of each key (None where not held, or where
+        the chunk failed its checksum: it is then dropped). Buffer-resident chunks are
+        returned without a copy (a memoryview, or a uint8 CUDA tensor for a VRAM buffer)
+        and stay pinned until :meth:`release`; the rest are read from the store (outside
+        the lock: a disk read never blocks the receiver). A chunk not verified yet is
+        hashed here, a pass of its own: the engine uses :meth:`acquire_checked` and
+        checks the digest in its scatter instead."""
+        out, expected = self.acquire_checked(keys)
+        for i, (data, digest) in enumerate(zip(out, expected, strict=True)):
+            if data is not None and digest != NO_CHECKSUM:
+                ok = checksum.matches(data, digest)
+                self.settle(keys[i], digest, ok, "a read")
+                if not ok:
+                    out[i] = None
+        return out
+
+    def acquire_checked(self, keys: Sequence[bytes]) -> tuple[list[ChunkData | None], list[int]]:
+        """:meth:`acquire` without checking: each chunk's bytes (pinned until
+        :meth:`release`) and the digest they must hash to (``NO_CHECKSUM``: verified
+        already, not hashed, or read from a tier, which holds verified chunks only).
+        The caller checks the digest in the pass it makes over the bytes anyway and
+        reports the outcome with :meth:`settle` before trusting what it wrote."""
         out: list[ChunkData | None] = []
+        expected: list[int] = []
         from_store: list[int] = []
         with self._lock:
             for key in keys:
@@ -785,29 +816,93 @@ class Receiver:
                     entry.pins += 1
                     self._ready.move_to_end(key)
                     out.append(self.buffer.chunk(entry.slot, entry.nbytes))
+                    expected.append(entry.checksum)
                 else:
                     from_store.append(len(out))
                     out.append(None)
+                    expected.append(NO_CHECKSUM)
         if self.store is not None:
             for i in from_store:
                 out[i] = self.store.get(keys[i])
-        return out
+        return out, expected
+
+    def settle(self, key: bytes, expected: int, ok: bool, where: str = "the engine's load") -> None:
+        """The outcome of checking ``key``'s bytes against ``expected`` (a digest
+        :meth:`acquire_checked` handed out). A match marks the chunk verified (later
+        reads skip the check); a mismatch drops it from the buffer and the store,
+        counts it and logs (rate-limited). Whichever reader reports first decides."""
+        if expected == NO_CHECKSUM:
+            return
+        with self._lock:
+            entry = self._ready.get(key)
+            if entry is None or entry.checksum != expected:
+                return  # rejected or verified by another reader already
+            if ok:
+                entry.checksum = NO_CHECKSUM
+                return
+            self._reject(key, entry, where)
+        if self.store is not None and key in self.store:  # a copy made in a race: gone too
+            self.store.evict(key)
+
+    def _reject(self, key: bytes, entry: _Ready, where: str) -> None:
+        """Drop a ready chunk that failed its checksum (lock held); its slot is freed
+        now, or at the last :meth:`release` of a reader that pins it."""
+        entry.rejected = True
+        if self._ready.get(key) is entry:
+            del self._ready[key]
+        if entry.pins:
+            self._doomed.setdefault(key, []).append(entry)
+        else:
+            self.buffer.free([entry.slot])
+        self.counters.inc("checksum_failures")
+        self._failures_unlogged += 1
+        now = time.monotonic()
+        if now - self._failure_logged_at >= _FAILURE_LOG_EVERY_S:
+            log.error(
+                "%d received chunk(s) failed their %s checksum (latest %s, found by %s): "
+                "dropped, never loaded or stored; the engine recomputes their tokens",
+                self._failures_unlogged,
+                checksum.ALGORITHM,
+                key.hex(),
+                where,
+            )
+            self._failures_unlogged, self._failure_logged_at = 0, now
+
+    def _unpin(self, key: bytes, entry: _Ready) -> None:
+        """Undo one pin of ``entry`` (lock held); a rejected chunk's slot is freed at
+        its last."""
+        entry.pins -= 1
+        if entry.rejected and entry.pins == 0:
+            self.buffer.free([entry.slot])
+            doomed = [e for e in self._doomed.get(key, []) if e is not entry]
+            if doomed:
+                self._doomed[key] = doomed
+            else:
+                self._doomed.pop(key, None)
 
     def release(self, keys: Sequence[bytes]) -> None:
-        """Unpin keys returned by :meth:`acquire`."""
+        """Unpin keys returned by :meth:`acquire` / :meth:`acquire_checked`."""
         with self._lock:
             for key in keys:
-                entry = self._ready.get(key)
+                doomed = self._doomed.get(key)
+                entry = doomed[0] if doomed else self._ready.get(key)
                 if entry is not None and entry.pins > 0:
-                    entry.pins -= 1
+                    self._unpin(key, entry)
 
     def read(self, key: bytes) -> bytes | None:
-        """A copy of one chunk's bytes, or None."""
-        (view,) = self.acquire([key])
+        """A verified copy of one chunk's bytes, or None (not held, or it failed its
+        checksum and was dropped)."""
+        (view,), (expected,) = self.acquire_checked([key])
         try:
-            if isinstance(view, torch.Tensor):
-                return view.cpu().numpy().tobytes()
-            return None if view is None else bytes(view)
+            if view is None:
+                return None
+            data = view.cpu().numpy().tobytes() if isinstance(view, torch.Tensor) else bytes(view)
+            if expected != NO_CHECKSUM:
+                ok = checksum.matches(data, expected)
+                self.settle(key, expected, ok, "a read")
+                if not ok:
+                    return None
+            return data
         finally:
             self.release([key])
 
@@ -834,6 +929,8 @@ class Receiver:
                 "leased": leased,
                 "granted": sum(len(g.slots) for g in self._grants.values()),
                 "ready": len(self._ready),
+                # chunks that failed their checksum, freed at their reader's release
+                "rejected": sum(len(d) for d in self._doomed.values()),
                 "total": self.buffer.num_slots,
             }
 

@@ -19,8 +19,12 @@ deadline:
    NIXL WRITEs of the wanted chunks into the leased slots, ``Done`` -> ``Committed``.
 
 WRITEs go in groups of about ``pd_write_group_bytes`` (0: one WRITE per request), each
-with a notification naming its chunks, so the receiver verifies a group while the next
-is in flight. Every reply may carry the next grant.
+with a notification naming its chunks. Every reply may carry the next grant.
+
+Checksums: each chunk carries the ``kvsum64`` digest (:mod:`lmcache_pd.checksum`) taken
+by the pass that filled its slot (the engine's fused gather; :meth:`Sender.checksum` for
+chunks placed otherwise, host or VRAM alike). The receiver checks it at the chunk's first
+read, not on landing, so corruption in flight is not reported back in ``Committed``.
 
 Failures raise :class:`HandoffError` naming the cause; a failed batch sends ``Cancel``
 so the receiver frees its slots at once (its lease TTL covers a sender that dies).
@@ -37,9 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import xxhash
 import zmq
 
+from lmcache_pd import checksum
 from lmcache_pd.buffer import SlotBuffer, slots_for
 from lmcache_pd.config import Config
 from lmcache_pd.control import Codec, ControlTimeout, DealerClient
@@ -85,7 +89,8 @@ class HandoffError(RuntimeError):
 @dataclass(frozen=True)
 class OutChunk:
     """A chunk ready to send: its key, the send-buffer slot holding it, the used bytes,
-    and its xxh3-64 checksum (computed at send time when None)."""
+    and its ``kvsum64`` digest (from the gather that filled the slot; computed at send
+    time when None)."""
 
     key: bytes
     slot: int
@@ -193,11 +198,14 @@ class Sender:
         self.buffer.free(slots)
 
     def checksum(self, slot: int, nbytes: int) -> int:
-        """xxh3-64 of a gathered chunk, or ``NO_CHECKSUM`` where we do not verify
-        (``pd_verify_checksums: false``, or a VRAM buffer the CPU cannot hash)."""
-        if not self.cfg.pd_verify_checksums or self.buffer.kind is not MemKind.DRAM:
+        """The ``kvsum64`` digest of the first ``nbytes`` of a filled slot, host or VRAM
+        (a pass of its own: the engine takes it in its gather instead), or
+        ``NO_CHECKSUM`` with ``pd_verify_checksums: false``."""
+        if not self.cfg.pd_verify_checksums:
             return NO_CHECKSUM
-        return xxhash.xxh3_64_intdigest(self.buffer.view(slot, nbytes)) or 1
+        if self.buffer.kind is MemKind.DRAM:
+            return checksum.chunk_digest(self.buffer.view(slot, nbytes))
+        return checksum.chunk_digest(self.buffer.slot_tensor(slot)[:nbytes])
 
     # ------------------------------------------------------------------ peers
     def _peer(self, endpoint: str) -> _Peer:
@@ -329,7 +337,7 @@ class Sender:
                 sent, dedup, nbytes, bad = sent + s, dedup + d, nbytes + b, bad + x
         if bad:
             raise HandoffError(
-                f"{bad} chunk(s) of {req_id} failed the receiver's checksum (corrupted in flight)",
+                f"{bad} chunk(s) of {req_id} were rejected by the receiver",
                 ErrorCode.CHECKSUM,
             )
         return sent, dedup, nbytes, bad

@@ -9,8 +9,8 @@ import torch
 
 from lmcache_pd import checksum
 from lmcache_pd.kernels import PagedFormat
-from lmcache_pd.layout import KVLayout
-from lmcache_pd.protocol import NO_CHECKSUM
+from lmcache_pd.layout import KVLayout, preset
+from lmcache_pd.protocol import CHECKSUM_ALGORITHM, NO_CHECKSUM, Compat
 
 
 def test_digest_of_host_bytes_and_tensors_agree_and_is_never_no_checksum() -> None:
@@ -20,6 +20,25 @@ def test_digest_of_host_bytes_and_tensors_agree_and_is_never_no_checksum() -> No
     assert d == checksum.chunk_digest(data.tobytes()) != NO_CHECKSUM
     assert checksum.chunk_digest(b"") != NO_CHECKSUM
     assert checksum.ALGORITHM == "kvsum64"
+
+
+def test_the_hello_compat_names_the_algorithm_and_old_peers_differ() -> None:
+    """Peers agree on the chunk checksum at Hello: Compat carries it, and a peer from
+    before the field (it hashed with xxh3-64 and sends none) differs by that field."""
+    mine = Compat.of(preset("tiny"), 16, "xxh3_128")
+    assert mine.checksum_algorithm == CHECKSUM_ALGORITHM == checksum.ALGORITHM
+    fields = [f for f in mine.__struct_fields__ if f != "checksum_algorithm"]
+    old = Compat(**{f: getattr(mine, f) for f in fields})
+    assert old.checksum_algorithm == "xxh3_64"
+    (problem,) = mine.diff(old)
+    assert problem.startswith("checksum_algorithm")
+
+
+def test_matches_checks_real_digests_and_passes_unhashed_chunks() -> None:
+    data = np.arange(4096, dtype=np.uint8)
+    good = checksum.chunk_digest(data)
+    assert checksum.matches(data, good) and checksum.matches(data, NO_CHECKSUM)
+    assert not checksum.matches(data, good ^ 1)
 
 
 def test_copy_verified_copies_and_refuses_damage() -> None:

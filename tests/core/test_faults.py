@@ -200,3 +200,26 @@ def fuzz_rx():
             assert rx.read(chunks[0].key) == data[0]
         usage = rx.slot_usage()
         assert usage["leased"] == 0
+
+
+def test_bytes_damaged_in_the_receive_slot_are_never_returned_as_good() -> None:
+    """Damage after landing (a flipped byte in the receiver's slot, over real NIXL): the
+    engine-facing acquire refuses the chunk (None), drops it, counts it once; its pin is
+    still released cleanly and nothing leaks."""
+    cfg = make_config()
+    with receiver(cfg) as rx, sender(cfg) as tx:
+        keys = hasher().keys(list(range(100, 100 + 2 * CHUNK)))
+        chunks, data = fill(tx, keys, np.random.default_rng(5))
+        assert tx.send(rx.endpoint, "damaged", chunks).sent == 2
+        with rx._lock:
+            slot = rx._ready[keys[0]].slot
+        rx.buffer.view(slot)[4321] ^= 0x01
+        got = rx.acquire(keys)
+        assert got[0] is None and bytes(got[1]) == data[1]  # type: ignore[arg-type]
+        rx.release(keys)
+        assert rx.counters["checksum_failures"] == 1
+        assert rx.lookup(keys) == 0 and rx.read(keys[0]) is None
+        assert rx.read(keys[1]) == data[1] and rx.counters["checksum_failures"] == 1
+        usage = rx.slot_usage()
+        assert usage["rejected"] == 0 and usage["ready"] == 1 and usage["leased"] == 0
+        assert usage["free"] + usage["ready"] + usage["granted"] == usage["total"]

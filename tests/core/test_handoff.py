@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -117,23 +118,37 @@ def test_busy_forever_fails_bounded() -> None:
         assert rx.slot_usage()["leased"] == 0
 
 
-def test_flipped_byte_fails_checksum_and_is_not_handed_on() -> None:
+def test_flipped_byte_is_found_at_first_read_and_never_handed_on() -> None:
+    """Over real NIXL: the commit does not hash (no pass of its own); the first read
+    checks the sender's kvsum64 digest, drops the corrupted chunk and counts it."""
     cfg = make_config()
     with receiver(cfg) as rx, sender(cfg) as tx:
         rng = np.random.default_rng(9)
         keys = hasher().keys(list(range(2 * CHUNK)))
-        chunks, _ = fill(tx, keys, rng)
+        chunks, data = fill(tx, keys, rng)
         sealed = [OutChunk(c.key, c.slot, c.nbytes, tx.checksum(c.slot, c.nbytes)) for c in chunks]
         tx.buffer.view(sealed[1].slot)[123] ^= 0x40  # corrupted after the checksum was taken
-        with pytest.raises(HandoffError) as info:
-            tx.send(rx.endpoint, "corrupt", sealed)
-        assert info.value.code is ErrorCode.CHECKSUM
+        res = tx.send(rx.endpoint, "corrupt", sealed)
+        assert (res.sent, res.bad) == (2, 0) and rx.counters["checksum_failures"] == 0
+        assert rx.read(keys[1]) is None  # the first read finds it
         assert rx.counters["checksum_failures"] == 1
         assert rx.lookup([keys[1]]) == 0 and rx.read(keys[1]) is None
-        assert rx.lookup([keys[0]]) == 1  # the good chunk is kept
+        assert rx.lookup([keys[0]]) == 1 and rx.read(keys[0]) == data[0]  # the good one kept
         usage = rx.slot_usage()
-        assert usage["leased"] == 0
+        assert usage["leased"] == 0 and usage["ready"] == 1
         assert usage["free"] + usage["ready"] + usage["granted"] == usage["total"]
+
+
+def test_other_checksum_algorithm_refused_at_hello_naming_the_field() -> None:
+    cfg = make_config()
+    with receiver(cfg) as rx, sender(cfg) as tx:
+        assert tx.compat.checksum_algorithm == "kvsum64"
+        tx.compat = msgspec.structs.replace(tx.compat, checksum_algorithm="xxh3_64")
+        chunks, _ = fill(tx, hasher().keys(list(range(CHUNK))), np.random.default_rng(1))
+        with pytest.raises(HandoffError, match="checksum_algorithm") as info:
+            tx.send(rx.endpoint, "x", chunks)
+        assert info.value.code is ErrorCode.INCOMPATIBLE
+        assert "'kvsum64'" in str(info.value) and "'xxh3_64'" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Sender/receiver logic over the in-process memory transport: leases, Busy, dedupe,
-expiry, checksum failures, cancels. Real ZMQ control plane on 127.0.0.1, real slot
-buffers, no NIXL: each test takes well under a second (the NIXL path is covered by
-test_handoff.py and test_faults.py)."""
+expiry, checksum failures (found at a chunk's first read), cancels. Real ZMQ control
+plane on 127.0.0.1, real slot buffers, no NIXL: each test takes well under a second
+(the NIXL path is covered by test_handoff.py and test_faults.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,17 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import torch
 import zmq
 
+from lmcache_pd import checksum
 from lmcache_pd.config import Config
 from lmcache_pd.control import Codec, DealerClient
+from lmcache_pd.kernels import PagedFormat, scatter_checksum
+from lmcache_pd.kernels import gather as paged_gather
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import (
+    NO_CHECKSUM,
     Accept,
     Compat,
     Done,
@@ -28,6 +33,7 @@ from lmcache_pd.protocol import (
 )
 from lmcache_pd.receiver import Receiver
 from lmcache_pd.sender import HandoffError, OutChunk, Sender
+from lmcache_pd.tiers import build_tiers
 from lmcache_pd.transports.base import TransportError
 from lmcache_pd.transports.memory import MemoryFabric, MemoryTransport
 
@@ -220,22 +226,95 @@ def test_busy_clears_when_ready_chunks_can_be_evicted(fabric: MemoryFabric) -> N
         rx.release([old[1].key])
 
 
-def test_checksum_failure_rejects_only_the_corrupted_chunk(fabric: MemoryFabric) -> None:
+def test_corrupted_chunk_is_dropped_at_its_first_read_never_returned(
+    fabric: MemoryFabric,
+) -> None:
+    """No checksum pass on landing: the commit goes through, the first read of the
+    corrupted chunk finds it, drops it and counts it; the others read back exact."""
     with pair(make_config(), fabric, lambda f: CorruptingTransport(f, bad=1)) as (rx, tx):
         chunks, data = fill(tx, keys(3), seed=7)
-        with pytest.raises(HandoffError, match="failed the receiver's checksum") as info:
-            tx.send(rx.endpoint, "bad", chunks)
-        assert info.value.code is ErrorCode.CHECKSUM
-        assert rx.counters["checksum_failures"] == 1 and tx.counters["checksum_failures"] == 1
+        res = tx.send(rx.endpoint, "bad", chunks)
+        assert (res.sent, res.bad) == (3, 0)
+        assert rx.counters["checksum_failures"] == 0 and rx.lookup([chunks[0].key]) == 1
         assert rx.read(chunks[0].key) is None  # never handed on
+        assert rx.counters["checksum_failures"] == 1 and tx.counters["checksum_failures"] == 0
+        assert rx.lookup([chunks[0].key]) == 0 and rx.acquire([chunks[0].key]) == [None]
+        rx.release([chunks[0].key])
         assert [rx.read(c.key) for c in chunks[1:]] == data[1:]
+        assert rx.counters["checksum_failures"] == 1
         usage = rx.slot_usage()
-        assert usage["leased"] == 0
-        assert usage["free"] + usage["granted"] == usage["total"] - 2  # 2 ready
-        # a resend of the same request now moves only the rejected chunk
+        assert usage["leased"] == 0 and usage["ready"] == 2 and usage["rejected"] == 0
+        assert usage["free"] + usage["granted"] == usage["total"] - 2
+        # a resend of the same request moves only the dropped chunk
         res = tx.send(rx.endpoint, "bad-again", chunks)
         assert (res.sent, res.dedup) == (1, 2)
         assert rx.read(chunks[0].key) == data[0]
+
+
+def _paged(n_blocks: int = 4) -> list[torch.Tensor]:
+    """Paged KV of LAYOUT in the flash-attn format ``[2, blocks, block, heads, dim]``."""
+    shape = (2, n_blocks, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_size)
+    return [torch.zeros(shape, dtype=torch.float32) for _ in range(LAYOUT.num_layers)]
+
+
+def test_engine_scatter_checks_the_digest_and_a_mismatch_drops_the_chunk(
+    fabric: MemoryFabric,
+) -> None:
+    """The engine's path: acquire_checked hands out the sender's digest with the bytes,
+    the scatter hashes what it reads (same pass), settle reports. The corrupted chunk is
+    dropped (its slot freed at release), the good one is verified once and for all."""
+    with pair(make_config(), fabric, lambda f: CorruptingTransport(f, bad=1)) as (rx, tx):
+        chunks, data = fill(tx, keys(2, start=40), seed=17)
+        tx.send(rx.endpoint, "load", chunks)
+        ks = [c.key for c in chunks]
+        views, sums = rx.acquire_checked(ks)
+        assert sums == [checksum.chunk_digest(d) for d in data]  # the sender's digests
+        slots = torch.arange(CHUNK, dtype=torch.int64)
+        caches = _paged()
+        got = [scatter_checksum(torch.frombuffer(bytearray(v), dtype=torch.uint8), caches,
+                                slots, LAYOUT, PagedFormat.FLASH_ATTN) for v in views]  # fmt: skip
+        assert got[0] != sums[0] and got[1] == sums[1]
+        for key, expected, digest in zip(ks, sums, got, strict=True):
+            rx.settle(key, expected, digest == expected)
+        assert rx.counters["checksum_failures"] == 1 and rx.lookup(ks) == 0
+        assert rx.lookup(ks[1:]) == 1
+        assert rx.slot_usage()["rejected"] == 1  # still pinned by this reader
+        rx.settle(ks[0], sums[0], False)  # a second report of the same chunk: counted once
+        assert rx.counters["checksum_failures"] == 1
+        rx.release(ks)
+        usage = rx.slot_usage()
+        assert usage["rejected"] == 0 and usage["ready"] == 1
+        assert usage["free"] + usage["granted"] == usage["total"] - 1
+        (view,), (digest,) = rx.acquire_checked(ks[1:])
+        assert digest == NO_CHECKSUM and bytes(view) == data[1]  # verified: not rechecked
+        rx.release(ks[1:])
+        out = torch.empty(len(data[1]), dtype=torch.uint8)
+        paged_gather(caches, slots, out, LAYOUT, PagedFormat.FLASH_ATTN)
+        assert out.numpy().tobytes() == data[1]
+
+
+def test_corrupted_chunk_never_enters_the_tier_store(fabric: MemoryFabric) -> None:
+    """The store thread's read checks the digest before the copy: a corrupted chunk is
+    dropped and never stored; good ones are stored and count as verified."""
+    cfg = make_config(local_cpu=True, max_local_cpu_size=16 * CHUNK_BYTES / 1e9)
+    store = build_tiers(cfg, LAYOUT)
+    assert store is not None
+    rx = Receiver(cfg, LAYOUT, MemoryTransport(fabric=fabric), port=0, store=store).start()
+    tx = Sender(cfg, LAYOUT, CorruptingTransport(fabric, bad=1))
+    try:
+        chunks, data = fill(tx, keys(3, start=60), seed=18)
+        assert tx.send(rx.endpoint, "stored", chunks).sent == 3
+        assert wait_until(lambda: rx.counters["checksum_failures"] == 1)
+        assert wait_until(lambda: store.contains([c.key for c in chunks[1:]]) == 2)
+        assert chunks[0].key not in store and rx.lookup([chunks[0].key]) == 0
+        assert [store.get(c.key) for c in chunks[1:]] == data[1:]
+        assert rx.acquire_checked([c.key for c in chunks[1:]])[1] == [NO_CHECKSUM] * 2
+        rx.release([c.key for c in chunks[1:]])
+        assert wait_until(lambda: rx.slot_usage()["rejected"] == 0)
+    finally:
+        tx.close()
+        rx.close()
+        store.close()
 
 
 def test_unverified_chunks_pass_when_verification_is_off(fabric: MemoryFabric) -> None:
@@ -318,7 +397,7 @@ def test_credit_path_pushes_into_the_grant_in_one_round_trip(fabric: MemoryFabri
         assert rx.slot_usage()["leased"] == 0
 
 
-def test_credit_path_rejects_a_corrupted_chunk(fabric: MemoryFabric) -> None:
+def test_credit_path_drops_a_corrupted_chunk_at_first_read(fabric: MemoryFabric) -> None:
     transports: list[CorruptingTransport] = []
 
     def make(f: MemoryFabric) -> MemoryTransport:
@@ -331,11 +410,11 @@ def test_credit_path_rejects_a_corrupted_chunk(fabric: MemoryFabric) -> None:
         transports[0].bad = 1
         pushes = tx.counters["pushes"]
         chunks, data = fill(tx, keys(2, start=800), seed=15)
-        with pytest.raises(HandoffError, match="checksum") as info:
-            tx.send(rx.endpoint, "bad-credit", chunks)
-        assert info.value.code is ErrorCode.CHECKSUM
+        res = tx.send(rx.endpoint, "bad-credit", chunks)
+        assert (res.sent, res.bad) == (2, 0)
         assert tx.counters["pushes"] == pushes + 1
         assert rx.read(chunks[0].key) is None and rx.read(chunks[1].key) == data[1]
+        assert rx.counters["checksum_failures"] == 1
         assert rx.slot_usage()["leased"] == 0
 
 

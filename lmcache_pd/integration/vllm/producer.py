@@ -37,7 +37,9 @@ from lmcache_pd.transports.nixl import NixlTransport
 
 log = logging.getLogger("lmcache_pd.vllm")
 
-GatherFn = Callable[[SaveSpec, int, torch.Tensor], None]
+# gathers chunk ``index`` of a request into a send slot; returns its digest, taken in the
+# same pass (protocol.NO_CHECKSUM when not hashed)
+GatherFn = Callable[[SaveSpec, int, torch.Tensor], int]
 
 
 class Producer:
@@ -83,8 +85,8 @@ class Producer:
             else:
                 nbytes = self.layout.bytes_per_chunk(self.cfg.chunk_size)
                 for i, (key, slot) in enumerate(zip(spec.keys, slots, strict=True)):
-                    gather_fn(spec, i, self.sender.buffer.slot_tensor(slot))
-                    chunks.append(OutChunk(key, slot, nbytes))
+                    digest = gather_fn(spec, i, self.sender.buffer.slot_tensor(slot))
+                    chunks.append(OutChunk(key, slot, nbytes, digest))
         if not spec.last:
             return
         chunks = self._pending.pop(spec.req_id, [])
