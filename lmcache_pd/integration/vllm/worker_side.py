@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from lmcache_pd.checksum import ChecksumMismatch, matches
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.config import Config
 from lmcache_pd.control import tcp_endpoint
@@ -49,6 +50,7 @@ from lmcache_pd.integration.vllm.common import (
 from lmcache_pd.integration.vllm.lookup import LookupServer
 from lmcache_pd.kernels import paged_kv
 from lmcache_pd.layout import KVLayout
+from lmcache_pd.protocol import NO_CHECKSUM
 from lmcache_pd.pull import Fetcher, FetchError
 from lmcache_pd.tiers import TieredStore, build_tiers, log_store
 
@@ -78,6 +80,17 @@ class ChunkSource(Protocol):
 
     def acquire(self, keys: Sequence[bytes]) -> list[memoryview | bytes | torch.Tensor | None]: ...
 
+    def acquire_checked(
+        self, keys: Sequence[bytes]
+    ) -> tuple[list[memoryview | bytes | torch.Tensor | None], list[int]]:
+        """:meth:`acquire` plus the digest each chunk must still be checked against
+        (``NO_CHECKSUM``: verified already); the load checks it in its scatter."""
+        ...
+
+    def settle(self, key: bytes, expected: int, ok: bool, where: str = ...) -> None:
+        """The outcome of that check (a mismatch drops the chunk)."""
+        ...
+
     def release(self, keys: Sequence[bytes]) -> None: ...
 
 
@@ -95,6 +108,15 @@ class TierSource:
 
     def acquire(self, keys: Sequence[bytes]) -> list[memoryview | bytes | None]:
         return self.store.acquire_many(keys)  # remote chunks: one round trip
+
+    def acquire_checked(
+        self, keys: Sequence[bytes]
+    ) -> tuple[list[memoryview | bytes | torch.Tensor | None], list[int]]:
+        # tiers hold verified chunks only (and check their own headers on disk/remote)
+        return list(self.acquire(keys)), [NO_CHECKSUM] * len(keys)
+
+    def settle(self, key: bytes, expected: int, ok: bool, where: str = "") -> None:
+        pass  # never handed out a digest to check
 
     def release(self, keys: Sequence[bytes]) -> None:
         for k in keys:
@@ -422,33 +444,92 @@ class WorkerSide:
             else:
                 self._save_to_tiers(spec)
 
-    def _gather_into(self, spec: SaveSpec, index: int, out: torch.Tensor) -> None:
-        """Gather chunk ``spec.first_chunk + index`` of the request into ``out``."""
+    def _gather_into(self, spec: SaveSpec, index: int, out: torch.Tensor) -> int:
+        """Gather chunk ``spec.first_chunk + index`` of the request into ``out`` (a send
+        slot) and return its ``kvsum64`` digest, hashed in the same pass
+        (``NO_CHECKSUM`` with ``pd_verify_checksums: false``)."""
+        return self._gather(spec, index, out, self.cfg.pd_verify_checksums)
+
+    def _gather(self, spec: SaveSpec, index: int, out: torch.Tensor, hashed: bool) -> int:
         assert self.layout is not None
         cs = self.chunk_size
         c = spec.first_chunk + index
         slots = slot_mapping(
             spec.block_ids, self.block_size, 0, spec.total_tokens, c * cs, (c + 1) * cs
         )
+        digest = NO_CHECKSUM
+        target = out
+        if self._page_map is None and out.device != self.kv_caches[0].device:
+            target = self._device_staging(out.numel())  # GPU caches, host send buffer/tier
         if self._page_map is not None:
-            cpu_paged.gather(self.kv_caches, slots, out, self.layout, self._page_map)
-        elif out.device != self.kv_caches[0].device:  # GPU caches, host send buffer/tier
-            staged = self._device_staging(out.numel())
-            paged_kv.gather(self.kv_caches, slots, staged, self.layout)
-            out.copy_(staged)
+            pm = self._page_map
+            if hashed:
+                digest = cpu_paged.gather_checksum(self.kv_caches, slots, out, self.layout, pm)
+            else:
+                cpu_paged.gather(self.kv_caches, slots, out, self.layout, pm)
+        elif hashed:  # CUDA caches: the kernel adds the digest up in its launch
+            digest = paged_kv.gather_checksum(self.kv_caches, slots, target, self.layout)
         else:
-            paged_kv.gather(self.kv_caches, slots, out, self.layout)
+            paged_kv.gather(self.kv_caches, slots, target, self.layout)
+        if target is not out:
+            out.copy_(target)
+        return digest
 
-    def _scatter(self, chunk: torch.Tensor, slots: torch.Tensor) -> None:
+    def _check_pieces(
+        self,
+        keys: Sequence[bytes],
+        views: Sequence[memoryview | bytes | torch.Tensor | None],
+        sums: Sequence[int],
+    ) -> int:
+        """The digest the scatter of one chunk must check: its own for a whole chunk.
+        Head pieces (mixed TP) are assembled before the scatter, so each unverified
+        piece is checked here, a pass of its own (raises :class:`ChecksumMismatch`)."""
+        if len(views) == 1:
+            return sums[0]
+        assert self.source is not None
+        for key, view, expected in zip(keys, views, sums, strict=True):
+            if view is None or expected == NO_CHECKSUM:
+                continue
+            ok = matches(view, expected)
+            self.source.settle(key, expected, ok, "the engine's load")
+            if not ok:
+                raise ChecksumMismatch(expected, 0, f"head piece {key.hex()}")
+        return NO_CHECKSUM
+
+    def _scatter(
+        self,
+        chunk: torch.Tensor,
+        slots: torch.Tensor,
+        key: bytes = b"",
+        expected: int = NO_CHECKSUM,
+    ) -> None:
+        """Scatter one chunk into paged KV. With an ``expected`` digest (not
+        ``NO_CHECKSUM``) the scatter hashes the bytes it reads in the same pass and
+        reports to the source; a mismatch raises :class:`ChecksumMismatch` (the KV just
+        written is then not trusted: its blocks are reported invalid)."""
         assert self.layout is not None
+        hashed = expected != NO_CHECKSUM
+        got = NO_CHECKSUM
         if self._page_map is not None:
-            cpu_paged.scatter(chunk, self.kv_caches, slots, self.layout, self._page_map)
-            return
-        if chunk.device != self.kv_caches[0].device:  # host chunk (tier/DRAM) into GPU caches
-            staged = self._device_staging(chunk.numel())
-            staged.copy_(chunk)
-            chunk = staged
-        paged_kv.scatter(chunk, self.kv_caches, slots, self.layout)
+            pm = self._page_map
+            if hashed:
+                got = cpu_paged.scatter_checksum(chunk, self.kv_caches, slots, self.layout, pm)
+            else:
+                cpu_paged.scatter(chunk, self.kv_caches, slots, self.layout, pm)
+        else:
+            if chunk.device != self.kv_caches[0].device:  # host chunk into GPU caches
+                staged = self._device_staging(chunk.numel())
+                staged.copy_(chunk)
+                chunk = staged
+            if hashed:  # CUDA caches: the kernel adds the digest up in its launch
+                got = paged_kv.scatter_checksum(chunk, self.kv_caches, slots, self.layout)
+            else:
+                paged_kv.scatter(chunk, self.kv_caches, slots, self.layout)
+        if hashed:
+            assert self.source is not None
+            self.source.settle(key, expected, got == expected, "the engine's load")
+            if got != expected:
+                raise ChecksumMismatch(expected, got, f"chunk {key.hex()}")
 
     def _device_staging(self, nbytes: int) -> torch.Tensor:
         """A reusable uint8 buffer on the caches' device (no allocation per chunk)."""
@@ -467,7 +548,7 @@ class WorkerSide:
         for i, key in enumerate(spec.keys):
             if key in store:
                 continue
-            self._gather_into(spec, i, scratch)
+            self._gather(spec, i, scratch, hashed=False)
             if store.put(key, scratch.numpy().data):
                 stored += self.chunk_size
         dt = time.perf_counter() - t0
