@@ -7,7 +7,9 @@
 #   2. pytest -m gpu, where a skipped GPU test FAILS (tests/gpu_required.py)
 #   3. lmcache-pd check kernels (NVRTC compile + GPU round trip, bit-exact)
 #   4. lmcache-pd bench kernels --device cuda (gather/scatter, fused checksums)
-#   5. lmcache-pd bench transfer --device cuda (VRAM buffers, NIXL over UCX cuda_ipc)
+#   5. lmcache-pd bench transfer --device cuda (VRAM buffers, NIXL over UCX cuda_ipc;
+#      every chunk carries the kvsum64 digest of its VRAM slot and the receiver checks
+#      each one on its CUDA tensors: the JSON must show them checked, none failed)
 # Any failure stops the run with "GPU CHECK FAILED: <step>: <why>" and a non-zero exit;
 # on a host without a GPU it fails at once (exit 2), it never skips.
 set -uo pipefail
@@ -65,4 +67,11 @@ sys.exit(0 if doc["device"] == "cuda" and doc["backend"] == "cuda" else f"backen
 PY
 step "bench transfer" 200 "$CLI" bench transfer --device cuda --quick --latency-reps 50 \
     --json "$OUT/gpu_transfer.json" --png "$OUT/gpu_transfer.png"
+"$PY" - "$OUT/gpu_transfer.json" <<'PY' || fail "bench transfer: VRAM chunks without checked digests"
+import json, sys
+doc = json.load(open(sys.argv[1]))
+unchecked = [r["chunks"] for r in doc["rows"] if not r.get("digests_checked")]
+if doc["device"] != "cuda" or unchecked:
+    sys.exit(f"device {doc['device']}, rows without checked kvsum64 digests: {unchecked}")
+PY
 echo "GPU CHECK PASSED in $(( $(date +%s) - START ))s; results: $OUT/gpu_*" | tee -a "$LOG"
