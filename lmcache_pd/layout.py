@@ -43,6 +43,10 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     ``model`` is a free-form model identity (name or path) folded into the fingerprint, so
     two engines serving different weights never share chunk keys.
+
+    ``num_kv_heads`` are the heads this layout's chunks hold (one TP rank's share);
+    ``total_kv_heads`` the model's (0: the same, TP=1) and ``head_start`` the first one
+    held (see :mod:`lmcache_pd.tp`). Chunk keys use the total, so they do not depend on TP.
     """
 
     num_layers: int
@@ -52,6 +56,8 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     block_size: int = 16
     attention: AttentionKind = AttentionKind.KV_SPLIT
     model: str = ""
+    total_kv_heads: int = 0
+    head_start: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_SIZES:
@@ -63,6 +69,22 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             value = getattr(self, name)
             if value <= 0:
                 raise ValueError(f"layout {name} must be > 0, got {value}")
+        total = self.model_kv_heads
+        if self.head_start < 0 or self.head_start + self.num_kv_heads > total:
+            raise ValueError(
+                f"layout heads [{self.head_start}, {self.head_start + self.num_kv_heads}) "
+                f"lie outside the model's {total} KV heads"
+            )
+
+    @property
+    def model_kv_heads(self) -> int:
+        """The model's KV heads, over all TP ranks."""
+        return self.total_kv_heads or self.num_kv_heads
+
+    @property
+    def is_full(self) -> bool:
+        """Whether this layout holds every KV head (TP=1, or replicated MLA)."""
+        return self.num_kv_heads == self.model_kv_heads
 
     @property
     def is_mla(self) -> bool:
@@ -96,19 +118,35 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return {
             "model": self.model,
             "num_layers": str(self.num_layers),
-            "num_kv_heads": str(self.num_kv_heads),
+            "num_kv_heads": str(self.model_kv_heads),
             "head_size": str(self.head_size),
             "dtype": self.dtype,
             "attention": self.attention.value,
         }
 
     def fingerprint(self) -> bytes:
-        """16-byte digest of the compat fields: stable across processes and hosts.
+        """16-byte digest of the compat fields: stable across processes and hosts, and
+        the same at every TP size (the model's total KV heads, not a rank's share).
 
         Block size is deliberately not part of it: chunks are block-size independent.
         """
         text = ";".join(f"{k}={v}" for k, v in sorted(self.compat_fields().items()))
         return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+    def store_fingerprint(self) -> bytes:
+        """The fingerprint a tier namespaces its chunks by: also names the heads held
+        when they are a TP rank's share, so ranks (and engines at other TP sizes)
+        sharing a disk path or a Redis never read each other's bytes under one key."""
+        if self.is_full:
+            return self.fingerprint()
+        tag = f";heads={self.head_start}+{self.num_kv_heads}".encode()
+        return hashlib.blake2b(self.fingerprint() + tag, digest_size=16).digest()
+
+    def with_heads(self, start: int, count: int) -> KVLayout:
+        """The same layout holding heads ``[start, start + count)`` of the model."""
+        return msgspec.structs.replace(
+            self, num_kv_heads=count, head_start=start, total_kv_heads=self.model_kv_heads
+        )
 
 
 PRESETS: dict[str, KVLayout] = {

@@ -77,7 +77,11 @@ class Msg(msgspec.Struct, tag_field="t", forbid_unknown_fields=True, kw_only=Tru
 
 
 class Compat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """What must match between sender and receiver; a mismatch is refused by name."""
+    """What must match between sender and receiver; a mismatch is refused by name.
+
+    ``num_kv_heads`` is the model's total (TP-independent). ``tp_size`` is the sender's
+    TP size: it need not match the receiver's (mixed TP moves head pieces, see
+    :mod:`lmcache_pd.tp`), but it must split the heads, which the receiver checks."""
 
     model: str
     num_layers: int
@@ -97,7 +101,7 @@ class Compat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return cls(
             model=layout.model,
             num_layers=layout.num_layers,
-            num_kv_heads=layout.num_kv_heads,
+            num_kv_heads=layout.model_kv_heads,
             head_size=layout.head_size,
             dtype=layout.dtype,
             attention=layout.attention.value,
@@ -108,9 +112,11 @@ class Compat(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         )
 
     def diff(self, other: Compat) -> list[str]:
-        """Names of fields that differ, with both values."""
+        """Names of fields that differ, with both values (TP sizes may differ)."""
         out = []
         for name in self.__struct_fields__:
+            if name == "tp_size":
+                continue
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 out.append(f"{name} (receiver {mine!r}, sender {theirs!r})")
@@ -154,6 +160,11 @@ class HelloAck(Msg, tag="hello_ack"):
     # transports.base.MemKind's values (the router imports this module, never transports)
     mem_kind: Literal["DRAM", "VRAM"] = "DRAM"
     grant: Grant | None = None
+    # the receiver engine's TP shape: its rank, size and every rank's control port
+    # (a sender at another TP size pushes head pieces to each rank it overlaps)
+    tp_rank: int = 0
+    tp_size: int = 1
+    rank_ports: list[int] = msgspec.field(default_factory=list)
 
 
 class Offer(Msg, tag="offer"):
@@ -246,11 +257,14 @@ class Fetch(Msg, tag="fetch"):
     under hold id ``req_id`` (from :class:`DecodeParams`) to the receiver at ``receiver``
     (``tcp://host:port`` of the decoder's control endpoint for this TP rank). Answered
     with ``HandoffDone`` once the push is over, or ``Error(UNKNOWN_LEASE)`` at once for a
-    hold that was never issued, expired, or was already fetched (holds are one-shot)."""
+    hold that was never issued, expired, or was already fetched (holds are one-shot per
+    receiver rank). ``tp_rank``/``tp_size``: the receiver's; at another TP size than
+    the prefiller's, each rank is pushed the head pieces it needs (:mod:`lmcache_pd.tp`)."""
 
     req_id: str
     receiver: str
     tp_rank: int = 0
+    tp_size: int = 1
 
 
 class FetchKeys(Msg, tag="fetch_keys"):

@@ -10,9 +10,12 @@ buffer) under a one-shot **hold** id, and the decoder, handed the params, asks f
   pull endpoint. A signed ``Fetch{hold, receiver}`` makes it push the held chunks to that
   receiver with the ordinary handoff (Offer/Accept/WRITE/Done: dedupe, checksums and
   leases as in push-ahead; one protocol, one data path), then answer ``HandoffDone``.
-  A hold nobody fetches within ``pd_lease_ttl_s`` is dropped and its slots freed; a
-  fetch for a hold that was never issued, expired or was already fetched is refused
-  with ``Error(UNKNOWN_LEASE)`` and counted. The thread blocks in ``poll`` until the
+  Under mixed TP several decoder ranks fetch one hold, each the head pieces it needs
+  (:mod:`lmcache_pd.tp`); the hold is one-shot per decoder rank and its slots are freed
+  once every rank that needs this one has fetched (or at expiry). A hold nobody
+  fetches within ``pd_lease_ttl_s`` is dropped and its slots freed; a fetch for a hold
+  that was never issued, expired or was already fetched is refused with
+  ``Error(UNKNOWN_LEASE)`` and counted. The thread blocks in ``poll`` until the
   next message or hold deadline: no spinning.
 - :class:`Fetcher` (decoder worker) sends the ``Fetch`` and waits for the answer,
   bounded by ``pd_connect_timeout_s + pd_transfer_timeout_s``.
@@ -27,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -36,10 +39,11 @@ from lmcache_pd.control import BlockingRouter, Codec, ControlTimeout, DealerClie
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import Error, ErrorCode, Fetch, HandoffDone, Message
 from lmcache_pd.sender import OutChunk
+from lmcache_pd.tp import TPMappingError, sender_pieces
 
 log = logging.getLogger(__name__)
 
-# (receiver endpoint, hold id, chunks, prompt tokens) -> outcome; frees the chunks' slots
+# (receiver endpoint, hold id, chunks, prompt tokens) -> outcome; the slots stay the hold's
 PushFn = Callable[[str, str, list[OutChunk], int], HandoffDone]
 FreeFn = Callable[[list[int]], None]
 
@@ -61,6 +65,9 @@ class _Hold:
     chunks: list[OutChunk]
     total_tokens: int
     deadline: float
+    served: set[int] = field(default_factory=set)  # decoder ranks that fetched it
+    pushing: int = 0  # pushes of it in flight
+    done: bool = False  # no longer fetchable: its slots go once ``pushing`` is 0
 
 
 class HoldServer:
@@ -74,10 +81,12 @@ class HoldServer:
         free: FreeFn,
         *,
         tp_rank: int = 0,
+        tp_size: int = 1,
+        total_heads: int = 1,
         port: int | None = None,
     ) -> None:
         self.cfg = cfg
-        self.tp_rank = tp_rank
+        self.tp_rank, self.tp_size, self.total_heads = tp_rank, tp_size, total_heads
         self.counters = Counters("hold")
         self._push = push
         self._free = free
@@ -181,8 +190,22 @@ class HoldServer:
             self._drop(hold, f"not fetched within pd_lease_ttl_s={self.cfg.pd_lease_ttl_s}s")
 
     def _drop(self, hold: _Hold, why: str) -> None:
-        self._free([c.slot for c in hold.chunks])
+        """``hold`` (already out of the table) will not be fetched again: free its slots
+        now, or when its last push in flight ends."""
         log.warning("held KV %s (%d chunk(s)) dropped: %s", hold.hold_id, len(hold.chunks), why)
+        self._retire(hold)
+
+    def _retire(self, hold: _Hold) -> None:
+        with self._lock:
+            hold.done = True
+            free = hold.pushing == 0
+        if free:
+            self._free([c.slot for c in hold.chunks])
+
+    def _refuse(self, identity: bytes, msg: Fetch, code: ErrorCode, text: str) -> None:
+        self.counters.inc("fetch_refused")
+        log.warning("refused a fetch of KV %s: %s", msg.req_id, text)
+        self._router.send(identity, Error(req_id=msg.req_id, code=code, message=text))
 
     def _on_message(self, identity: bytes, msg: Message) -> None:
         if not isinstance(msg, Fetch):
@@ -195,30 +218,40 @@ class HoldServer:
                 ),
             )
             return
-        if msg.tp_rank != self.tp_rank:
-            self.counters.inc("fetch_refused")
-            self._router.send(
+        try:  # the decoder ranks this rank serves, at the decoder's TP size
+            ranks = {
+                p.dst
+                for p in sender_pieces(self.total_heads, self.tp_size, msg.tp_size, self.tp_rank)
+            }
+        except TPMappingError as exc:
+            self._refuse(identity, msg, ErrorCode.BAD_REQUEST, str(exc))
+            return
+        if msg.tp_rank not in ranks:
+            self._refuse(
                 identity,
-                Error(
-                    req_id=msg.req_id,
-                    code=ErrorCode.BAD_REQUEST,
-                    message=f"fetch for TP rank {msg.tp_rank} reached rank {self.tp_rank}",
-                ),
+                msg,
+                ErrorCode.BAD_REQUEST,
+                f"fetch for decoder TP rank {msg.tp_rank} of {msg.tp_size} reached prefiller "
+                f"rank {self.tp_rank} of {self.tp_size}, which holds none of its KV heads",
             )
             return
         with self._lock:
-            hold = self._holds.pop(msg.req_id, None)
+            hold = self._holds.get(msg.req_id)
+            if hold is not None and msg.tp_rank not in hold.served:
+                hold.served.add(msg.tp_rank)
+                hold.pushing += 1
+                if hold.served >= ranks:  # every rank that needs it has asked: one-shot
+                    del self._holds[msg.req_id]
+                    hold.done = True
+            else:
+                hold = None
         if hold is None:
-            self.counters.inc("fetch_refused")
-            log.warning("refused a fetch of unknown, expired or already fetched KV %s", msg.req_id)
-            self._router.send(
+            self._refuse(
                 identity,
-                Error(
-                    req_id=msg.req_id,
-                    code=ErrorCode.UNKNOWN_LEASE,
-                    message=f"no held KV {msg.req_id!r}: never issued here, already fetched, "
-                    f"or expired (pd_lease_ttl_s={self.cfg.pd_lease_ttl_s}s)",
-                ),
+                msg,
+                ErrorCode.UNKNOWN_LEASE,
+                f"no held KV {msg.req_id!r} for TP rank {msg.tp_rank}: never issued here, "
+                f"already fetched, or expired (pd_lease_ttl_s={self.cfg.pd_lease_ttl_s}s)",
             )
             return
         self.counters.inc("fetches")
@@ -230,6 +263,11 @@ class HoldServer:
         except Exception as exc:  # the push fn reports failures; this is a bug guard
             log.exception("push of held KV %s failed", hold.hold_id)
             done = HandoffDone(hold.hold_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+        with self._lock:
+            hold.pushing -= 1
+            free = hold.done and hold.pushing == 0
+        if free:
+            self._free([c.slot for c in hold.chunks])
         self._wake((identity, done))
 
     def close(self) -> None:
@@ -242,7 +280,7 @@ class HoldServer:
         with self._lock:
             holds, self._holds = list(self._holds.values()), OrderedDict()
         for hold in holds:
-            self._free([c.slot for c in hold.chunks])
+            self._retire(hold)
         self._router.close()
         self._wake_in.close(linger=0)
         self._wake_out.close(linger=0)
@@ -253,11 +291,13 @@ class Fetcher:
     """Decoder side: asks prefiller pull endpoints to push held KV to our receiver.
     Thread-safe; keeps one connection per endpoint (at most ``MAX_FETCH_PEERS``)."""
 
-    def __init__(self, cfg: Config, codec: Codec, receiver: str, *, tp_rank: int = 0) -> None:
+    def __init__(
+        self, cfg: Config, codec: Codec, receiver: str, *, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         self.cfg = cfg
         self.codec = codec
         self.receiver = receiver
-        self.tp_rank = tp_rank
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.counters = Counters("fetch")
         self._ctx = zmq.Context()
         self._clients: OrderedDict[str, tuple[DealerClient, threading.Lock]] = OrderedDict()
@@ -290,7 +330,9 @@ class Fetcher:
         did. Raises :class:`FetchError` (refused, unreachable, timed out)."""
         timeout_s = self.cfg.pd_connect_timeout_s + self.cfg.pd_transfer_timeout_s
         client, lock = self._client(endpoint)
-        msg = Fetch(req_id=hold_id, receiver=self.receiver, tp_rank=self.tp_rank)
+        msg = Fetch(
+            req_id=hold_id, receiver=self.receiver, tp_rank=self.tp_rank, tp_size=self.tp_size
+        )
         self.counters.inc("requests")
         try:
             with lock:

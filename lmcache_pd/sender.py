@@ -121,6 +121,10 @@ class _Peer:
     slot_bytes: int
     remote: Any
     lock: threading.Lock
+    local: Any = None  # our slots prepped at the receiver's slot size (None: self.local)
+    tp_rank: int = 0  # the receiver's TP shape (HelloAck)
+    tp_size: int = 1
+    rank_ports: list[int] = field(default_factory=list)
     grant: Grant | None = None
     grant_at: float = 0.0
     known: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
@@ -179,6 +183,9 @@ class Sender:
             cfg.pd_buffer_device,
         )
         self.local = transport.prep_local(self.buffer.descs, self.buffer.kind)
+        # our slots prepped at a smaller receiver slot size (a receiver TP rank holding
+        # fewer heads than we do takes head pieces), one list per size, reused
+        self._locals: dict[int, Any] = {}
         # slots asked to be lent ahead: as many as one request of ours could use (the
         # receiver lends at most half its buffer, shared by its connected senders)
         self._want_grant = min(self.buffer.num_slots, MAX_GRANT_WANT)
@@ -257,12 +264,6 @@ class Sender:
             raise HandoffError(f"receiver {endpoint} refused Hello: {reply.message}", reply.code)
         if not isinstance(reply, HelloAck) or len(payload) != 1:
             raise HandoffError(f"receiver {endpoint} answered Hello with {type(reply).__name__}")
-        if reply.slot_bytes < self.buffer.slot_bytes:
-            raise HandoffError(
-                f"receiver slots of {reply.slot_bytes} bytes are smaller than ours "
-                f"({self.buffer.slot_bytes})",
-                ErrorCode.INCOMPATIBLE,
-            )
         try:
             agent = self.transport.add_peer(payload[0])
         except TransportError as exc:
@@ -275,10 +276,40 @@ class Sender:
         self.transport.connect(agent)
         log.info("connected to receiver %s (%s, %d slots)", endpoint, agent, reply.num_slots)
         peer = _Peer(
-            endpoint, client, agent, reply.num_slots, reply.slot_bytes, remote, threading.Lock()
+            endpoint,
+            client,
+            agent,
+            reply.num_slots,
+            reply.slot_bytes,
+            remote,
+            threading.Lock(),
+            local=self._local_at(reply.slot_bytes),
+            tp_rank=reply.tp_rank,
+            tp_size=reply.tp_size,
+            rank_ports=list(reply.rank_ports),
         )
         peer.grant, peer.grant_at = reply.grant, time.monotonic()
         return peer
+
+    def _local_at(self, slot_bytes: int) -> Any:
+        """Our slots prepped for WRITEs into receive slots of ``slot_bytes`` (smaller
+        than ours: each descriptor trimmed to it, prepped once per size)."""
+        if slot_bytes >= self.buffer.slot_bytes:
+            return None
+        with self._peers_lock:
+            local = self._locals.get(slot_bytes)
+            if local is None:
+                descs = [(a, slot_bytes, d) for a, _, d in self.buffer.descs]
+                local = self._locals[slot_bytes] = self.transport.prep_local(
+                    descs, self.buffer.kind
+                )
+            return local
+
+    def receiver_tp(self, endpoint: str) -> tuple[int, int, list[int]]:
+        """The TP ``(rank, size, every rank's port)`` of the receiver at ``endpoint``
+        (saying Hello first if needed; ports are [] when that engine picks free ones)."""
+        peer = self._peer(endpoint)
+        return peer.tp_rank, peer.tp_size, list(peer.rank_ports)
 
     def _forget(self, peer: _Peer) -> None:
         with self._peers_lock:
@@ -306,6 +337,14 @@ class Sender:
         ]
         try:
             peer = self._peer(endpoint)
+            too_big = [c.nbytes for c in chunks if c.nbytes > peer.slot_bytes]
+            if too_big:
+                raise HandoffError(
+                    f"chunks of {max(too_big)} bytes exceed the receive slots of {endpoint} "
+                    f"({peer.slot_bytes} bytes): a TP rank's KV heads must be sent as "
+                    "pieces (lmcache_pd.tp)",
+                    ErrorCode.INCOMPATIBLE,
+                )
             try:
                 totals = self._send_batches(peer, req_id, chunks)
             except HandoffError as exc:
@@ -354,7 +393,7 @@ class Sender:
                 group = chunks[first : first + per_group]
                 handles.append(
                     self.transport.write(
-                        self.local,
+                        self.local if peer.local is None else peer.local,
                         [c.slot for c in group],
                         peer.remote,
                         list(slots[first : first + len(group)]),
@@ -522,5 +561,7 @@ class Sender:
         for peer in peers:
             self._forget(peer)
         self.transport.release_prepped(self.local)
+        for local in self._locals.values():
+            self.transport.release_prepped(local)
         self.buffer.close()
         self._ctx.term()

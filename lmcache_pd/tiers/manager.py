@@ -463,7 +463,7 @@ def build_tiers(
         disk = DiskStore(
             path,
             int(cfg.max_local_disk_size * 1e9),
-            layout.fingerprint(),
+            layout.store_fingerprint(),
             queue_size=cfg.disk_write_queue_size,
             metrics=metrics,
         )
@@ -484,7 +484,7 @@ def build_remote(cfg: Config, layout: KVLayout, metrics: TierMetrics) -> RemoteS
         return None
     return RemoteStore(
         url,
-        layout.fingerprint(),
+        layout.store_fingerprint(),
         cfg.chunk_size,
         timeout_s=cfg.remote_timeout_s,
         queue_size=cfg.remote_write_queue_size,

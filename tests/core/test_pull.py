@@ -38,8 +38,6 @@ def push_fn(tx: Sender):
             return HandoffDone(req_id, ok=True, chunks=res.sent, dedup=res.dedup)
         except HandoffError as exc:
             return HandoffDone(req_id, ok=False, error=str(exc))
-        finally:
-            tx.free([c.slot for c in chunks])
 
     return push
 

@@ -98,7 +98,10 @@ def test_slot_mapping_marks_outside_tokens() -> None:
 def test_lookup_rpc_roundtrip() -> None:
     held = {b"a" * 16, b"b" * 16}
 
-    def longest_prefix(keys: list[bytes]) -> int:
+    seen_tp: list[int] = []
+
+    def longest_prefix(keys: list[bytes], source_tp: int) -> int:
+        seen_tp.append(source_tp)
         return next((i for i, k in enumerate(keys) if k not in held), len(keys))
 
     endpoint = lookup_endpoint("test-engine-lookup", 0)
@@ -108,6 +111,8 @@ def test_lookup_rpc_roundtrip() -> None:
         assert client.lookup([b"a" * 16, b"b" * 16, b"c" * 16]) == 2
         assert client.lookup([b"c" * 16, b"a" * 16]) == 0
         assert client.lookup([]) == 0
+        assert client.lookup([b"a" * 16], source_tp=2) == 1
+        assert seen_tp == [0, 0, 2]  # the prefiller's TP size reaches every rank
     finally:
         client.close()
         server.close()

@@ -119,6 +119,7 @@ def layout_from_vllm_config(vllm_config: VllmConfig) -> KVLayout:
         block_size=int(cc.block_size),
         attention=AttentionKind.MLA if mla else AttentionKind.KV_SPLIT,
         model=str(mc.model),
+        total_kv_heads=1 if mla else mc.get_total_num_kv_heads(),
     )
 
 
@@ -173,6 +174,8 @@ def layout_from_tensors(expected: KVLayout, kv_caches: Mapping[str, torch.Tensor
         block_size=block_size,
         attention=expected.attention,
         model=expected.model,
+        total_kv_heads=expected.model_kv_heads,
+        head_start=expected.head_start,
     )
 
 
@@ -210,7 +213,8 @@ class LoadSpec:
     landing (a transfer in flight); wait that long for them, then load what is there.
     ``pull``: the standard contract's params; fetch the chunks from that prefiller first.
     ``error``: the request's params were unusable (policy ``fail``): load nothing and
-    report every block invalid, naming this cause.
+    report every block invalid, naming this cause. ``source_tp``: the prefiller's TP
+    size (0: ours); at another size each chunk arrives as head pieces (:mod:`lmcache_pd.tp`).
     """
 
     req_id: str
@@ -223,6 +227,7 @@ class LoadSpec:
     transfer_id: str | None = None
     pull: DecodeParams | None = None
     error: str | None = None
+    source_tp: int = 0
 
 
 @dataclass

@@ -27,6 +27,7 @@ log = logging.getLogger("lmcache_pd.vllm")
 class LookupRequest(msgspec.Struct, frozen=True):
     keys: list[bytes]
     want_endpoint: bool = False
+    source_tp: int = 0  # the prefiller's TP size when the chunks come from one (0: ours)
 
 
 class LookupReply(msgspec.Struct, frozen=True):
@@ -47,7 +48,7 @@ class LookupServer:
     def __init__(
         self,
         endpoint: str,
-        lookup_fn: Callable[[list[bytes]], int],
+        lookup_fn: Callable[[list[bytes], int], int],
         pull_address: Callable[[], tuple[str, int] | None] = lambda: None,
     ) -> None:
         self.endpoint = endpoint
@@ -78,7 +79,7 @@ class LookupServer:
                     host, port = self._pull_address() or ("", 0)
                     reply = LookupReply(hit=0, pull_host=host, pull_port=port)
                 else:
-                    reply = LookupReply(hit=int(self._fn(req.keys)))
+                    reply = LookupReply(hit=int(self._fn(req.keys, req.source_tp)))
             except Exception as exc:  # one bad request must not kill the server
                 log.warning("lookup failed: %s", exc)
                 reply = LookupReply(hit=0, error=str(exc))
@@ -119,10 +120,12 @@ class LookupClient:
             self._socks[i] = sock
         return sock
 
-    def lookup(self, keys: list[bytes]) -> int:
+    def lookup(self, keys: list[bytes], source_tp: int = 0) -> int:
+        """Chunks of ``keys`` every rank holds (a prefix); ``source_tp``: count a chunk
+        from a prefiller at that TP size only when all its head pieces are held."""
         if not keys:
             return 0
-        payload = _enc.encode(LookupRequest(keys=keys))
+        payload = _enc.encode(LookupRequest(keys=keys, source_tp=source_tp))
         best = len(keys)
         with self._lock:
             for i in range(len(self.endpoints)):

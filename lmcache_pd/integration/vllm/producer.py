@@ -6,8 +6,9 @@ request's prefill is complete (its last save):
 
 - push-ahead (our proxy named the decoder): the chunks go to one background thread which
   runs the blocking handoff (Offer/Accept/WRITE/Done, every step with a deadline) off the
-  forward path, frees the slots, and PUSHes a signed ``HandoffDone`` to the proxy named
-  in ``kv_transfer_params``;
+  forward path to every decoder TP rank that takes heads of ours (rank r -> rank r at the
+  same TP; head pieces at another TP, :mod:`lmcache_pd.pieces`), frees the slots, and
+  PUSHes a signed ``HandoffDone`` to the proxy named in ``kv_transfer_params``;
 - standard contract (no decoder named): the chunks are held by the
   :class:`~lmcache_pd.pull.HoldServer` until a decoder's ``Fetch`` names its receiver;
   the same handoff then pushes them there.
@@ -26,13 +27,15 @@ import torch
 import zmq
 
 from lmcache_pd.config import Config
-from lmcache_pd.control import Codec, PushClient
+from lmcache_pd.control import Codec, PushClient, tcp_endpoint
 from lmcache_pd.integration.vllm.common import KVRole, SaveSpec, SendTarget, agent_name
 from lmcache_pd.layout import KVLayout
+from lmcache_pd.pieces import send_pieces
 from lmcache_pd.protocol import HandoffDone
 from lmcache_pd.pull import HoldServer
 from lmcache_pd.sender import HandoffError, OutChunk, Sender
 from lmcache_pd.tiers import log_store
+from lmcache_pd.tp import sender_pieces
 from lmcache_pd.transports.nixl import NixlTransport
 
 log = logging.getLogger("lmcache_pd.vllm")
@@ -62,7 +65,16 @@ class Producer:
         self._failed: set[str] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lmcache-pd-push")
-        self.holds = HoldServer(cfg, self._codec, self._push, self.sender.free, tp_rank=tp_rank)
+        self.holds = HoldServer(
+            cfg,
+            self._codec,
+            self._push,
+            self.sender.free,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            total_heads=layout.model_kv_heads,
+        )
+        self.tp_size = tp_size
         self.sent_chunks = 0
         self.failed_requests = 0
         # (seconds, bytes) of each completed push (the connector's stats)
@@ -108,17 +120,40 @@ class Producer:
         self._pool.submit(self._push_ahead, spec.target, chunks, spec.total_tokens)
 
     def _push_ahead(self, target: SendTarget, chunks: list[OutChunk], total: int) -> None:
-        endpoint = target.decoder_endpoint(self.tp_rank)
-        done = self._push(endpoint, target.req_id or "", chunks, total)
+        req_id = target.req_id or ""
+        try:
+            endpoints = self._decoder_endpoints(target)
+        except (HandoffError, ValueError) as exc:
+            log.error("request %s: cannot reach the decoder: %s", req_id, exc)
+            endpoints, done = [], HandoffDone(req_id, ok=False, error=str(exc))
+        for endpoint in endpoints:
+            done = self._push(endpoint, req_id, chunks, total)
+            if not done.ok:
+                break
+        self.sender.free([c.slot for c in chunks])
         self._notify(target, done)
 
+    def _decoder_endpoints(self, target: SendTarget) -> list[str]:
+        """The control endpoints of the decoder's TP ranks that take heads of ours: rank
+        r at the same TP size; learnt from its rank 0's HelloAck at another TP size."""
+        _, size, ports = self.sender.receiver_tp(target.decoder_endpoint(0))  # all have a 0
+        if size == self.tp_size:
+            return [target.decoder_endpoint(self.tp_rank)]
+        heads = self.layout.model_kv_heads
+        ranks = sorted({p.dst for p in sender_pieces(heads, self.tp_size, size, self.tp_rank)})
+        if ports:
+            host = target.decoder_host
+            return [tcp_endpoint(host or "", ports[r]) for r in ranks]
+        return [target.decoder_endpoint(r) for r in ranks]
+
     def _push(self, endpoint: str, req_id: str, chunks: list[OutChunk], total: int) -> HandoffDone:
-        """Hand ``chunks`` to the receiver at ``endpoint``; frees their slots. Runs on a
-        push thread (push-ahead) or a fetch thread (standard contract)."""
+        """Hand our ``chunks`` (or the head pieces of them that the receiver rank takes)
+        to the receiver at ``endpoint``; the slots stay the caller's. Runs on a push
+        thread (push-ahead) or a fetch thread (standard contract)."""
         done = HandoffDone(req_id, ok=True)
         try:
             if chunks:
-                result = self.sender.send(endpoint, req_id, chunks)
+                result = send_pieces(self.sender, endpoint, req_id, chunks)
                 done = HandoffDone(req_id, ok=True, chunks=result.sent, dedup=result.dedup)
                 self.sent_chunks += result.sent
                 if self.on_pushed is not None:
@@ -145,8 +180,6 @@ class Producer:
             self.failed_requests += 1
             log.exception("request %s: push to %s failed", req_id, endpoint)
             done = HandoffDone(req_id, ok=False, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self.sender.free([c.slot for c in chunks])
         return done
 
     def _notify(self, target: SendTarget, msg: HandoffDone) -> None:

@@ -33,6 +33,7 @@ from lmcache_pd.integration.vllm.common import (
 from lmcache_pd.integration.vllm.lookup import LookupClient
 from lmcache_pd.protocol import DecodeParams, KVTransferParams
 from lmcache_pd.tiers import log_lookup
+from lmcache_pd.tp import check_tp
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -62,6 +63,7 @@ class _ReqState:
     hold: str | None = None  # standard contract: hold id the workers keep chunks under
     pull: DecodeParams | None = None  # decoder: fetch from this prefiller first
     error: str | None = None  # decoder: unusable params under load_failure_policy=fail
+    source_tp: int = 0  # decoder: the prefiller's TP size (0: ours)
     logged: bool = False
     save_done: bool = False
     load_attempts: int = 0
@@ -139,11 +141,17 @@ class SchedulerSide:
         if st.load_attempts >= MAX_LOAD_ATTEMPTS:
             return 0, False  # earlier loads of this request failed: recompute it
         n = len(st.tokens)
-        held = self.lookup_client.lookup(st.keys)
-        target, wait_s = held, 0.0
         st.pull = st.error = None
+        params, bad = None, ""
         if self.role is KVRole.CONSUMER and st.load_attempts == 0:
-            target, wait_s = self._remote_plan(request, st, held)
+            params, bad = self._decode_params(request)
+        st.source_tp = params.lmcache_pd_tp_size if params is not None else 0
+        held = self.lookup_client.lookup(st.keys, st.source_tp)
+        target, wait_s = held, 0.0
+        if bad:
+            target, wait_s = self._unusable(st, held, bad)
+        elif params is not None:
+            target, wait_s = self._remote_plan(st, params, held)
         if self.role is KVRole.BOTH and self.cfg.enable_p2p and target > 0:
             # chunks a peer holds are pushed here first, off the forward path (p2p.py)
             wait_s = self.cfg.pd_connect_timeout_s + self.cfg.pd_transfer_timeout_s
@@ -161,33 +169,33 @@ class SchedulerSide:
         st.load_wait_s = wait_s
         return need, True
 
-    def _remote_plan(self, request: Request, st: _ReqState, held: int) -> tuple[int, float]:
-        """Decoder, first try: how many chunks to load and how long they may take to
-        land, from the request's ``kv_transfer_params`` (:class:`DecodeParams`)."""
+    def _decode_params(self, request: Request) -> tuple[DecodeParams | None, str]:
+        """The request's :class:`DecodeParams` (None: a plain request), or why they are
+        unusable (malformed, or a prefiller TP size that cannot split the KV heads)."""
         try:
             params = DecodeParams.from_request(request.kv_transfer_params)
-        except ValueError as exc:
-            return self._unusable(st, held, str(exc))
-        if params is None:
-            return held, 0.0
+            if params is not None:
+                check_tp(self.layout.model_kv_heads, params.lmcache_pd_tp_size, "prefiller TP")
+        except ValueError as exc:  # TPMappingError included
+            return None, str(exc)
+        return params, ""
+
+    def _remote_plan(self, st: _ReqState, params: DecodeParams, held: int) -> tuple[int, float]:
+        """Decoder, first try: how many chunks to load and how long they may take to
+        land, from the request's ``kv_transfer_params`` (:class:`DecodeParams`)."""
         st.transfer_id = params.req_id
         announced = min(params.lmcache_pd_chunks, len(st.keys))
         if params.pulls:
-            if params.lmcache_pd_tp_size != self.tp_size:
-                return self._unusable(
-                    st,
-                    held,
-                    f"prefiller TP={params.lmcache_pd_tp_size} and decoder TP={self.tp_size} "
-                    "differ: fetching held KV across TP sizes is not supported yet",
-                )
             # fetched even when everything is held here: the push then moves nothing and
             # frees the prefiller's hold at once instead of at its TTL
             st.pull = params
             return max(announced, held), self.cfg.pd_transfer_timeout_s
         # push-ahead: with a proxy that waited for HandoffDone (proxy_notify set) the
-        # transfer is over; without one, chunks may still be landing: wait for them in
-        # the worker, bounded by pd_transfer_timeout_s
-        if announced > held and params.lmcache_pd_sent and not params.proxy_notify:
+        # transfer is over, unless the prefiller runs TP > 1 (only its rank 0 tells the
+        # proxy; the others' pieces may still be landing); chunks not yet here are waited
+        # for in the worker, bounded by pd_transfer_timeout_s
+        others = params.lmcache_pd_tp_size > 1
+        if announced > held and params.lmcache_pd_sent and (others or not params.proxy_notify):
             return announced, self.cfg.pd_transfer_timeout_s
         return held, 0.0
 
@@ -223,6 +231,7 @@ class SchedulerSide:
                 transfer_id=st.transfer_id,
                 pull=st.pull,
                 error=st.error,
+                source_tp=st.source_tp,
             )
         )
         log.info(
@@ -319,6 +328,7 @@ class SchedulerSide:
                 lmcache_pd_chunks=len(st.keys),
                 lmcache_pd_tokens=len(st.tokens),
                 lmcache_pd_sent=bool(st.keys),
+                lmcache_pd_tp_size=self.tp_size,
             ).to_dict()
         if st.hold is not None:
             return False, self._hold_params(st).to_dict()

@@ -50,9 +50,11 @@ from lmcache_pd.integration.vllm.common import (
 from lmcache_pd.integration.vllm.lookup import LookupServer
 from lmcache_pd.kernels import paged_kv
 from lmcache_pd.layout import KVLayout
+from lmcache_pd.pieces import assemble
 from lmcache_pd.protocol import NO_CHECKSUM
 from lmcache_pd.pull import Fetcher, FetchError
 from lmcache_pd.tiers import TieredStore, build_tiers, log_store
+from lmcache_pd.tp import HeadRange, Piece, piece_keys, rank_heads, receiver_pieces
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -69,6 +71,9 @@ log = logging.getLogger("lmcache_pd.vllm")
 # here. A shorter switch interval lets them in promptly; the spinning thread loses
 # nothing that matters.
 GIL_SWITCH_INTERVAL_S = 2e-4
+
+# "the whole chunk under its own key": what a rank takes from a sender at its own TP size
+_WHOLE = Piece(src=-1, dst=-1, heads=HeadRange(0, 0), src_offset=0, dst_offset=0)
 
 
 class ChunkSource(Protocol):
@@ -171,6 +176,7 @@ class WorkerSide:
         self._invalid_blocks: set[int] = set()
         self._waiters: ThreadPoolExecutor | None = None
         self._scratch: torch.Tensor | None = None
+        self._assembly: torch.Tensor | None = None
         self._page_map: cpu_paged.PageMap | None = None
         self.loaded_tokens = 0
         self.stored_tokens = 0
@@ -186,6 +192,7 @@ class WorkerSide:
         self.tp_rank, self.tp_size = tp_rank_and_size()
         layout = self._adopt_caches(kv_caches)
         self._scratch = torch.empty(layout.bytes_per_chunk(self.chunk_size), dtype=torch.uint8)
+        self._assembly = torch.empty_like(self._scratch)  # head pieces -> one chunk (mixed TP)
         self._start_role(layout)
         ktc = self.vllm_config.kv_transfer_config
         assert ktc is not None
@@ -199,7 +206,14 @@ class WorkerSide:
         """Check the KV tensors against the model config, keep them in layer order and
         probe vLLM's CPU page format where it applies; returns the layout to move."""
         layers = ordered_layers(kv_caches)
-        self.layout = layout_from_tensors(self.expected_layout, kv_caches)
+        layout = layout_from_tensors(self.expected_layout, kv_caches)
+        heads = rank_heads(layout.model_kv_heads, self.tp_size, self.tp_rank)
+        if heads.count != layout.num_kv_heads:
+            raise ValueError(
+                f"TP rank {self.tp_rank} of {self.tp_size} holds {layout.num_kv_heads} KV "
+                f"heads, expected {heads.count} of the model's {layout.model_kv_heads}"
+            )
+        self.layout = layout.with_heads(heads.start, heads.count)
         self.kv_caches = [t for _, t in layers]
         layout = self.layout
         first = self.kv_caches[0]
@@ -270,6 +284,7 @@ class WorkerSide:
                 self.receiver.codec,
                 tcp_endpoint(self.cfg.advertised_host(), self.receiver.port),
                 tp_rank=self.tp_rank,
+                tp_size=self.tp_size,
             )
         elif self.role is KVRole.PRODUCER:
             from lmcache_pd.integration.vllm.producer import Producer
@@ -305,8 +320,26 @@ class WorkerSide:
         holds = self.producer.holds if self.producer is not None else None
         return (holds.host, holds.port) if holds is not None else None
 
-    def _lookup(self, keys: list[bytes]) -> int:
-        return self.source.lookup(keys) if self.source is not None else 0
+    def _lookup(self, keys: list[bytes], source_tp: int = 0) -> int:
+        if self.source is None:
+            return 0
+        pieces = self._pieces(source_tp)
+        return self.source.lookup(self._piece_keys(keys, pieces)) // len(pieces)
+
+    def _pieces(self, source_tp: int) -> tuple[Piece, ...]:
+        """The head pieces of each chunk this rank takes from a sender at TP
+        ``source_tp`` (0 or ours: one, the whole chunk under its own key)."""
+        if source_tp in (0, self.tp_size):
+            return (_WHOLE,)
+        assert self.layout is not None
+        return receiver_pieces(self.layout.model_kv_heads, source_tp, self.tp_size, self.tp_rank)
+
+    def _piece_keys(self, keys: Sequence[bytes], pieces: Sequence[Piece]) -> list[bytes]:
+        """``keys`` expanded to the keys of their pieces, chunk by chunk."""
+        if pieces == (_WHOLE,):
+            return list(keys)
+        assert self.layout is not None
+        return piece_keys(list(keys), tuple(pieces), self.layout.model_kv_heads, self.tp_size)
 
     # --- loads ---
 
@@ -316,26 +349,31 @@ class WorkerSide:
             if source is None or spec.error is not None:
                 self._finish_load(spec, spec.start)
                 continue
+            pieces = self._pieces(spec.source_tp)
+            held = source.lookup(self._piece_keys(spec.keys, pieces)) // len(pieces)
             if spec.pull is not None:
                 assert self._waiters is not None
-                if source.lookup(spec.keys) < len(spec.keys):
+                if held < len(spec.keys):
                     self._waiters.submit(self._load_after_fetch, spec)
                     continue
                 self._waiters.submit(self._fetch, spec)  # frees the prefiller's hold now
                 self._load(spec)
-            elif spec.wait_s > 0 and source.lookup(spec.keys) < len(spec.keys):
+            elif spec.wait_s > 0 and held < len(spec.keys):
                 assert self._waiters is not None
                 self._waiters.submit(self._load_after_wait, spec)
             else:
                 self._load(spec)
 
     def _fetch(self, spec: LoadSpec) -> bool:
-        """Have the prefiller in ``spec.pull`` push its held chunks to our receiver."""
+        """Have the prefiller in ``spec.pull`` push its held chunks to our receiver (at
+        another TP size: every prefiller rank holding heads of ours, one by one)."""
         assert self.fetcher is not None and spec.pull is not None
         t0 = time.monotonic()
         try:
-            endpoint = spec.pull.pull_endpoint(self.tp_rank)
-            done = self.fetcher.fetch(endpoint, spec.pull.lmcache_pd_hold or "")
+            sources = sorted({p.src for p in self._pieces(spec.source_tp)} - {-1})
+            for src in sources or [self.tp_rank]:
+                endpoint = spec.pull.pull_endpoint(src)
+                done = self.fetcher.fetch(endpoint, spec.pull.lmcache_pd_hold or "")
         except (FetchError, ValueError) as exc:
             log.warning(
                 "request %s: fetching its KV failed after %.2f s: %s; the rest is recomputed "
@@ -363,7 +401,9 @@ class WorkerSide:
     def _load_after_wait(self, spec: LoadSpec) -> None:
         assert self.source is not None
         t0 = time.monotonic()
-        held = self.source.wait_for(spec.keys, spec.wait_s)
+        pieces = self._pieces(spec.source_tp)
+        held = self.source.wait_for(self._piece_keys(spec.keys, pieces), spec.wait_s)
+        held //= len(pieces)
         if held < len(spec.keys):
             log.warning(
                 "request %s: only %d of %d chunks arrived within %.1f s (pd_transfer_timeout_s)"
@@ -382,21 +422,26 @@ class WorkerSide:
         t0 = time.perf_counter()
         done_end = spec.start
         views: list[memoryview | bytes | torch.Tensor | None] = []
+        pieces = self._pieces(spec.source_tp)
+        keys = self._piece_keys(spec.keys, pieces)
         try:
-            views = self.source.acquire(spec.keys)
-            for i, view in enumerate(views):
+            views, sums = self.source.acquire_checked(keys)
+            for i in range(len(spec.keys)):
                 c = spec.first_chunk + i
                 lo, hi = c * cs, (c + 1) * cs
-                if view is None:
+                part = slice(i * len(pieces), (i + 1) * len(pieces))
+                expected = self._check_pieces(keys[part], views[part], sums[part])
+                chunk = self._chunk(pieces, views[part])
+                if chunk is None:
                     break
                 slots = slot_mapping(spec.block_ids, self.block_size, spec.start, spec.end, lo, hi)
-                self._scatter(as_byte_tensor(view), slots)
+                self._scatter(chunk, slots, keys[part][0], expected)
                 done_end = min(hi, spec.end)
         except Exception as exc:
             log.error("request %s: load failed at token %d: %s", spec.req_id, done_end, exc)
         finally:
             if views:
-                self.source.release(spec.keys)
+                self.source.release(keys)
         dt = time.perf_counter() - t0
         n = done_end - spec.start
         if n > 0:
@@ -414,6 +459,23 @@ class WorkerSide:
             if self.on_loaded is not None:
                 self.on_loaded(dt, nbytes)
         self._finish_load(spec, done_end)
+
+    def _chunk(
+        self, pieces: Sequence[Piece], views: Sequence[memoryview | bytes | torch.Tensor | None]
+    ) -> torch.Tensor | None:
+        """One chunk as a flat uint8 tensor: its one view, or its head pieces assembled
+        into the scratch chunk. None when a piece is missing (the chunk is not loaded)."""
+        if any(v is None for v in views):
+            return None
+        if pieces == (_WHOLE,):
+            return as_byte_tensor(views[0])  # type: ignore[arg-type]
+        assert self.layout is not None and self._assembly is not None
+        parts = [as_byte_tensor(v) for v in views]  # type: ignore[arg-type]
+        n = assemble(self.layout, pieces, parts, self._assembly)
+        if n < 0:
+            log.error("head pieces of one chunk disagree on their token count; not loaded")
+            return None
+        return self._assembly[:n]
 
     def _finish_load(self, spec: LoadSpec, done_end: int) -> None:
         bad: set[int] = set()
