@@ -75,6 +75,7 @@ from lmcache_pd.protocol import (
     Push,
 )
 from lmcache_pd.tiers.base import Store
+from lmcache_pd.tp import TPMappingError, check_tp
 from lmcache_pd.transports.base import MemKind, Transport
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class Receiver:
         self.transport = transport
         self.store = store
         self.compat = Compat.of(layout, cfg.chunk_size, cfg.hash_algorithm, tp_size)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.port = cfg.port_for_rank("pd_peer_init_port", tp_rank) if port is None else port
         self.codec = Codec(secret or cfg.auth_secret(), cfg.pd_max_frame_bytes)
         self.counters = Counters("receiver")
@@ -302,6 +304,12 @@ class Receiver:
             log.error("refused sender %s: %s", msg.agent, text)
             return Error(code=ErrorCode.INCOMPATIBLE, message=text), []
         if len(payload) != 1:
+        try:  # a sender at another TP size is fine when its ranks split the heads
+            check_tp(self.layout.model_kv_heads, msg.compat.tp_size, "sender tp_size")
+        except TPMappingError as exc:
+            self.counters.inc("incompatible")
+            log.error("refused sender %s: %s", msg.agent, exc)
+            return Error(code=ErrorCode.INCOMPATIBLE, message=str(exc)), []
             return Error(code=ErrorCode.MALFORMED, message="Hello needs one metadata frame"), []
         try:
             agent = self.transport.add_peer(payload[0])
@@ -325,9 +333,20 @@ class Receiver:
             mem_kind="VRAM" if self.buffer.kind is MemKind.VRAM else "DRAM",
             grant=grant,
         )
+            tp_rank=self.tp_rank,
+            tp_size=self.tp_size,
+            rank_ports=self._rank_ports(),
         return ack, [self.transport.metadata()]
 
     # ------------------------------------------------------------------ credits
+    def _rank_ports(self) -> list[int]:
+        """Every TP rank's control port as configured ([] when ports are chosen free)."""
+        try:
+            ports = [self.cfg.port_for_rank("pd_peer_init_port", r) for r in range(self.tp_size)]
+        except ValueError:
+            return []
+        return ports if all(ports) and ports[self.tp_rank] == self.port else []
+
     def _issue_grant(
         self, identity: bytes, peer: _PeerInfo, want: int, reuse: Sequence[int] = ()
     ) -> Grant | None:
