@@ -303,13 +303,13 @@ class Receiver:
             text = "incompatible KV layout: " + "; ".join(problems)
             log.error("refused sender %s: %s", msg.agent, text)
             return Error(code=ErrorCode.INCOMPATIBLE, message=text), []
-        if len(payload) != 1:
         try:  # a sender at another TP size is fine when its ranks split the heads
             check_tp(self.layout.model_kv_heads, msg.compat.tp_size, "sender tp_size")
         except TPMappingError as exc:
             self.counters.inc("incompatible")
             log.error("refused sender %s: %s", msg.agent, exc)
             return Error(code=ErrorCode.INCOMPATIBLE, message=str(exc)), []
+        if len(payload) != 1:
             return Error(code=ErrorCode.MALFORMED, message="Hello needs one metadata frame"), []
         try:
             agent = self.transport.add_peer(payload[0])
@@ -332,10 +332,10 @@ class Receiver:
             slot_descs=self.buffer.descs,
             mem_kind="VRAM" if self.buffer.kind is MemKind.VRAM else "DRAM",
             grant=grant,
-        )
             tp_rank=self.tp_rank,
             tp_size=self.tp_size,
             rank_ports=self._rank_ports(),
+        )
         return ack, [self.transport.metadata()]
 
     # ------------------------------------------------------------------ credits
