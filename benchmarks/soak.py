@@ -283,6 +283,9 @@ class Cluster:
             kv_transfer_config=cfg,
             env=env,
             max_model_len=self.a.max_model_len,
+            # a small paged KV cache: its pages are all touched during warm-up, so RSS
+            # growth afterwards is growth (1 GiB would fill slowly over the whole run)
+            extra_args=["--num-gpu-blocks-override", str(self.a.kv_blocks)],
         )
 
     def series(self, name: str) -> str:
@@ -753,6 +756,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--suffix-words", type=int, default=120)
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--kv-blocks", type=int, default=128, help="paged KV blocks per engine")
     p.add_argument("--kill-at", type=float, default=0.3, help="fraction of requests sent")
     p.add_argument("--restart-at", type=float, default=0.5, help="fraction of requests sent")
     p.add_argument("--deadline-s", type=float, default=15.0, help="a request slower is a stall")
