@@ -29,17 +29,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
+import numpy as np
 import psutil
 import pytest
 
+from lmcache_pd.chunks import ChunkHasher
+from lmcache_pd.config import load_config
 from lmcache_pd.integration.vllm.launch import (
     VLLMServer,
     free_port,
     free_port_pair,
     metric_value,
 )
+from lmcache_pd.layout import preset
 from lmcache_pd.protocol import DecodeParams, standard_prefill_params
 from lmcache_pd.router.proxy import spawn
+from lmcache_pd.sender import OutChunk, Sender
+from lmcache_pd.transports.nixl import NixlTransport
 from tests.integration.helpers import connector_config, load_lines, start_servers
 from tests.integration.observe import chunks_of, kv_events, metric_sum, stored_chunks
 
@@ -441,6 +448,67 @@ def test_unknown_and_expired_holds_recompute_without_leaks(pd: PD) -> None:
     assert "dropped: not fetched" in pd.prefiller.log_text()
     assert _decode_with(pd, prompt, returned) == want  # the expired hold: recomputed
     assert _usage(pd.decoder) < 0.01
+
+
+def test_corrupted_chunk_is_caught_by_the_scatter_and_recomputed(
+    tiny_model: Path, server_factory: Any, pd: PD
+) -> None:
+    """A decoder without a tier, so the engine's scatter is a chunk's first read: chunks
+    pushed (by this test, a real sender) whose bytes do not match their kvsum64 digests
+    are caught by the checksum fused into vLLM's CPU-page scatter, their blocks reported
+    invalid and recomputed: the plain engine's tokens, the failure counted and logged.
+    The bytes are plausible KV (random normal floats): loaded, they would change the
+    tokens."""
+    port = free_port()
+    config = connector_config(
+        "kv_consumer",
+        chunk_size=CHUNK,
+        pd_buffer_size=8 << 20,
+        pd_peer_init_port=port,
+        local_cpu=False,
+        load_failure_policy="recompute",
+    )
+    decoder = server_factory("decoder-nostore", tiny_model, kv_transfer_config=config)
+    prompt = token_prompts([3 * CHUNK + 10], seed=41)[0]
+    want = pd.plain.completion(prompt, MAX_TOKENS)["choices"][0]["text"]
+    layout = msgspec.structs.replace(preset("tiny"), model=str(tiny_model))
+    slot_bytes = layout.bytes_per_chunk(CHUNK)
+    cfg = load_config(overrides={"chunk_size": CHUNK, "pd_buffer_size": 4 * slot_bytes})
+    keys = ChunkHasher(layout.fingerprint(), CHUNK, cfg.hash_algorithm).keys(prompt)
+    assert len(keys) == 3
+    with decoder:
+        transport = NixlTransport("corrupting-prefiller")
+        tx = Sender(cfg, layout, transport)
+        slots = tx.alloc(len(keys))
+        try:
+            rng = np.random.default_rng(41)
+            chunks = []
+            for key, slot in zip(keys, slots, strict=True):
+                view = np.frombuffer(tx.buffer.view(slot, slot_bytes), dtype=np.uint8)
+                view[:] = rng.standard_normal(slot_bytes // 4).astype(np.float32).view(np.uint8)
+                chunks.append(OutChunk(key, slot, slot_bytes, tx.checksum(slot, slot_bytes)))
+                view[1001] ^= 0x10  # damaged after the digest was taken
+            res = tx.send(f"tcp://127.0.0.1:{port}", "corrupt-1", chunks)
+            assert (res.sent, res.bad) == (3, 0)  # the receiver does not hash on landing
+        finally:
+            tx.free(slots)
+            tx.close()
+            transport.close()
+        got = decoder.completion(prompt, MAX_TOKENS)["choices"][0]["text"]
+        assert got == want
+        log_text = decoder.log_text()
+        assert "failed their kvsum64 checksum" in log_text, log_text[-3000:]
+        assert "found by the engine's load" in log_text
+        assert "not loaded; reporting" in log_text
+        failures = 0.0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # stats reach the API server after a step
+            decoder.completion("flush", 1)
+            failures = metric_sum(decoder.metrics(), "vllm:lmcache_pd_checksum_failures_total")
+            if failures:
+                break
+            time.sleep(0.3)
+        assert failures == 1  # the first chunk; the prefix ends there, the rest is unread
 
 
 def test_dead_prefiller_falls_back_to_decoder(pd: PD) -> None:
