@@ -219,8 +219,8 @@ class PeerServer:
 
     def close(self) -> None:
         with self._wake_lock:
+            self._stop = True  # before the wake: the woken thread must see it
             self._wake_out.send(b"", zmq.NOBLOCK)
-            self._stop = True
         self._thread.join(5.0)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._router.close()
@@ -384,6 +384,12 @@ class PeerSource:
 
     def acquire(self, keys: Sequence[bytes]) -> list[ChunkData | None]:
         return self.receiver.acquire(keys)
+
+    def acquire_checked(self, keys: Sequence[bytes]) -> tuple[list[ChunkData | None], list[int]]:
+        return self.receiver.acquire_checked(keys)
+
+    def settle(self, key: bytes, expected: int, ok: bool, where: str = "the engine's load") -> None:
+        self.receiver.settle(key, expected, ok, where)
 
     def release(self, keys: Sequence[bytes]) -> None:
         self.receiver.release(keys)

@@ -167,6 +167,7 @@ class Receiver:
         self._leases: dict[int, _Lease] = {}
         self._grants: dict[int, _Lease] = {}  # lent slots not yet pushed into
         self._to_store: list[bytes] = []  # committed, not yet queued for the store
+        self._store_pins: dict[bytes, int] = {}  # acquire() pins held in the store, per key
         self._store_queue: queue.SimpleQueue[tuple[bytes, _Ready] | None] = queue.SimpleQueue()
         self._store_thread: threading.Thread | None = None
         self._recent: deque[tuple[int, bytes]] = deque(maxlen=_RECENT_KEYS)
@@ -831,7 +832,7 @@ class Receiver:
         with self._lock:
             for key in keys:
                 entry = self._ready.get(key)
-                if entry is not None:
+                if entry is not None and key not in self._store_pins:
                     entry.pins += 1
                     self._ready.move_to_end(key)
                     out.append(self.buffer.chunk(entry.slot, entry.nbytes))
@@ -840,9 +841,11 @@ class Receiver:
                     from_store.append(len(out))
                     out.append(None)
                     expected.append(NO_CHECKSUM)
-        if self.store is not None:
-            for i in from_store:
-                out[i] = self.store.get(keys[i])
+            if self.store is not None:  # recorded before the read: see _take_from_store
+                for i in from_store:
+                    self._store_pins[keys[i]] = self._store_pins.get(keys[i], 0) + 1
+        if self.store is not None and from_store:
+            self._take_from_store(keys, from_store, out)
         return out, expected
 
     def settle(self, key: bytes, expected: int, ok: bool, where: str = "the engine's load") -> None:
@@ -899,14 +902,64 @@ class Receiver:
             else:
                 self._doomed.pop(key, None)
 
-    def release(self, keys: Sequence[bytes]) -> None:
-        """Unpin keys returned by :meth:`acquire` / :meth:`acquire_checked`."""
+    def _take_from_store(
+        self, keys: Sequence[bytes], from_store: list[int], out: list[ChunkData | None]
+    ) -> None:
+        """Pin ``keys[i]`` for each ``i`` in ``from_store`` in the store with one
+        ``acquire_many`` (a remote tier's chunks in one round trip), outside the lock: a
+        disk or network read never blocks the receiver.
+
+        Each pin is recorded where it was taken (``_store_pins`` counts the store's per
+        key). While a key has store pins, further acquires pin the store too, even once
+        the key is in the buffer; a key pinned in the buffer stays there, so it gains no
+        store pins meanwhile. A key's pins are thus all of one kind, and :meth:`release`
+        undoes the right one."""
+        assert self.store is not None
+        try:
+            got = self.store.acquire_many([keys[i] for i in from_store])
+        except BaseException:
+            self._drop_store_pins([keys[i] for i in from_store])
+            raise
+        misses = []
+        for i, view in zip(from_store, got, strict=True):
+            if view is None:
+                misses.append(keys[i])
+            else:
+                out[i] = view
+        self._drop_store_pins(misses)
+
+    def _drop_store_pins(self, keys: Sequence[bytes]) -> None:
+        """Forget one store-pin record of each of ``keys``."""
         with self._lock:
             for key in keys:
+                n = self._store_pins.get(key, 0) - 1
+                if n > 0:
+                    self._store_pins[key] = n
+                else:
+                    self._store_pins.pop(key, None)
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        """Unpin keys returned by :meth:`acquire` / :meth:`acquire_checked` (in the
+        buffer or in the store)."""
+        in_store: list[bytes] = []
+        with self._lock:
+            for key in keys:
+                pins = self._store_pins.get(key, 0)
+                if pins:
+                    in_store.append(key)
+                    if pins > 1:
+                        self._store_pins[key] = pins - 1
+                    else:
+                        del self._store_pins[key]
+                    continue
                 doomed = self._doomed.get(key)
                 entry = doomed[0] if doomed else self._ready.get(key)
                 if entry is not None and entry.pins > 0:
                     self._unpin(key, entry)
+        if in_store:
+            assert self.store is not None
+            for key in in_store:
+                self.store.release(key)
 
     def read(self, key: bytes) -> bytes | None:
         """A verified copy of one chunk's bytes, or None (not held, or it failed its

@@ -126,8 +126,9 @@ class TieredStore(Store):
         self._holder: tuple[str, float] | None = None  # (p2p endpoint, entry TTL)
 
     def set_holder(self, endpoint: str, ttl_s: float) -> None:
-        """Advertise chunks that land in the CPU tier as held by the p2p ``endpoint``
-        (entries expire after ``ttl_s``); needs the remote tier."""
+        """Advertise chunks that land in the CPU tier, and those read from it, as held by
+        the p2p ``endpoint`` (an entry expires ``ttl_s`` after its chunk was last stored
+        or read here); needs the remote tier."""
         self._holder = (endpoint, ttl_s)
 
     def _advertise(self, key: bytes) -> None:
@@ -347,6 +348,7 @@ class TieredStore(Store):
         if cpu is not None:
             view = cpu.acquire(key)
             if view is not None:
+                self._advertise(key)  # in use here: the holder entry lives on
                 return view
         if self.disk is None:
             return None
