@@ -11,6 +11,7 @@ time and leak no slot.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import socket
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmcache_pd.config import Config
+from lmcache_pd.config import Config, ConfigError, load_config
 from lmcache_pd.control import Codec
 from lmcache_pd.p2p import PeerClient, PeerSharing
 from lmcache_pd.protocol import ErrorCode
@@ -203,3 +204,41 @@ def test_enable_p2p_without_the_remote_tier_is_refused(tmp_path: Path) -> None:
             PeerSharing(cfg, LAYOUT, store, receiver_port=0, server_port=0)
     finally:
         store.close()
+
+
+def test_lmcache_p2p_keys_take_effect(caplog: pytest.LogCaptureFixture) -> None:
+    env = {
+        "LMCACHE_ENABLE_P2P": "true",
+        "LMCACHE_P2P_HOST": "0.0.0.0",
+        "LMCACHE_P2P_INIT_PORTS": "8200,8201",
+        "LMCACHE_PD_PEER_HOST": "10.0.0.7",
+    }
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(env=env)
+    assert cfg.enable_p2p and cfg.p2p_init_ports == [8200, 8201]
+    assert cfg.port_for_rank("p2p_init_ports", 1) == 8201
+    assert cfg.p2p_advertised_host() == "10.0.0.7"  # a wildcard advertises pd_peer_host
+    ignored = [r.getMessage() for r in caplog.records if "ignoring LMCache keys" in r.getMessage()]
+    assert not any("p2p_init_ports" in m or "enable_p2p" in m for m in ignored)
+    defaults = load_config(env={})
+    assert (defaults.enable_p2p, defaults.p2p_host, defaults.p2p_init_ports) == (
+        False,
+        "127.0.0.1",
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"p2p_init_ports": [8200, 70000]}, "p2p_init_ports: port 70000 out of range"),
+        ({"p2p_init_ports": []}, "p2p_init_ports: port list is empty"),
+        ({"p2p_holder_ttl_s": 0}, "p2p_holder_ttl_s: must be > 0"),
+        ({"enable_p2p": "sometimes"}, "enable_p2p: expected bool"),
+    ],
+)
+def test_bad_p2p_config_is_refused_naming_the_key(
+    overrides: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(overrides=overrides, env={})
