@@ -247,6 +247,8 @@ class WorkerSide:
     def _start_role(self, layout: KVLayout) -> None:
         """The tiers (all but kv_producer), and the receiver + fetcher (kv_consumer) or
         the producer (kv_producer)."""
+        if self.cfg.enable_p2p and self.role is not KVRole.BOTH:
+            log.warning("enable_p2p applies to kv_both engines only; ignored (%s)", self.role.value)
         if self.role is not KVRole.PRODUCER:
             self.store = build_tiers(self.cfg, layout)
         if self.role is KVRole.BOTH:
