@@ -74,7 +74,10 @@ LEAK_GAUGES = (
     "vllm:lmcache_pd_holds_outstanding",
 )
 CACHE_GAUGE = "vllm:lmcache_pd_receive_slots_ready"
-STALL_LINES = ("no Done within", "chunks arrived within")
+# a decoder waited its whole pd_transfer_timeout_s for a request's KV
+STALL_LINE = "chunks arrived within"
+# a lease freed because its sender went silent (expected once per push cut by a kill)
+LEASE_DROP_LINE = "no Done within"
 
 
 class Kind(str, enum.Enum):
@@ -126,7 +129,8 @@ class Outcome:
 @dataclass
 class Sample:
     t_s: float
-    rss_mb: dict[str, float] = field(default_factory=dict)  # series -> MB
+    rss_mb: dict[str, float] = field(default_factory=dict)  # series -> MB (process group)
+    procs_mb: dict[str, float] = field(default_factory=dict)  # "series/name[pid]" -> MB
 
 
 def _cc(role: str, **extra: Any) -> dict[str, Any]:
@@ -226,18 +230,19 @@ class Prompts:
 
 
 # ---------------------------------------------------------------------- processes
-def group_rss_mb(pid: int) -> float:
-    """RSS (MB) of a process and all its descendants; 0 when gone."""
+def group_rss_mb(pid: int) -> dict[str, float]:
+    """RSS (MB) of a process and each of its descendants, ``name[pid]`` -> MB (vLLM
+    names its engine core ``VLLM::EngineCore``); empty when gone."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0.0
-    total = 0
+        return {}
+    out: dict[str, float] = {}
     for p in procs:
         with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total / 2**20
+            out[f"{p.name()}[{p.pid}]"] = p.memory_info().rss / 2**20
+    return out
 
 
 class Cluster:
@@ -366,9 +371,11 @@ class Sampler:
         while not self._stop.is_set():
             sample = Sample(round(self.clock(), 3))
             for series, pid in self.cluster.pids().items():
-                mb = group_rss_mb(pid)
-                if mb > 0:
-                    sample.rss_mb[series] = round(mb, 2)
+                procs = group_rss_mb(pid)
+                if procs:
+                    sample.rss_mb[series] = round(sum(procs.values()), 2)
+                    for name, mb in procs.items():
+                        sample.procs_mb[f"{series}/{name}"] = round(mb, 2)
             self.samples.append(sample)
             self._stop.wait(self.interval_s)
 
@@ -550,17 +557,19 @@ def rss_report(
     warmup_s: float,
     window: int,
     tolerance: float,
+    per_process: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Per series: first/last MB, growth after warm-up (median of the last ``window``
-    samples against the median of the first ``window`` samples from ``warmup_s`` after
-    the process group answered /health: a restarted engine warms up anew)."""
+    """Per series (process group, or each process with ``per_process``): first/last MB,
+    growth after warm-up (median of the last ``window`` samples against the median of
+    the first ``window`` samples from ``warmup_s`` after the process group answered
+    /health: a restarted engine warms up anew)."""
     by: dict[str, list[tuple[float, float]]] = {}
     for s in samples:
-        for series, mb in s.rss_mb.items():
+        for series, mb in (s.procs_mb if per_process else s.rss_mb).items():
             by.setdefault(series, []).append((s.t_s, mb))
     out: dict[str, dict[str, Any]] = {}
     for series, points in by.items():
-        start = ready_at.get(series, points[0][0])
+        start = ready_at.get(series.split("/")[0], points[0][0])
         steady = [mb for t, mb in points if t >= start + warmup_s]
         row: dict[str, Any] = {
             "samples": len(points),
@@ -606,12 +615,11 @@ def reference_check(
     return {"checked": len(sample), "mismatches": mismatches}
 
 
-def stalls(work: Path) -> dict[str, int]:
-    """Decoder log lines of a handoff that missed its deadline, per log file."""
+def log_counts(work: Path, line: str) -> dict[str, int]:
+    """How often ``line`` occurs in each decoder log."""
     out: dict[str, int] = {}
     for log in sorted(work.glob("D*.log")):
-        text = log.read_text(errors="replace")
-        n = sum(text.count(line) for line in STALL_LINES)
+        n = log.read_text(errors="replace").count(line)
         if n:
             out[log.name] = n
     return out
@@ -662,10 +670,17 @@ def summarize(result: dict[str, Any]) -> None:
         )
     console.print(t)
     t = Table(title="RSS (MB) after warm-up")
-    for col in ("process group", "first", "head", "tail", "growth", "flat"):
+    cols = ("process group", "first", "head", "tail", "growth", "flat", "most grown process")
+    for col in cols:
         t.add_column(col, justify="right")
     for series, row in sorted(result["rss"].items()):
         growth = row.get("growth")
+        procs = [
+            (r["growth"], name.split("/", 1)[1], r["tail_mb"] - r["head_mb"])
+            for name, r in result["rss_per_process"].items()
+            if name.startswith(series + "/") and r.get("growth") is not None
+        ]
+        top = max(procs, default=None)
         t.add_row(
             series,
             f"{row['first_mb']:.0f}",
@@ -673,6 +688,7 @@ def summarize(result: dict[str, Any]) -> None:
             f"{row.get('tail_mb', float('nan')):.0f}",
             "-" if growth is None else f"{growth * 100:+.2f} %",
             {True: "yes", False: "NO", None: "n/a"}[row["flat"]],
+            "-" if top is None else f"{top[1]} {top[0] * 100:+.1f} % ({top[2]:+.0f} MB)",
         )
     console.print(t)
     t = Table(title="slots in use when idle (must be 0; '-': not this role's)")
@@ -860,9 +876,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens = {"checked": 0, "mismatches": [], "error": f"{type(exc).__name__}: {exc}"[:500]}
         failures.append(f"reference engine: {tokens['error']}")
     rss = rss_report(samples, cluster.ready_at, a.warmup_s, a.rss_window, a.rss_tolerance)
+    rss_procs = rss_report(
+        samples, cluster.ready_at, a.warmup_s, a.rss_window, a.rss_tolerance, per_process=True
+    )
     late = [o for o in outcomes if o.ok and o.latency_s > a.deadline_s]
     failed = [o for o in outcomes if not o.ok]
-    stalled = stalls(work)
+    stalled = log_counts(work, STALL_LINE)
+    lease_drops = log_counts(work, LEASE_DROP_LINE)
     if len(outcomes) < a.requests:
         failures.append(f"only {len(outcomes)} of {a.requests} requests sent")
     if failed:
@@ -913,6 +933,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "leaks": leaks,
         "proxy": proxy,
         "decoder_stall_lines": stalled,
+        "decoder_lease_drops": lease_drops,
+        "rss_per_process": rss_procs,
         "tokens": tokens,
         "failed_requests": [
             {"i": o.i, "kind": o.kind.value, "sent_s": o.sent_s, "error": o.error} for o in failed
@@ -929,7 +951,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             for o in outcomes
         ],
-        "rss_samples": [asdict(s) for s in samples],
+        "rss_samples": [{"t_s": s.t_s, "rss_mb": s.rss_mb} for s in samples],
+        "rss_process_samples": [{"t_s": s.t_s, "procs_mb": s.procs_mb} for s in samples],
         "passed": not failures,
         "failures": failures,
         "seconds": round(time.time() - t_start, 1),
