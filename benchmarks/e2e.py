@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import enum
+import functools
 import json
 import os
 import random
@@ -611,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         phases.append(("ours", bench.ours))
     for shape in a.shape:
         if shape is not Shape.P1D1:
-            phases.append((shape.value, lambda shape=shape: bench.shape(shape)))
+            phases.append((shape.value, functools.partial(bench.shape, shape)))
     phases.append(("nixl", bench.nixl))
     t_start = time.time()
     for name, fn in phases:
