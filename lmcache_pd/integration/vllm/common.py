@@ -253,6 +253,9 @@ class SaveSpec:
 class PDConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    # the step computes nothing (vLLM steps anyway while a request waits for its KV):
+    # the workers may wait a little for a load to finish instead of returning at once
+    idle: bool = False
 
 
 def slot_mapping(

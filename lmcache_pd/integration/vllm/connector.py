@@ -156,7 +156,9 @@ class LMCachePDConnector(KVConnectorBase_V1):
             self._w().save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return self._w().get_finished(finished_req_ids)
+        meta = self._connector_metadata
+        idle = isinstance(meta, PDConnectorMetadata) and meta.idle
+        return self._w().get_finished(finished_req_ids, idle=idle)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._w().get_block_ids_with_load_errors()

@@ -248,7 +248,9 @@ class SchedulerSide:
         st.load_attempts += 1
 
     def build_connector_meta(self, so: SchedulerOutput) -> PDConnectorMetadata:
-        meta = PDConnectorMetadata(loads=self._pending_loads)
+        meta = PDConnectorMetadata(
+            loads=self._pending_loads, idle=so.total_num_scheduled_tokens == 0
+        )
         self._pending_loads = []
         if self.role is KVRole.CONSUMER:
             return meta

@@ -71,6 +71,8 @@ log = logging.getLogger("lmcache_pd.vllm")
 # here. A shorter switch interval lets them in promptly; the spinning thread loses
 # nothing that matters.
 GIL_SWITCH_INTERVAL_S = 2e-4
+# an idle step (nothing scheduled, a load in flight) waits at most this long for the load
+IDLE_STEP_WAIT_S = 0.01
 
 # "the whole chunk under its own key": what a rank takes from a sender at its own TP size
 _WHOLE = Piece(src=-1, dst=-1, heads=HeadRange(0, 0), src_offset=0, dst_offset=0)
@@ -172,7 +174,9 @@ class WorkerSide:
         self.lookup_server: LookupServer | None = None
         self.tp_rank, self.tp_size = 0, 1
         self._lock = threading.Lock()
+        self._load_done = threading.Condition(self._lock)
         self._finished_loads: set[str] = set()
+        self._loads_in_flight = 0  # load specs started, not yet finished
         self._invalid_blocks: set[int] = set()
         self._waiters: ThreadPoolExecutor | None = None
         self._scratch: torch.Tensor | None = None
@@ -346,6 +350,8 @@ class WorkerSide:
     # --- loads ---
 
     def start_load(self, meta: PDConnectorMetadata) -> None:
+        with self._lock:
+            self._loads_in_flight += len(meta.loads)  # each ends in _finish_load
         for spec in meta.loads:
             source = self.source
             if source is None or spec.error is not None:
@@ -497,6 +503,8 @@ class WorkerSide:
             self.load_failures += bool(bad)
             self._invalid_blocks |= bad
             self._finished_loads.add(spec.req_id)
+            self._loads_in_flight -= 1
+            self._load_done.notify_all()
 
     # --- saves ---
 
@@ -622,10 +630,18 @@ class WorkerSide:
 
     # --- completion reporting ---
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+    def get_finished(
+        self, finished_req_ids: set[str], idle: bool = False
+    ) -> tuple[set[str] | None, set[str] | None]:
+        """Loads finished since the last step. ``idle``: this step computed nothing
+        (vLLM steps back to back while a request waits for its KV); then wait up to
+        ``IDLE_STEP_WAIT_S`` for a load in flight to finish, so a waiting engine does
+        not spin its cores (which starves the handoff threads on a small host)."""
         if self.producer is not None and finished_req_ids:
             self.producer.forget(finished_req_ids)
         with self._lock:
+            if idle and not self._finished_loads and self._loads_in_flight:
+                self._load_done.wait(IDLE_STEP_WAIT_S)
             done, self._finished_loads = self._finished_loads, set()
         return None, (done or None)
 
