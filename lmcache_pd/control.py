@@ -12,8 +12,9 @@ then decode strictly (malformed -> ``Error`` reply). Nothing is ever unpickled.
 
 Sockets:
 - :class:`RouterServer` (asyncio ROUTER, the receiver; replies by peer identity),
-- :class:`BlockingRouter` (ROUTER for a server thread polling several sockets: the
-  prefiller's pull endpoint),
+- :class:`BlockingRouter` (ROUTER for a server thread polling several sockets) and
+  :class:`RouterLoop` (that thread: messages in, replies from worker threads out, timers;
+  the prefiller's pull endpoint and the p2p endpoint),
 - :class:`DealerClient` (blocking DEALER with deadlines, the sender),
 - :class:`PushClient` / :class:`PullServer` (prefiller -> proxy notifications).
 Every wait is bounded: ``zmq.Poller`` / ``asyncio`` timeouts, never a spin.
@@ -25,9 +26,11 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import queue
 import struct
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 import zmq.asyncio
@@ -214,6 +217,91 @@ class BlockingRouter:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+class RouterLoop:
+    """One thread serving a :class:`BlockingRouter`: each message goes to
+    ``on_message(identity, msg)`` on that thread; worker threads hand replies back with
+    :meth:`reply` (the loop thread sends them: ZMQ sockets are not thread-safe) or just
+    :meth:`wake` it. Between messages it blocks in ``poll`` for at most
+    ``next_timeout_ms()`` (None: until a message or a wake) and calls ``on_tick()``
+    after every wake-up (timers such as expiries). ``start()`` it; ``close()`` it."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        router: BlockingRouter,
+        on_message: Callable[[bytes, Message], None],
+        *,
+        name: str,
+        next_timeout_ms: Callable[[], int | None] = lambda: None,
+        on_tick: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.router = router
+        self._on_message = on_message
+        self._next_timeout_ms = next_timeout_ms
+        self._on_tick = on_tick
+        addr = f"inproc://lmcache-pd-{name}-{id(self)}"
+        self._wake_in = ctx.socket(zmq.PULL)
+        self._wake_in.bind(addr)
+        self._wake_out = ctx.socket(zmq.PUSH)
+        self._wake_out.connect(addr)
+        self._wake_lock = threading.Lock()
+        self._replies: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"lmcache-pd-{name}", daemon=True)
+
+    def start(self) -> RouterLoop:
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """Make the loop thread run ``on_tick`` and recompute its timeout now."""
+        with self._wake_lock:
+            if not self._stop:
+                self._wake_out.send(b"", zmq.NOBLOCK)
+
+    def reply(self, identity: bytes, msg: Message) -> None:
+        """Send ``msg`` to ``identity`` from the loop thread (any thread may call this)."""
+        self._replies.put((identity, msg))
+        self.wake()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router.sock, zmq.POLLIN)
+        poller.register(self._wake_in, zmq.POLLIN)
+        while not self._stop:
+            try:
+                events = dict(poller.poll(self._next_timeout_ms()))
+            except zmq.ZMQError:
+                break
+            if self._wake_in in events:
+                while True:
+                    try:
+                        self._wake_in.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            while True:
+                try:
+                    identity, msg = self._replies.get_nowait()
+                except queue.Empty:
+                    break
+                self.router.send(identity, msg)
+            if self.router.sock in events:
+                for identity, msg, _payload in self.router.recv_ready():
+                    self._on_message(identity, msg)
+            self._on_tick()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread (it finishes the message at hand) and close the sockets."""
+        with self._wake_lock:
+            self._stop = True
+            self._wake_out.send(b"", zmq.NOBLOCK)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self.router.close()
+        self._wake_in.close(linger=0)
+        self._wake_out.close(linger=0)
 
 
 class DealerClient:

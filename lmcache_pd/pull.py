@@ -24,7 +24,6 @@ buffer) under a one-shot **hold** id, and the decoder, handed the params, asks f
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -35,7 +34,14 @@ from dataclasses import dataclass, field
 import zmq
 
 from lmcache_pd.config import Config
-from lmcache_pd.control import BlockingRouter, Codec, ControlTimeout, DealerClient, tcp_endpoint
+from lmcache_pd.control import (
+    BlockingRouter,
+    Codec,
+    ControlTimeout,
+    DealerClient,
+    RouterLoop,
+    tcp_endpoint,
+)
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import Error, ErrorCode, Fetch, HandoffDone, Message
 from lmcache_pd.sender import OutChunk
@@ -95,20 +101,18 @@ class HoldServer:
         self._router = BlockingRouter(self._ctx, codec, cfg.pd_bind_host, bind_port, self.counters)
         self.host, self.port = cfg.advertised_host(), self._router.port
         self.endpoint = tcp_endpoint(self.host, self.port)
-        # completions from push threads reach the server thread through an inproc pair
-        self._wake_addr = f"inproc://lmcache-pd-hold-{id(self)}"
-        self._wake_in = self._ctx.socket(zmq.PULL)
-        self._wake_in.bind(self._wake_addr)
-        self._wake_out = self._ctx.socket(zmq.PUSH)
-        self._wake_out.connect(self._wake_addr)
-        self._wake_lock = threading.Lock()
-        self._replies: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
         self._holds: OrderedDict[str, _Hold] = OrderedDict()  # insertion = deadline order
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="lmcache-pd-fetch-push")
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="lmcache-pd-hold", daemon=True)
-        self._thread.start()
+        # the server thread: Fetches in, HandoffDone from the push threads out, expiries
+        self._loop = RouterLoop(
+            self._ctx,
+            self._router,
+            self._on_message,
+            name="hold",
+            next_timeout_ms=self._next_deadline_ms,
+            on_tick=self._expire,
+        ).start()
         log.info("pull endpoint for held KV on %s (rank %d)", self.endpoint, tp_rank)
 
     # ------------------------------------------------------------------ engine side
@@ -124,7 +128,7 @@ class HoldServer:
         self.counters.inc("holds")
         for old in dropped:
             self._drop(old, f"more than {MAX_HOLDS} holds outstanding")
-        self._wake()  # the server thread recomputes its next deadline
+        self._loop.wake()  # the server thread recomputes its next deadline
 
     def outstanding(self) -> int:
         """Holds not yet fetched or expired (their slots are in use)."""
@@ -135,40 +139,6 @@ class HoldServer:
         return {"holds_outstanding": self.outstanding(), **self.counters.snapshot()}
 
     # ------------------------------------------------------------------ server thread
-    def _wake(self, reply: tuple[bytes, Message] | None = None) -> None:
-        if reply is not None:
-            self._replies.put(reply)
-        with self._wake_lock:
-            if not self._stop:
-                self._wake_out.send(b"", zmq.NOBLOCK)
-
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router.sock, zmq.POLLIN)
-        poller.register(self._wake_in, zmq.POLLIN)
-        while not self._stop:
-            timeout_ms = self._next_deadline_ms()
-            try:
-                events = dict(poller.poll(timeout_ms))
-            except zmq.ZMQError:
-                break
-            if self._wake_in in events:
-                while True:
-                    try:
-                        self._wake_in.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-            while True:
-                try:
-                    identity, reply = self._replies.get_nowait()
-                except queue.Empty:
-                    break
-                self._router.send(identity, reply)
-            if self._router.sock in events:
-                for identity, msg, _payload in self._router.recv_ready():
-                    self._on_message(identity, msg)
-            self._expire()
-
     def _next_deadline_ms(self) -> int | None:
         with self._lock:
             if not self._holds:
@@ -268,22 +238,16 @@ class HoldServer:
             free = hold.done and hold.pushing == 0
         if free:
             self._free([c.slot for c in hold.chunks])
-        self._wake((identity, done))
+        self._loop.reply(identity, done)
 
     def close(self) -> None:
         """Stop serving and free every held slot."""
-        with self._wake_lock:
-            self._wake_out.send(b"", zmq.NOBLOCK)
-            self._stop = True
-        self._thread.join(5.0)
+        self._loop.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             holds, self._holds = list(self._holds.values()), OrderedDict()
         for hold in holds:
             self._retire(hold)
-        self._router.close()
-        self._wake_in.close(linger=0)
-        self._wake_out.close(linger=0)
         self._ctx.term()
 
 
