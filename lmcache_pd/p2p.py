@@ -29,7 +29,6 @@ worker's chunk source with p2p on (its ``lookup_with_peers`` answers the schedul
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import threading
 import time
@@ -41,7 +40,7 @@ import torch
 import zmq
 
 from lmcache_pd.config import Config
-from lmcache_pd.control import BlockingRouter, Codec, ControlTimeout, tcp_endpoint
+from lmcache_pd.control import BlockingRouter, Codec, ControlTimeout, RouterLoop, tcp_endpoint
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import Error, ErrorCode, FetchKeys, HandoffDone, Message
@@ -62,9 +61,9 @@ KEY_BYTES = 16
 class PeerServer:
     """Engine A: serves ``FetchKeys`` from its tiered store through its sender.
 
-    A ROUTER on ``p2p_host:p2p_init_ports[rank]`` (0 = a free port) served by one thread
-    that blocks in ``poll``; pushes run on a small pool and their answers come back to
-    the server thread through an inproc socket (no spinning)."""
+    A ROUTER on ``p2p_host:p2p_init_ports[rank]`` (0 = a free port) served by a
+    :class:`~lmcache_pd.control.RouterLoop` thread; pushes run on a small pool and
+    their answers go back through it (no spinning)."""
 
     def __init__(
         self,
@@ -86,56 +85,16 @@ class PeerServer:
         self._router = BlockingRouter(self._ctx, codec, cfg.p2p_host, bind_port, self.counters)
         self.port = self._router.port
         self.endpoint = tcp_endpoint(cfg.p2p_advertised_host(), self.port)
-        self._wake_addr = f"inproc://lmcache-pd-p2p-{id(self)}"
-        self._wake_in = self._ctx.socket(zmq.PULL)
-        self._wake_in.bind(self._wake_addr)
-        self._wake_out = self._ctx.socket(zmq.PUSH)
-        self._wake_out.connect(self._wake_addr)
-        self._wake_lock = threading.Lock()
-        self._replies: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
         self._inflight = 0
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="lmcache-pd-p2p-push")
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="lmcache-pd-p2p", daemon=True)
-        self._thread.start()
+        self._loop = RouterLoop(self._ctx, self._router, self._on_message, name="p2p").start()
         log.info("p2p endpoint serving held KV on %s (rank %d)", self.endpoint, tp_rank)
 
     def stats(self) -> dict[str, int]:
         return self.counters.snapshot()
 
     # ------------------------------------------------------------------ server thread
-    def _reply(self, identity: bytes, msg: Message) -> None:
-        self._replies.put((identity, msg))
-        with self._wake_lock:
-            if not self._stop:
-                self._wake_out.send(b"", zmq.NOBLOCK)
-
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router.sock, zmq.POLLIN)
-        poller.register(self._wake_in, zmq.POLLIN)
-        while not self._stop:
-            try:
-                events = dict(poller.poll())
-            except zmq.ZMQError:
-                break
-            if self._wake_in in events:
-                while True:
-                    try:
-                        self._wake_in.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-            while True:
-                try:
-                    identity, reply = self._replies.get_nowait()
-                except queue.Empty:
-                    break
-                self._router.send(identity, reply)
-            if self._router.sock in events:
-                for identity, msg, _payload in self._router.recv_ready():
-                    self._on_message(identity, msg)
-
     def _refuse(self, identity: bytes, req_id: str | None, why: str) -> None:
         self.counters.inc("refused")
         self._router.send(identity, Error(req_id=req_id, code=ErrorCode.BAD_REQUEST, message=why))
@@ -175,7 +134,7 @@ class PeerServer:
             with self._lock:
                 self._inflight -= 1
         if done is not None:
-            self._reply(identity, done)
+            self._loop.reply(identity, done)
 
     def _push_held(self, msg: FetchKeys, deadline: float) -> HandoffDone | None:
         """Copy the longest held prefix of ``msg.keys`` into send slots and push it to
@@ -218,14 +177,8 @@ class PeerServer:
         return HandoffDone(msg.req_id, ok=True, chunks=result.sent, dedup=result.dedup)
 
     def close(self) -> None:
-        with self._wake_lock:
-            self._stop = True  # before the wake: the woken thread must see it
-            self._wake_out.send(b"", zmq.NOBLOCK)
-        self._thread.join(5.0)
+        self._loop.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._router.close()
-        self._wake_in.close(linger=0)
-        self._wake_out.close(linger=0)
         self._ctx.term()
 
 
