@@ -40,7 +40,7 @@ import torch
 import zmq
 
 from lmcache_pd.config import Config
-from lmcache_pd.control import BlockingRouter, Codec, ControlTimeout, RouterLoop, tcp_endpoint
+from lmcache_pd.control import BlockingRouter, Codec, RouterLoop, tcp_endpoint
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import Error, ErrorCode, FetchKeys, HandoffDone, Message
@@ -214,42 +214,19 @@ class PeerClient(Fetcher):
         """Have the peer at ``endpoint`` push ``keys`` (the prefix it holds) to our
         receiver; blocks until it did or ``timeout_s`` passed. Raises
         :class:`~lmcache_pd.pull.FetchError`."""
-        client, lock = self._client(endpoint)
-        req_id = f"p2p-{secrets.token_hex(8)}"
         msg = FetchKeys(
-            req_id=req_id, keys=list(keys), receiver=self.receiver, tp_rank=self.tp_rank
+            req_id=f"p2p-{secrets.token_hex(8)}",
+            keys=list(keys),
+            receiver=self.receiver,
+            tp_rank=self.tp_rank,
         )
-        self.counters.inc("requests")
         try:
-            if not lock.acquire(timeout=timeout_s):
-                raise ControlTimeout(f"connection to {endpoint} busy for {timeout_s:.1f}s")
-            try:
-                reply, _ = client.request(msg, (), timeout_s)
-            finally:
-                lock.release()
-        except ControlTimeout as exc:
-            self._forget(endpoint)
-            with self._lock:
-                self._down[endpoint] = time.monotonic() + PEER_DOWN_S
-            self.counters.inc("timeouts")
-            raise FetchError(f"peer {endpoint} did not answer: {exc}", ErrorCode.TIMEOUT) from None
-        except zmq.ZMQError as exc:
-            self._forget(endpoint)
-            self.counters.inc("failures")
-            raise FetchError(f"fetch from {endpoint} failed: {exc}", ErrorCode.TRANSFER) from None
-        if isinstance(reply, Error):
-            self.counters.inc("failures")
-            raise FetchError(f"peer {endpoint} refused: {reply.message}", reply.code)
-        if not isinstance(reply, HandoffDone):
-            self.counters.inc("failures")
-            raise FetchError(
-                f"peer {endpoint} answered a fetch with {type(reply).__name__}",
-                ErrorCode.BAD_REQUEST,
-            )
-        if not reply.ok:
-            self.counters.inc("failures")
-            raise FetchError(f"peer {endpoint} could not push: {reply.error}", ErrorCode.TRANSFER)
-        return reply
+            return self._request(endpoint, msg, timeout_s, "peer")
+        except FetchError as exc:
+            if exc.code is ErrorCode.TIMEOUT:
+                with self._lock:
+                    self._down[endpoint] = time.monotonic() + PEER_DOWN_S
+            raise
 
 
 class PeerSource:

@@ -43,7 +43,7 @@ from lmcache_pd.control import (
     tcp_endpoint,
 )
 from lmcache_pd.metrics import Counters
-from lmcache_pd.protocol import Error, ErrorCode, Fetch, HandoffDone, Message
+from lmcache_pd.protocol import Error, ErrorCode, Fetch, HandoffDone, Message, Msg
 from lmcache_pd.sender import OutChunk
 from lmcache_pd.tp import TPMappingError, sender_pieces
 
@@ -292,39 +292,46 @@ class Fetcher:
     def fetch(self, endpoint: str, hold_id: str) -> HandoffDone:
         """Have ``endpoint`` push hold ``hold_id`` to our receiver; blocks until it
         did. Raises :class:`FetchError` (refused, unreachable, timed out)."""
-        timeout_s = self.cfg.pd_connect_timeout_s + self.cfg.pd_transfer_timeout_s
-        client, lock = self._client(endpoint)
         msg = Fetch(
             req_id=hold_id, receiver=self.receiver, tp_rank=self.tp_rank, tp_size=self.tp_size
         )
+        timeout_s = self.cfg.pd_connect_timeout_s + self.cfg.pd_transfer_timeout_s
+        return self._request(endpoint, msg, timeout_s, "prefiller")
+
+    def _request(self, endpoint: str, msg: Msg, timeout_s: float, who: str) -> HandoffDone:
+        """Send ``msg`` to ``endpoint`` and wait (at most ``timeout_s``, the connection's
+        turn included) for the ``HandoffDone`` of the push it asks for. Raises
+        :class:`FetchError` naming ``who`` and the cause; a timeout drops the connection
+        (queued frames with it: the next request reconnects)."""
+        client, lock = self._client(endpoint)
         self.counters.inc("requests")
         try:
-            with lock:
+            if not lock.acquire(timeout=timeout_s):
+                raise ControlTimeout(f"connection to {endpoint} busy for {timeout_s:.1f}s")
+            try:
                 reply, _ = client.request(msg, (), timeout_s)
+            finally:
+                lock.release()
         except ControlTimeout as exc:
-            self._forget(endpoint)  # drop queued frames; the next fetch reconnects
-            self.counters.inc("failures")
-            raise FetchError(
-                f"prefiller {endpoint} did not answer the fetch: {exc}", ErrorCode.TIMEOUT
-            ) from None
+            self._forget(endpoint)
+            self.counters.inc("timeouts")
+            raise FetchError(f"{who} {endpoint} did not answer: {exc}", ErrorCode.TIMEOUT) from None
         except zmq.ZMQError as exc:
             self._forget(endpoint)
             self.counters.inc("failures")
             raise FetchError(f"fetch from {endpoint} failed: {exc}", ErrorCode.TRANSFER) from None
         if isinstance(reply, Error):
             self.counters.inc("failures")
-            raise FetchError(f"prefiller {endpoint} refused: {reply.message}", reply.code)
+            raise FetchError(f"{who} {endpoint} refused: {reply.message}", reply.code)
         if not isinstance(reply, HandoffDone):
             self.counters.inc("failures")
             raise FetchError(
-                f"prefiller {endpoint} answered a fetch with {type(reply).__name__}",
+                f"{who} {endpoint} answered a fetch with {type(reply).__name__}",
                 ErrorCode.BAD_REQUEST,
             )
         if not reply.ok:
             self.counters.inc("failures")
-            raise FetchError(
-                f"prefiller {endpoint} could not push: {reply.error}", ErrorCode.TRANSFER
-            )
+            raise FetchError(f"{who} {endpoint} could not push: {reply.error}", ErrorCode.TRANSFER)
         return reply
 
     def close(self) -> None:
