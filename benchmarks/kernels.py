@@ -201,8 +201,8 @@ def _measure(
 
 
 def _copy_sum(dst: torch.Tensor, src: torch.Tensor) -> int:
-    """The receiver's verified copy: copy + checksum in one pass (CPU: native block-wise
-    copy+hash; GPU: copy, then the hash by torch ops as a separate pass)."""
+    """A verified copy: copy + checksum in one pass (CPU: native loop that stores and
+    hashes each word; GPU: copy, then the hash by torch ops as a separate pass)."""
     if dst.device.type == "cuda":
         dst.copy_(src)
         return checksum.torch_sum(dst)

@@ -57,7 +57,6 @@ K_SEG = 0xD6E8FEB86659FD93
 K_LEN = 0xC2B2AE3D27D4EB4F
 MASK = (1 << 64) - 1
 WORD = 8
-CPU_BLOCK = 64 * 1024  # bytes copied then hashed while in L1/L2 (copy_sum)
 
 Buffer = Union[np.ndarray, torch.Tensor, memoryview, bytes, bytearray]
 
@@ -182,7 +181,7 @@ def partial_sum(buf: Buffer, byte_offset: int = 0) -> int:
 
 def copy_sum(dst: Buffer, src: Buffer, byte_offset: int = 0) -> int:
     """Copy ``src`` into ``dst`` (same size, CPU, contiguous) and return the term sum of
-    the bytes, hashed block by block while they are in cache: one pass over memory."""
+    the bytes, each word hashed as it is copied (one loop): one pass over memory."""
     _check_offset(byte_offset)
     lib = c_library()
     d_addr, d_n, _kd = _ptr_len(dst, writable=True)
@@ -194,7 +193,7 @@ def copy_sum(dst: Buffer, src: Buffer, byte_offset: int = 0) -> int:
         return reference_sum(src, byte_offset)
     if not s_n:
         return 0
-    return int(lib.copy(d_addr, s_addr, s_n, byte_offset // WORD, _TABLE_PTR, CPU_BLOCK))
+    return int(lib.copy(d_addr, s_addr, s_n, byte_offset // WORD, _TABLE_PTR))
 
 
 def nbytes_of(buf: Buffer) -> int:

@@ -6,7 +6,8 @@ the kernel cache dir keyed by source, flags, compiler and CPU), loading with cty
 and the one warning when it cannot be built. Functions:
 
 * ``kvsum_sum`` / ``kvsum_copy``: the chunk checksum's term sum (definition in
-  :mod:`lmcache_pd.kernels.checksum`), alone or fused into a block-wise copy;
+  :mod:`lmcache_pd.kernels.checksum`), alone or fused into a copy (one loop loads
+  each word, stores it and adds its term);
 * ``kt_gather_W`` / ``kt_scatter_W``: vLLM CPU_VLLM's transposed K pages <-> chunk
   order for whole blocks (W = element bytes), tiled so both sides stay in L1.
 
@@ -48,14 +49,18 @@ C_SOURCE = (
 
 static inline uint64_t load64(const uint8_t* p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
-/* term sum of nbytes at p, whose first byte is word `word0` of its chunk */
-uint64_t kvsum_sum(const uint8_t* p, uint64_t nbytes, uint64_t word0, const uint64_t* table) {
+/* term sum of nbytes at p, whose first byte is word `word0` of its chunk; with `copy`
+   (a constant after inlining) each word is also stored to dst in the same loop, so a
+   copy and its hash are one pass: the hash's arithmetic hides under the copy's loads */
+static inline uint64_t kvsum_impl(uint8_t* dst, const uint8_t* p, uint64_t nbytes,
+                                  uint64_t word0, const uint64_t* table, const int copy) {
     uint64_t acc = 0, nw = nbytes / 8, i = 0;
     while (i < nw) {
         const uint64_t w0 = word0 + i, j0 = w0 & (PERIOD - 1), seg = (w0 >> LOG_PERIOD) * K_SEG;
         uint64_t run = PERIOD - j0;
         if (run > nw - i) run = nw - i;
         const uint8_t* q = p + 8 * i;
+        uint8_t* d = copy ? dst + 8 * i : 0;
         const uint64_t* t = table + j0;
         uint64_t a = 0, k = 0;
 #if defined(__AVX512F__)
@@ -63,9 +68,14 @@ uint64_t kvsum_sum(const uint8_t* p, uint64_t nbytes, uint64_t word0, const uint
         __m512i va = _mm512_setzero_si512(), vb = va;
         const __m512i vs = _mm512_set1_epi64((long long)seg);
 #define LD(p) _mm512_loadu_si512(p)
+#define ST(p, v) _mm512_storeu_si512(p, v)
 #define TERM(w, x) _mm512_add_epi64(_mm512_mul_epu32(x, _mm512_srli_epi64(x, 32)), w)
         for (; k + 16 <= run; k += 16) {
             const __m512i w0 = LD(q + 8 * k), w1 = LD(q + 8 * k + 64);
+            if (copy) {
+                ST(d + 8 * k, w0);
+                ST(d + 8 * k + 64, w1);
+            }
             const __m512i x0 = _mm512_xor_si512(w0, _mm512_add_epi64(LD(t + k), vs));
             const __m512i x1 = _mm512_xor_si512(w1, _mm512_add_epi64(LD(t + k + 8), vs));
             va = _mm512_add_epi64(va, TERM(w0, x0));
@@ -73,14 +83,20 @@ uint64_t kvsum_sum(const uint8_t* p, uint64_t nbytes, uint64_t word0, const uint
         }
         a += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(va, vb));
 #undef LD
+#undef ST
 #undef TERM
 #elif defined(__AVX2__)
         __m256i va = _mm256_setzero_si256(), vb = va;
         const __m256i vs = _mm256_set1_epi64x((long long)seg);
 #define LD(p) _mm256_loadu_si256((const __m256i*)(p))
+#define ST(p, v) _mm256_storeu_si256((__m256i*)(p), v)
 #define TERM(w, x) _mm256_add_epi64(_mm256_mul_epu32(x, _mm256_srli_epi64(x, 32)), w)
         for (; k + 8 <= run; k += 8) {
             const __m256i w0 = LD(q + 8 * k), w1 = LD(q + 8 * k + 32);
+            if (copy) {
+                ST(d + 8 * k, w0);
+                ST(d + 8 * k + 32, w1);
+            }
             const __m256i x0 = _mm256_xor_si256(w0, _mm256_add_epi64(LD(t + k), vs));
             const __m256i x1 = _mm256_xor_si256(w1, _mm256_add_epi64(LD(t + k + 4), vs));
             va = _mm256_add_epi64(va, TERM(w0, x0));
@@ -90,10 +106,12 @@ uint64_t kvsum_sum(const uint8_t* p, uint64_t nbytes, uint64_t word0, const uint
         _mm256_storeu_si256((__m256i*)lanes, _mm256_add_epi64(va, vb));
         a += lanes[0] + lanes[1] + lanes[2] + lanes[3];
 #undef LD
+#undef ST
 #undef TERM
 #endif
         for (; k < run; k++) {
             const uint64_t w = load64(q + 8 * k), x = w ^ (t[k] + seg);
+            if (copy) memcpy(d + 8 * k, &w, 8);
             a += (uint64_t)(uint32_t)x * (uint64_t)(uint32_t)(x >> 32) + w;
         }
         acc += a;
@@ -102,6 +120,7 @@ uint64_t kvsum_sum(const uint8_t* p, uint64_t nbytes, uint64_t word0, const uint
     if (nbytes % 8) {
         uint8_t last[8] = {0};
         memcpy(last, p + 8 * nw, nbytes % 8);
+        if (copy) memcpy(dst + 8 * nw, last, nbytes % 8);
         const uint64_t wi = word0 + nw, w = load64(last);
         const uint64_t x = w ^ (table[wi & (PERIOD - 1)] + (wi >> LOG_PERIOD) * K_SEG);
         acc += (uint64_t)(uint32_t)x * (x >> 32) + w;
@@ -109,16 +128,14 @@ uint64_t kvsum_sum(const uint8_t* p, uint64_t nbytes, uint64_t word0, const uint
     return acc;
 }
 
-/* copy src -> dst and return the term sum, block by block while the block is hot */
+uint64_t kvsum_sum(const uint8_t* p, uint64_t nbytes, uint64_t word0, const uint64_t* table) {
+    return kvsum_impl(0, p, nbytes, word0, table, 0);
+}
+
+/* copy src -> dst (nbytes, not overlapping) and return the term sum, in one loop */
 uint64_t kvsum_copy(uint8_t* dst, const uint8_t* src, uint64_t nbytes, uint64_t word0,
-                    const uint64_t* table, uint64_t block) {
-    uint64_t acc = 0;
-    for (uint64_t off = 0; off < nbytes; off += block) {
-        const uint64_t n = nbytes - off < block ? nbytes - off : block;
-        memcpy(dst + off, src + off, n);
-        acc += kvsum_sum(dst + off, n, word0 + off / 8, table);
-    }
-    return acc;
+                    const uint64_t* table) {
+    return kvsum_impl(dst, src, nbytes, word0, table, 1);
 }
 
 /* vLLM CPU_VLLM pages: per (block, head) K is stored transposed, [D][N] elements.
@@ -229,7 +246,7 @@ class NativeLib:
         lib.kvsum_sum.restype = u64
         lib.kvsum_sum.argtypes = (ptr, u64, u64, ptr)
         lib.kvsum_copy.restype = u64
-        lib.kvsum_copy.argtypes = (ptr, ptr, u64, u64, ptr, u64)
+        lib.kvsum_copy.argtypes = (ptr, ptr, u64, u64, ptr)
         self.sum = lib.kvsum_sum
         self.copy = lib.kvsum_copy
         self.kt_gather: dict[int, Any] = {}
