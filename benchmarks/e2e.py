@@ -492,7 +492,7 @@ def print_table(summary: dict[str, dict[str, float]]) -> None:
             ),
             ratio,
         )
-    Console().print(t)
+    Console(width=120).print(t)  # one line per row in logs too
 
 
 def plot(result: dict[str, Any], path: str) -> None:

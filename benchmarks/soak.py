@@ -639,7 +639,7 @@ def summarize(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=140)  # one line per row in logs too
     r = result["requests"]
     t = Table(title="soak 2P2D: requests")
     for col in ("sent", "ok", "failed", "past deadline", "late starts", "fallbacks", "tokens"):
