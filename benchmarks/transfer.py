@@ -215,7 +215,9 @@ class Memcpy:
 
 def measure(n: int, reps: int) -> dict[str, float]:
     """GB/s medians for ``n`` chunks. The four measurements are interleaved rep by rep,
-    so load from other processes hits them alike; the first rep of each is a warm-up."""
+    so load from other processes hits them alike, and their order rotates each rep, so
+    none always runs right after another (e.g. the raw WRITE's 256 MiB); the first rep
+    of each is a warm-up."""
     benches = {
         "raw_nixl_gbps": RawNixl(n),
         "handoff_gbps": Handoff(n, verify=True, reps=reps),
@@ -226,9 +228,10 @@ def measure(n: int, reps: int) -> dict[str, float]:
     verified = benches["handoff_gbps"]
     assert isinstance(verified, Handoff)
     try:
-        for _ in range(reps + 1):
-            for key, bench in benches.items():
-                times[key].append(bench.once())
+        order = list(benches)
+        for rep in range(reps + 1):
+            for key in order[rep % len(order) :] + order[: rep % len(order)]:
+                times[key].append(benches[key].once())
         counts = verified.tx.counters
         # share of requests that took the one-round-trip credit path (Push)
         credit = counts["pushes"] / max(1, counts["requests"])
