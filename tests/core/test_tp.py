@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lmcache_pd.control import Codec
+from lmcache_pd.integration.vllm.launch import free_port
 from lmcache_pd.layout import AttentionKind, KVLayout
 from lmcache_pd.pieces import assemble, send_pieces
 from lmcache_pd.protocol import ErrorCode, HandoffDone
@@ -32,6 +33,7 @@ from lmcache_pd.tp import (
     receiver_pieces,
     sender_pieces,
 )
+from lmcache_pd.transports.nixl import NixlTransport
 
 from .helpers import CHUNK, hasher, make_config, receiver, sender
 
@@ -287,3 +289,17 @@ def test_hold_fetched_by_two_decoder_ranks_then_freed() -> None:
             for f in fetchers:
                 f.close()
             holds.close()
+
+
+def test_hello_ack_states_the_receiver_tp_shape_and_rank_ports() -> None:
+    """A decoder configured with a per-rank port list: every rank's HelloAck names its
+    rank, the TP size and the list, so a prefiller at another TP size finds each rank."""
+    ports = [free_port(), free_port()]
+    cfg = make_config(pd_peer_init_port=ports)
+    rx = Receiver(cfg, rank_layout(2, 1), NixlTransport(), tp_rank=1, tp_size=2).start()
+    try:
+        assert rx.port == ports[1]
+        with sender(cfg, MODEL) as tx:
+            assert tx.receiver_tp(rx.endpoint) == (1, 2, ports)
+    finally:
+        rx.close()

@@ -138,12 +138,12 @@ class Producer:
         r at the same TP size; learnt from its rank 0's HelloAck at another TP size."""
         _, size, ports = self.sender.receiver_tp(target.decoder_endpoint(0))  # all have a 0
         if size == self.tp_size:
-            return [target.decoder_endpoint(self.tp_rank)]
-        heads = self.layout.model_kv_heads
-        ranks = sorted({p.dst for p in sender_pieces(heads, self.tp_size, size, self.tp_rank)})
-        if ports:
-            host = target.decoder_host
-            return [tcp_endpoint(host or "", ports[r]) for r in ranks]
+            ranks = [self.tp_rank]
+        else:
+            heads = self.layout.model_kv_heads
+            ranks = sorted({p.dst for p in sender_pieces(heads, self.tp_size, size, self.tp_rank)})
+        if ports:  # as the decoder configured them (a per-rank list, or base + rank)
+            return [tcp_endpoint(target.decoder_host or "", ports[r]) for r in ranks]
         return [target.decoder_endpoint(r) for r in ranks]
 
     def _push(self, endpoint: str, req_id: str, chunks: list[OutChunk], total: int) -> HandoffDone:
