@@ -339,7 +339,6 @@ class Receiver:
         )
         return ack, [self.transport.metadata()]
 
-    # ------------------------------------------------------------------ credits
     def _rank_ports(self) -> list[int]:
         """Every TP rank's control port as configured ([] when ports are chosen free)."""
         try:
@@ -348,6 +347,7 @@ class Receiver:
             return []
         return ports if all(ports) and ports[self.tp_rank] == self.port else []
 
+    # ------------------------------------------------------------------ credits
     def _issue_grant(
         self, identity: bytes, peer: _PeerInfo, want: int, reuse: Sequence[int] = ()
     ) -> Grant | None:
