@@ -85,6 +85,7 @@ _POLL_MIN_S = 50e-6
 _POLL_FAST_MAX_S = 250e-6
 _POLL_SLOW_MAX_S = 10e-3
 _FAST_WINDOW_S = 0.5
+_LOOP_TIMER_RESOLUTION_S = 1e-3  # epoll_wait's: asyncio rounds shorter waits up to it
 _RECENT_KEYS = 4096  # keys made ready lately, told to senders so they can skip them
 _RECENT_PER_REPLY = 1024
 _FAILURE_LOG_EVERY_S = 10.0  # checksum failures: one log line per this interval at most
@@ -701,11 +702,25 @@ class Receiver:
                 await self.server.send(identity, reply)
             self._store_committed()
             delay = _POLL_MIN_S if landed else min(delay * 1.5, self._poll_cap())
+            await self._pause(delay)
+
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds or until a message wakes the loop. The event loop's
+        timers have epoll's 1 ms resolution (a 50 us wait would last 1 ms, adding up to
+        a millisecond to every handoff), so a gap under 1 ms is slept on this thread
+        (at most ``_POLL_FAST_MAX_S``: that long a message may wait) and the loop then
+        runs once to take in what arrived."""
+        assert self._wake is not None
+        if delay < _LOOP_TIMER_RESOLUTION_S:
+            if not self._wake.is_set():
+                time.sleep(delay)
+            await asyncio.sleep(0)
+        else:
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except asyncio.TimeoutError:
                 pass
-            self._wake.clear()
+        self._wake.clear()
 
     async def _sleep_idle(self) -> None:
         """No lease outstanding: block until a message, waking only to take back

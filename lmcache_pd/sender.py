@@ -520,13 +520,13 @@ class Sender:
         at once) and raises :class:`HandoffError`."""
         handles: list[Any] = []
         try:
-            handles = self._post_writes(peer, lease, chunks, slots)
             if push is not None:
                 peer.client.send(push)
-            for handle in handles:
-                self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
+            handles = self._post_writes(peer, lease, chunks, slots)
             if push is None:
                 peer.client.send(Done(req_id=req_id, lease=lease))
+            for handle in handles:
+                self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
             reply = self._reply(peer, req_id)
         except TransportError as exc:
             self.counters.inc("transfer_errors")
