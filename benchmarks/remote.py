@@ -21,11 +21,7 @@ Run ``python benchmarks/remote.py [--quick] --json F --png P`` or
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,20 +37,27 @@ from lmcache_pd.tiers.redis_server import RedisServer
 from lmcache_pd.tiers.remote import RemoteStore
 from lmcache_pd.tiers.remote_url import parse_remote_url
 
+sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (
+    CHUNK_TOKENS,
+    add_output_args,
+    chunk_key,
+    chunk_rounds,
+    median_gbps,
+    print_ratio_table,
+    pyplot,
+    ratio_bars,
+    rounds_parser,
+    run_header,
+    save_figure,
+    timed,
+    timed_in_turn,
+    write_outputs,
+)
+
 TARGET = 0.8
 RATIOS = ("put_over_raw", "get_over_raw")
-CHUNK_TOKENS = 256
 PROMPT_CHUNKS = 128  # a 32k-token prompt
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _key(i: int, salt: int) -> bytes:
-    return (salt * 1_000_003 + i).to_bytes(8, "little") * 2
 
 
 def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, float]:
@@ -110,21 +113,19 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
 
     try:
         for rep in range(reps + 1):  # round 0 warms up
-            keys[:] = [_key(i, rep) for i in range(n)]
-            copy_keys[:] = [_key(i, rep + 500) for i in range(n)]
+            keys[:] = [chunk_key(i, rep) for i in range(n)]
+            copy_keys[:] = [chunk_key(i, rep + 500) for i in range(n)]
             raw_keys[:] = [b"bench-raw:" + k.hex().encode() for k in keys]
-            row: dict[str, float] = {}
             puts = [
                 ("raw_put", raw_put),
                 ("put", put),
                 ("put_copy", put_copy),
                 ("raw_put_default_packer", raw_put_default_packer),
             ]
+            row = timed_in_turn(puts, rep)
             gets = [("raw_get", raw_get), ("get", get)]
-            for name, fn in puts if rep % 2 else puts[::-1]:  # alternate who goes first
-                row[name] = _timed(fn)
-            for name, fn in gets if rep % 2 else gets[::-1]:
-                row[name] = _timed(fn)
+            for name, fn in gets if rep % 2 else gets[::-1]:  # alternate who goes first
+                row[name] = timed(fn)
                 if name == "get":
                     for i, g in enumerate(got):
                         if g is None or g != views[i]:
@@ -141,8 +142,7 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
         store.close()
         raw.close()
         default.close()
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    return {f"{k}_gbps": total / v / 1e9 for k, v in med.items()}
+    return {f"{k}_gbps": v for k, v in median_gbps(samples, total).items()}
 
 
 def raw_client(url: str) -> redis.Redis:
@@ -177,7 +177,7 @@ def bench_lookup(url: str, rounds: int) -> dict[str, float]:
         url, layout.fingerprint(), CHUNK_TOKENS, timeout_s=10.0, queue_size=PROMPT_CHUNKS
     )
     client = redis.Redis(**parse_remote_url(url).client_kwargs(), socket_timeout=30)
-    keys = [_key(i, 999) for i in range(PROMPT_CHUNKS)]
+    keys = [chunk_key(i, 999) for i in range(PROMPT_CHUNKS)]
     rkeys = [store.redis_key(k) for k in keys]
     try:
         for i, k in enumerate(keys):  # small values: the lookup's cost, not the bytes'
@@ -187,7 +187,7 @@ def bench_lookup(url: str, rounds: int) -> dict[str, float]:
         def best(fn: Callable[[], object]) -> float:
             times = []
             for _ in range(rounds):
-                times.append(_timed(fn))
+                times.append(timed(fn))
             return statistics.median(times) * 1e6
 
         ours = best(lambda: store.contains(keys))
@@ -228,67 +228,51 @@ def bench_lookup(url: str, rounds: int) -> dict[str, float]:
 
 
 def _table(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     b, lk, r = result["bandwidth"], result["lookup"], result["ratios"]
-    table = Table(
-        title=f"remote tier: {result['chunks']} x {result['chunk_bytes'] >> 20} MiB llama-8b "
-        f"chunks, redis-server {result['server_version']} on loopback"
-    )
-    for col, just in (("path", "left"), ("tier GB/s", "right"), ("raw redis-py GB/s", "right")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
-    table.add_column("ratio", justify="right")
-    table.add_column(f"≥ {TARGET}")
     rows = [
         (
             "put, lent (until flushed) vs pipelined SET",
             b["put_gbps"],
             b["raw_put_gbps"],
-            "put_over_raw",
+            r["put_over_raw"],
         ),
-        ("get_many vs pipelined GET", b["get_gbps"], b["raw_get_gbps"], "get_over_raw"),
+        ("get_many vs pipelined GET", b["get_gbps"], b["raw_get_gbps"], r["get_over_raw"]),
     ]
-    for name, tier, base, key in rows:
-        ok = "[green]yes[/green]" if r[key] >= TARGET else "[red]no[/red]"
-        table.add_row(name, f"{tier:.2f}", f"{base:.2f}", f"{r[key]:.2f}", ok)
-    console = Console()
-    console.print(table)
-    console.print(
+    notes = [
         f"put of a caller that keeps its buffer (copied): {b['put_copy_gbps']:.2f} GB/s; "
         f"raw SET with redis-py's default packer (hiredis: {result['hiredis']}): "
-        f"{b['raw_put_default_packer_gbps']:.2f} GB/s"
-    )
-    console.print(
+        f"{b['raw_put_default_packer_gbps']:.2f} GB/s",
         f"lookup of {int(lk['prompt_chunks'])} chunks (32k tokens): {lk['lookup_us']:.0f} µs "
         f"(one EVALSHA, {int(lk['lookup_read_events'])} server read events incl. the "
         f"INFO, PING: {int(lk['ping_read_events'])}); one MGET {lk['mget_us']:.0f} µs "
         f"({lk['mget_over_lookup']:.2f}x ours); pipeline of EXISTS "
         f"{lk['pipelined_exists_us']:.0f} µs; variadic EXISTS (count only) "
-        f"{lk['exists_count_us']:.0f} µs; PING {lk['ping_us']:.0f} µs"
+        f"{lk['exists_count_us']:.0f} µs; PING {lk['ping_us']:.0f} µs",
+    ]
+    print_ratio_table(
+        f"remote tier: {result['chunks']} x {result['chunk_bytes'] >> 20} MiB llama-8b "
+        f"chunks, redis-server {result['server_version']} on loopback",
+        "raw redis-py GB/s",
+        rows,
+        TARGET,
+        notes,
     )
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     b, lk, r = result["bandwidth"], result["lookup"], result["ratios"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [2, 1.6]})
-    names = ["put", "get"]
-    tier = [b["put_gbps"], b["get_gbps"]]
-    base = [b["raw_put_gbps"], b["raw_get_gbps"]]
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, base, 0.4, label="raw redis-py pipeline (SET / GET)", color="#999999")
-    ax.bar(x + 0.2, tier, 0.4, label="lmcache-pd remote tier", color="#1f77b4")
-    for i, key in enumerate(RATIOS):
-        ax.text(x[i] + 0.2, tier[i], f"{r[key]:.2f}x", ha="center", va="bottom", fontsize=9)
-    ax.set_xticks(x, names)
-    ax.set_ylabel("GB/s")
+    fig, (ax, ax2) = pyplot().subplots(
+        1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [2, 1.6]}
+    )
+    ratio_bars(
+        ax,
+        ["put", "get"],
+        [b["put_gbps"], b["get_gbps"]],
+        [b["raw_put_gbps"], b["raw_get_gbps"]],
+        [r[key] for key in RATIOS],
+        ("raw redis-py pipeline (SET / GET)", "lmcache-pd remote tier"),
+    )
     ax.set_title(f"{result['chunks']} x {result['chunk_bytes'] >> 20} MiB chunks, loopback")
-    ax.set_ylim(0, max(tier + base) * 1.35)
     ax.legend(fontsize=8, loc="upper left")
     labels = ["ours\n(EVALSHA)", "one MGET", "EXISTS\npipeline", "EXISTS\n(count)", "PING"]
     values = [
@@ -302,18 +286,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("µs")
     ax2.set_title(f"lookup of {int(lk['prompt_chunks'])} chunks (32k tokens)")
     ax2.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(quick: bool, chunks: int | None, reps: int | None, url: str | None) -> dict[str, Any]:
-    layout = preset("llama-8b")
-    slot = layout.bytes_per_chunk(CHUNK_TOKENS)
-    n = chunks or (4 if quick else 8)
-    reps = reps or (5 if quick else 7)
-    rng = np.random.default_rng(1)
-    src = [rng.integers(0, 256, slot, dtype=np.uint8) for _ in range(n)]
+    src, reps = chunk_rounds(quick, chunks, reps)
+    n, slot = len(src), src[0].nbytes
     server = None if url else RedisServer()
     url = url or server.url  # type: ignore[union-attr]
     t0 = time.perf_counter()
@@ -329,11 +307,7 @@ def run(quick: bool, chunks: int | None, reps: int | None, url: str | None) -> d
         "get_over_raw": bandwidth["get_gbps"] / bandwidth["raw_get_gbps"],
     }
     return {
-        "benchmark": "remote",
-        "quick": quick,
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "python": sys.version.split()[0],
+        **run_header("remote", quick),
         "redis_py": redis.__version__,
         "hiredis": importlib.util.find_spec("hiredis") is not None,
         "server_version": version.get("redis_version", "?"),
@@ -354,22 +328,13 @@ def run(quick: bool, chunks: int | None, reps: int | None, url: str | None) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 chunks, 5 rounds (< 1 min)")
-    parser.add_argument("--chunks", type=int, help="32 MiB chunks per round (default 8)")
-    parser.add_argument("--reps", type=int, help="measured rounds (default 7)")
+    parser = rounds_parser(__doc__)
     parser.add_argument("--url", help="use this server (redis://...) instead of starting one")
-    parser.add_argument("--json", type=Path, help="write the results as JSON")
-    parser.add_argument("--png", type=Path, help="write a bar chart (PNG)")
+    add_output_args(parser)
     args = parser.parse_args(argv)
     result = run(args.quick, args.chunks, args.reps, args.url)
     _table(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.png:
-        args.png.parent.mkdir(parents=True, exist_ok=True)
-        _plot(result, args.png)
+    write_outputs(result, args.json, args.png, lambda path: _plot(result, path))
     return 0
 
 

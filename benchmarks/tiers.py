@@ -17,13 +17,9 @@ Run ``python benchmarks/tiers.py [--quick] --json F --png P`` or
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +34,24 @@ from lmcache_pd.layout import preset
 from lmcache_pd.tiers import CPUStore, DiskStore, TieredStore
 from lmcache_pd.tiers.disk import HEADER_SIZE
 
+sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (
+    CHUNK_TOKENS,
+    add_output_args,
+    chunk_key,
+    chunk_rounds,
+    median_gbps,
+    print_ratio_table,
+    pyplot,
+    ratio_bars,
+    rounds_parser,
+    run_header,
+    save_figure,
+    timed,
+    timed_in_turn,
+    write_outputs,
+)
+
 TARGET = 0.7
 RATIOS = (
     "cpu_put_over_memcpy",
@@ -45,16 +59,6 @@ RATIOS = (
     "disk_write_over_file",
     "disk_read_over_file",
 )
-
-
-def _timed(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _key(i: int, salt: int = 0) -> bytes:
-    return (salt * 1_000_003 + i).to_bytes(8, "little") * 2
 
 
 def bench_cpu(src: list[np.ndarray], slot: int, reps: int) -> dict[str, float]:
@@ -65,7 +69,7 @@ def bench_cpu(src: list[np.ndarray], slot: int, reps: int) -> dict[str, float]:
     dst[:, ::4096] = 1  # prefault
     out = np.empty(slot, dtype=np.uint8)
     out[::4096] = 1
-    keys = [_key(i) for i in range(n)]
+    keys = [chunk_key(i) for i in range(n)]
     samples: dict[str, list[float]] = {k: [] for k in ("memcpy_put", "put", "memcpy_get", "get")}
     samples["get_alloc"] = []
 
@@ -95,21 +99,15 @@ def bench_cpu(src: list[np.ndarray], slot: int, reps: int) -> dict[str, float]:
 
     for rep in range(reps + 1):  # round 0 warms up
         store.clear()
-        row: dict[str, float] = {}
-        pairs = [("memcpy_put", memcpy_put), ("put", put)]
-        for name, fn in pairs if rep % 2 else pairs[::-1]:  # alternate who goes first
-            row[name] = _timed(fn)
-        pairs = [("memcpy_get", memcpy_get), ("get", get)]
-        for name, fn in pairs if rep % 2 else pairs[::-1]:
-            row[name] = _timed(fn)
-        row["get_alloc"] = _timed(get_alloc)
+        row = timed_in_turn([("memcpy_put", memcpy_put), ("put", put)], rep)
+        row |= timed_in_turn([("memcpy_get", memcpy_get), ("get", get)], rep)
+        row["get_alloc"] = timed(get_alloc)
         if rep:
             for k, v in row.items():
                 samples[k].append(v)
     for i in range(n):
         assert store.get(keys[i]) == src[i].tobytes(), "CPU tier returned wrong bytes"
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    gbps = {k: total / v / 1e9 for k, v in med.items()}
+    gbps = median_gbps(samples, total)
     return {
         "memcpy_put_gbps": gbps["memcpy_put"],
         "put_gbps": gbps["put"],
@@ -156,7 +154,7 @@ def bench_disk(src: list[np.ndarray], slot: int, reps: int, root: Path) -> dict[
 
     try:
         for rep in range(reps + 1):
-            keys[:] = [_key(i, rep) for i in range(n)]
+            keys[:] = [chunk_key(i, rep) for i in range(n)]
             plain.unlink(missing_ok=True)
             # alternate which side goes first, and start each write with no dirty pages
             # pending, so neither side inherits the other's writeback throttling
@@ -164,9 +162,9 @@ def bench_disk(src: list[np.ndarray], slot: int, reps: int, root: Path) -> dict[
             t: dict[str, float] = {}
             for side in order:
                 os.sync()
-                t[f"{side}_write"] = _timed(file_write if side == "file" else write)
+                t[f"{side}_write"] = timed(file_write if side == "file" else write)
             for side in order:
-                t[f"{side}_read"] = _timed(file_read if side == "file" else read)
+                t[f"{side}_read"] = timed(file_read if side == "file" else read)
             t_file_write, t_write = t["file_write"], t["tier_write"]
             t_file_read, t_read = t["file_read"], t["tier_read"]
             if rep:
@@ -181,8 +179,7 @@ def bench_disk(src: list[np.ndarray], slot: int, reps: int, root: Path) -> dict[
     finally:
         store.close()
         plain.unlink(missing_ok=True)
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    gbps = {k: total / v / 1e9 for k, v in med.items()}
+    gbps = median_gbps(samples, total)
     return {
         "file_write_gbps": gbps["file_write"],
         "write_gbps": gbps["write"],
@@ -204,13 +201,13 @@ def bench_lookup(held: int, prompt_chunks: int, rounds: int, root: Path) -> dict
     cpu = CPUStore(held * 64, 64, backend="numpy")
     t0 = time.perf_counter()
     for i in range(held - len(half)):
-        cpu.put(_key(i, 7), tiny)
+        cpu.put(chunk_key(i, 7), tiny)
     for key in half:
         cpu.put(key, tiny)
     fill_s = time.perf_counter() - t0
     disk = DiskStore(root / "lookup", 1 << 60, layout.fingerprint())
     for i in range(held - prompt_chunks):  # index-only entries: no files written
-        disk._index[_key(i, 9)] = 64
+        disk._index[chunk_key(i, 9)] = 64
     for key in keys:
         disk._index[key] = 64
     both = TieredStore(cpu, disk)
@@ -241,62 +238,43 @@ def bench_lookup(held: int, prompt_chunks: int, rounds: int, root: Path) -> dict
 
 
 def _table(result: dict[str, Any]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is a dependency
-        print(json.dumps(result, indent=2))
-        return
-    table = Table(
-        title=f"tiers: {result['chunks']} x {result['chunk_bytes'] >> 20} MiB llama-8b chunks"
-    )
-    table.add_column("path")
-    table.add_column("tier GB/s", justify="right")
-    table.add_column("baseline GB/s", justify="right")
-    table.add_column("ratio", justify="right")
-    table.add_column(f"≥ {TARGET}")
-    c, d, r = result["cpu"], result["disk"], result["ratios"]
+    c, d, r, lk = result["cpu"], result["disk"], result["ratios"], result["lookup"]
     rows = [
         ("CPU put vs memcpy", c["put_gbps"], c["memcpy_put_gbps"], r["cpu_put_over_memcpy"]),
         ("CPU get vs memcpy", c["get_into_gbps"], c["memcpy_get_gbps"], r["cpu_get_over_memcpy"]),
         ("disk write vs file", d["write_gbps"], d["file_write_gbps"], r["disk_write_over_file"]),
         ("disk read vs file", d["read_gbps"], d["file_read_gbps"], r["disk_read_over_file"]),
     ]
-    for name, tier, base, ratio in rows:
-        ok = "[green]yes[/green]" if ratio >= TARGET else "[red]no[/red]"
-        table.add_row(name, f"{tier:.2f}", f"{base:.2f}", f"{ratio:.2f}", ok)
-    console = Console()
-    console.print(table)
-    lk = result["lookup"]
-    console.print(
+    note = (
         f"lookup at {int(lk['held_chunks'])} chunks held: CPU {lk['cpu_index_us_per_chunk']:.3f} "
         f"µs/chunk, disk {lk['disk_index_us_per_chunk']:.3f}, CPU+disk "
         f"{lk['tiered_us_per_chunk']:.3f}, hashing + lookup "
         f"{lk['hash_and_lookup_us_per_chunk']:.3f} µs/chunk; CPU get with allocation "
         f"{c['get_alloc_gbps']:.2f} GB/s"
     )
+    print_ratio_table(
+        f"tiers: {result['chunks']} x {result['chunk_bytes'] >> 20} MiB llama-8b chunks",
+        "baseline GB/s",
+        rows,
+        TARGET,
+        [note],
+    )
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     c, d, r, lk = result["cpu"], result["disk"], result["ratios"], result["lookup"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1.4]})
-    names = ["CPU put", "CPU get", "disk write", "disk read"]
-    tier = [c["put_gbps"], c["get_into_gbps"], d["write_gbps"], d["read_gbps"]]
-    base = [c["memcpy_put_gbps"], c["memcpy_get_gbps"], d["file_write_gbps"], d["file_read_gbps"]]
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, base, 0.4, label="baseline (memcpy / plain file)", color="#999999")
-    ax.bar(x + 0.2, tier, 0.4, label="lmcache-pd tier", color="#1f77b4")
-    for i, key in enumerate(RATIOS):
-        ax.text(x[i] + 0.2, tier[i], f"{r[key]:.2f}x", ha="center", va="bottom", fontsize=9)
-    ax.set_xticks(x, names)
-    ax.set_ylabel("GB/s")
+    fig, (ax, ax2) = pyplot().subplots(
+        1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1.4]}
+    )
+    ratio_bars(
+        ax,
+        ["CPU put", "CPU get", "disk write", "disk read"],
+        [c["put_gbps"], c["get_into_gbps"], d["write_gbps"], d["read_gbps"]],
+        [c["memcpy_put_gbps"], c["memcpy_get_gbps"], d["file_write_gbps"], d["file_read_gbps"]],
+        [r[key] for key in RATIOS],
+        ("baseline (memcpy / plain file)", "lmcache-pd tier"),
+    )
     ax.set_title(f"{result['chunks']} x {result['chunk_bytes'] >> 20} MiB llama-8b chunks")
-    ax.set_ylim(0, max(tier + base) * 1.35)
     ax.legend(fontsize=8, loc="upper left", ncol=2)
     labels = ["CPU", "disk", "CPU+disk", "hash+lookup"]
     values = [
@@ -309,19 +287,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("µs per chunk")
     ax2.set_title(f"hit-path lookup, {int(lk['held_chunks']) // 1000}k chunks held")
     ax2.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(quick: bool, chunks: int | None, reps: int | None, workdir: Path | None) -> dict[str, Any]:
-    layout = preset("llama-8b")
-    chunk_size = 256
-    slot = layout.bytes_per_chunk(chunk_size)
-    n = chunks or (4 if quick else 8)
-    reps = reps or (5 if quick else 7)
-    rng = np.random.default_rng(1)
-    src = [rng.integers(0, 256, slot, dtype=np.uint8) for _ in range(n)]
+    src, reps = chunk_rounds(quick, chunks, reps)
+    n, slot = len(src), src[0].nbytes
     root = Path(tempfile.mkdtemp(prefix="lmcache-pd-bench-tiers-", dir=workdir))
     t0 = time.perf_counter()
     try:
@@ -337,13 +308,9 @@ def run(quick: bool, chunks: int | None, reps: int | None, workdir: Path | None)
         "disk_read_over_file": disk["read_gbps"] / disk["file_read_gbps"],
     }
     return {
-        "benchmark": "tiers",
-        "quick": quick,
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "python": sys.version.split()[0],
+        **run_header("tiers", quick),
         "layout": "llama-8b",
-        "chunk_size_tokens": chunk_size,
+        "chunk_size_tokens": CHUNK_TOKENS,
         "chunk_bytes": slot,
         "chunks": n,
         "reps": reps,
@@ -361,22 +328,13 @@ def run(quick: bool, chunks: int | None, reps: int | None, workdir: Path | None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 chunks, 5 rounds (< 1 min)")
-    parser.add_argument("--chunks", type=int, help="32 MiB chunks per round (default 8)")
-    parser.add_argument("--reps", type=int, help="measured rounds (default 7)")
+    parser = rounds_parser(__doc__)
     parser.add_argument("--dir", type=Path, help="directory for the disk tier (default tmp)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON")
-    parser.add_argument("--png", type=Path, help="write a bar chart (PNG)")
+    add_output_args(parser)
     args = parser.parse_args(argv)
     result = run(args.quick, args.chunks, args.reps, args.dir)
     _table(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.png:
-        args.png.parent.mkdir(parents=True, exist_ok=True)
-        _plot(result, args.png)
+    write_outputs(result, args.json, args.png, lambda path: _plot(result, path))
     return 0
 
 
