@@ -42,11 +42,9 @@ import functools
 import json
 import os
 import random
-import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -57,13 +55,23 @@ import httpx
 import psutil
 
 from lmcache_pd.integration.vllm.launch import VLLMServer, free_port, free_port_pair
-from lmcache_pd.integration.vllm.tiny_model import TinySpec, make_tiny_model
 from lmcache_pd.protocol import standard_prefill_params
 
-CONNECTOR = {
-    "kv_connector": "LMCachePDConnector",
-    "kv_connector_module_path": "lmcache_pd.integration.vllm",
-}
+sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (
+    build_model,
+    connector_config,
+    engine_parser,
+    host_load,
+    llama_spec,
+    pct,
+    prepare_run,
+    pyplot,
+    running,
+    save_figure,
+    stop_process,
+    write_outputs,
+)
 
 
 class Shape(str, enum.Enum):
@@ -109,10 +117,6 @@ def parse_shapes(text: str) -> list[Shape]:
     if not out:
         raise argparse.ArgumentTypeError("--shape names no shape")
     return out
-
-
-def _cc(role: str, **extra: Any) -> dict[str, Any]:
-    return {**CONNECTOR, "kv_role": role, "kv_connector_extra_config": extra}
 
 
 def stream_completion(
@@ -164,15 +168,6 @@ def standard_completion(
     return {"ttft_s": row["ttft_s"] + shift, "tpot_s": row["tpot_s"], "e2e_s": row["e2e_s"] + shift}
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    data = sorted(values)
-    if not data:
-        return float("nan")
-    k = (len(data) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (k - lo)
-
-
 def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
     ttft = [r["ttft_s"] for r in rows]
     tpot = [r["tpot_s"] for r in rows]
@@ -209,19 +204,6 @@ def idle_cpu_pct(servers: Sequence[VLLMServer], seconds: float) -> dict[str, flo
 
 
 @contextlib.contextmanager
-def running(servers: Sequence[VLLMServer], timeout_s: float = 600) -> Iterator[None]:
-    try:
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait_ready(timeout_s)
-        yield
-    finally:
-        for s in servers:
-            s.stop()
-
-
-@contextlib.contextmanager
 def proxy(args: list[str]) -> Iterator[str]:
     from lmcache_pd.router.proxy import spawn
 
@@ -231,11 +213,7 @@ def proxy(args: list[str]) -> Iterator[str]:
         yield url
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
 
 
 class Bench:
@@ -298,12 +276,14 @@ class Bench:
         kv_port = free_port()
         common = {"chunk_size": self.a.chunk_size, "pd_buffer_size": 256 << 20}
         p = self.server(
-            "ours-prefiller", kv_transfer_config=_cc("kv_producer", **common), env=self.bind(0)
+            "ours-prefiller",
+            kv_transfer_config=connector_config("kv_producer", **common),
+            env=self.bind(0),
         )
         d = self.server(
             "ours-decoder",
             env=self.bind(1),
-            kv_transfer_config=_cc(
+            kv_transfer_config=connector_config(
                 "kv_consumer", pd_peer_init_port=kv_port, max_local_cpu_size=0.5, **common
             ),
         )
@@ -342,7 +322,7 @@ class Bench:
         prefillers = [
             self.server(
                 f"{tag}-prefiller{i}",
-                kv_transfer_config=_cc("kv_producer", **common),
+                kv_transfer_config=connector_config("kv_producer", **common),
                 env=self.tp_env(spec.prefill_tp, 0),
                 extra_args=tp_args(spec.prefill_tp),
             )
@@ -356,7 +336,7 @@ class Bench:
         decoders = [
             self.server(
                 f"{tag}-decoder{i}",
-                kv_transfer_config=_cc(
+                kv_transfer_config=connector_config(
                     "kv_consumer", pd_peer_init_port=bases[i], max_local_cpu_size=0.5, **common
                 ),
                 env=self.tp_env(spec.decode_tp, 1),
@@ -417,7 +397,7 @@ class Bench:
     def reuse(self) -> list[dict[str, Any]]:
         s = self.server(
             "reuse-kv_both",
-            kv_transfer_config=_cc(
+            kv_transfer_config=connector_config(
                 "kv_both",
                 chunk_size=self.a.chunk_size,
                 local_cpu=True,
@@ -495,17 +475,12 @@ def print_table(summary: dict[str, dict[str, float]]) -> None:
     Console(width=120).print(t)  # one line per row in logs too
 
 
-def plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict[str, Any], path: Path) -> None:
     reuse = result.get("reuse", [])
     modes = [m for m in MODES if m in result["summary"]]
     shapes = any(m in result["summary"] for m in MODES[4:])
     panels = 1 + bool(reuse) + shapes
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels + 1, 4))
+    fig, axes = pyplot().subplots(1, panels, figsize=(5.5 * panels + 1, 4))
     axes = list(axes) if panels > 1 else [axes]
     ax1 = axes[0]
     xs = range(len(modes))
@@ -537,17 +512,11 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax2.set_ylabel("TTFT ms")
         ax2.set_title(f"kv_both reuse (x{result['ratios'].get('reuse_ttft_speedup', 0):.1f})")
         ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller model and fewer requests")
-    p.add_argument("--json", default=None)
-    p.add_argument("--png", default=None)
-    p.add_argument("--model-dir", default=None, help="where to build/reuse the model")
-    p.add_argument("--work-dir", default=None, help="logs (default: a temp dir)")
+    p = engine_parser(__doc__, "smaller model and fewer requests")
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -587,22 +556,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse(argv)
-    os.environ.setdefault("LMCACHE_PD_AUTH_SECRET", secrets.token_hex(32))
-    work = Path(a.work_dir or tempfile.mkdtemp(prefix="lmcache-pd-e2e-"))
-    work.mkdir(parents=True, exist_ok=True)
-    heads = max(1, a.hidden // 64)
-    spec = TinySpec(
-        hidden=a.hidden,
-        layers=a.layers,
-        heads=heads,
-        kv_heads=max(1, heads // 4),
-        head_size=64,
-        intermediate=a.hidden * 3,
-        vocab=a.vocab,
-        max_positions=a.max_model_len,
-    )
-    model = make_tiny_model(Path(a.model_dir) if a.model_dir else work / "model", spec)
-    print(f"model {spec} in {model}; logs in {work}", flush=True)
+    work = prepare_run(a.work_dir, "lmcache-pd-e2e-")
+    spec = llama_spec(a.hidden, a.layers, a.vocab, a.max_model_len)
+    model = build_model(a.model_dir, work, spec)
     bench = Bench(a, model, work)
     rows: list[dict[str, Any]] = []
     summary: dict[str, dict[str, float]] = {}
@@ -658,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": {
                 "hidden": a.hidden,
                 "layers": a.layers,
-                "heads": heads,
+                "heads": spec.heads,
                 "kv_heads": spec.kv_heads,
                 "head_size": 64,
             },
@@ -667,8 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "shapes": [s.value for s in a.shape],
             "chunk_size": a.chunk_size,
             "max_model_len": a.max_model_len,
-            "cpus": os.cpu_count(),
-            "load_avg_at_start": os.getloadavg(),
+            **host_load(),
         },
         "rows": rows,
         "summary": summary,
@@ -685,11 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     print_table(summary)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2))
-    if a.png:
-        plot(result, a.png)
+    write_outputs(result, a.json, a.png, lambda path: plot(result, path))
     return 0 if not errors else 1
 
 

@@ -27,24 +27,34 @@ shared CPU box are noisy: compare rows of one run only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
-import secrets
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from lmcache_pd.integration.vllm.launch import VLLMServer
-from lmcache_pd.integration.vllm.tiny_model import TinySpec, make_tiny_model
 from lmcache_pd.tiers.redis_server import RedisServer, redis_server_binary
+
+sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (
+    build_model,
+    connector_config,
+    engine_parser,
+    host_load,
+    llama_spec,
+    prepare_run,
+    pyplot,
+    running,
+    save_figure,
+    write_outputs,
+)
 
 PATHS = ("recompute", "redis", "p2p")
 SUFFIX = 16
@@ -73,19 +83,6 @@ def ttft(url: str, prompt: list[int]) -> float:
     raise RuntimeError("no token streamed")
 
 
-@contextlib.contextmanager
-def running(servers: Sequence[VLLMServer], timeout_s: float = 900) -> Iterator[None]:
-    try:
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait_ready(timeout_s)
-        yield
-    finally:
-        for s in servers:
-            s.stop()
-
-
 class Bench:
     def __init__(self, a: argparse.Namespace, model: Path, work: Path, redis: RedisServer) -> None:
         self.a = a
@@ -111,23 +108,19 @@ class Bench:
     def connector(self) -> dict[str, Any]:
         chunk_bytes = self.a.bytes_per_token * self.a.chunk_size
         room = (max(self.a.lengths) // self.a.chunk_size + 2) * chunk_bytes
-        return {
-            "kv_connector": "LMCachePDConnector",
-            "kv_connector_module_path": "lmcache_pd.integration.vllm",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {
-                "chunk_size": self.a.chunk_size,
-                "local_cpu": True,
-                "max_local_cpu_size": 2.0,
-                "remote_url": self.redis.url,
-                "remote_timeout_s": 5.0,
-                "remote_write_queue_size": 256,
-                "enable_p2p": True,
-                "pd_peer_init_port": 0,  # two engines on one host: free ports
-                "pd_buffer_size": 2 * room,
-                "pd_transfer_timeout_s": 60.0,
-            },
-        }
+        return connector_config(
+            "kv_both",
+            chunk_size=self.a.chunk_size,
+            local_cpu=True,
+            max_local_cpu_size=2.0,
+            remote_url=self.redis.url,
+            remote_timeout_s=5.0,
+            remote_write_queue_size=256,
+            enable_p2p=True,
+            pd_peer_init_port=0,  # two engines on one host: free ports
+            pd_buffer_size=2 * room,
+            pd_transfer_timeout_s=60.0,
+        )
 
     def prompt(self, n: int) -> list[int]:
         return [self.rng.randrange(3, self.a.vocab) for _ in range(n)]
@@ -191,7 +184,7 @@ class Bench:
 
     def run(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        with running(self.engines):
+        with running(self.engines, timeout_s=900):
             for s in self.engines:  # warm-up (first requests compile and allocate)
                 ttft(s.url, self.prompt(64))
             self.one("p2p", self.a.chunk_size)  # first contact: Hello, NIXL metadata
@@ -245,13 +238,8 @@ def print_table(summary: list[dict[str, Any]]) -> None:
     Console().print(t)
 
 
-def plot(summary: list[dict[str, Any]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
     lengths = [s["prefix_tokens"] for s in summary]
     width = 0.27
     labels = {
@@ -276,18 +264,11 @@ def plot(summary: list[dict[str, Any]], path: str) -> None:
     ax.set_ylabel("B's TTFT (ms, median)")
     ax.set_title("kv_both: a shared prefix from Redis or a peer vs recompute")
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one repetition per length")
-    p.add_argument("--json", default=None)
-    p.add_argument("--png", default=None)
-    p.add_argument("--model-dir", default=None, help="where to build/reuse the model")
-    p.add_argument("--work-dir", default=None, help="logs (default: a temp dir)")
+    p = engine_parser(__doc__, "one repetition per length")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--lengths", default="2048,4096", help="comma-separated prefix lengths")
@@ -317,23 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if binary is None:
         print("kv_share needs redis-server (apt-get install -y redis-server)", file=sys.stderr)
         return 2
-    os.environ.setdefault("LMCACHE_PD_AUTH_SECRET", secrets.token_hex(32))
-    work = Path(a.work_dir or tempfile.mkdtemp(prefix="lmcache-pd-kv-share-"))
-    work.mkdir(parents=True, exist_ok=True)
-    heads = max(1, a.hidden // 64)
-    spec = TinySpec(
-        hidden=a.hidden,
-        layers=a.layers,
-        heads=heads,
-        kv_heads=max(1, heads // 4),
-        head_size=64,
-        intermediate=a.hidden * 3,
-        vocab=a.vocab,
-        max_positions=a.max_model_len,
-    )
+    work = prepare_run(a.work_dir, "lmcache-pd-kv-share-")
+    spec = llama_spec(a.hidden, a.layers, a.vocab, a.max_model_len)
     a.bytes_per_token = a.layers * 2 * spec.kv_heads * 64 * 4  # fp32 KV
-    model = make_tiny_model(Path(a.model_dir) if a.model_dir else work / "model", spec)
-    print(f"model {spec} in {model}; logs in {work}", flush=True)
+    model = build_model(a.model_dir, work, spec)
     t0 = time.time()
     with RedisServer(work / "redis", binary=binary) as redis:
         rows = Bench(a, model, work, redis).run()
@@ -352,8 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "reps": a.reps,
             "chunk_size": a.chunk_size,
             "suffix_tokens": SUFFIX,
-            "cpus": os.cpu_count(),
-            "load_avg_at_start": os.getloadavg(),
+            **host_load(),
         },
         "rows": rows,
         "summary": summary,
@@ -363,11 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(json.dumps({"summary": summary, "ratios": ratios}, indent=2))
     print_table(summary)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2))
-    if a.png:
-        plot(summary, a.png)
+    write_outputs(result, a.json, a.png, lambda path: plot(summary, path))
     return 0
 
 

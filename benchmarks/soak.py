@@ -42,12 +42,9 @@ import argparse
 import contextlib
 import enum
 import json
-import os
-import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,13 +56,23 @@ import httpx
 import psutil
 
 from lmcache_pd.integration.vllm.launch import VLLMServer, free_port, metric_value
-from lmcache_pd.integration.vllm.tiny_model import TinySpec, make_tiny_model
+from lmcache_pd.integration.vllm.tiny_model import TinySpec
 from lmcache_pd.integration.vllm.tiny_model import prompts as word_prompts
 
-CONNECTOR = {
-    "kv_connector": "LMCachePDConnector",
-    "kv_connector_module_path": "lmcache_pd.integration.vllm",
-}
+sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import (
+    build_model,
+    connector_config,
+    engine_parser,
+    host_load,
+    pct,
+    prepare_run,
+    pyplot,
+    save_figure,
+    stop_process,
+    write_outputs,
+)
+
 # gauges that must read 0 on an idle engine (name, what it counts)
 LEAK_GAUGES = (
     "vllm:lmcache_pd_receive_slots_leased",
@@ -131,19 +138,6 @@ class Sample:
     t_s: float
     rss_mb: dict[str, float] = field(default_factory=dict)  # series -> MB (process group)
     procs_mb: dict[str, float] = field(default_factory=dict)  # "series/name[pid]" -> MB
-
-
-def _cc(role: str, **extra: Any) -> dict[str, Any]:
-    return {**CONNECTOR, "kv_role": role, "kv_connector_extra_config": extra}
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    data = sorted(values)
-    if not data:
-        return float("nan")
-    k = (len(data) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (k - lo)
 
 
 # ---------------------------------------------------------------------- requests
@@ -267,10 +261,12 @@ class Cluster:
         self.generation[name] = gen
         common: dict[str, Any] = {"chunk_size": self.a.chunk_size, "pd_buffer_size": 16 << 20}
         if name.startswith("P"):
-            cfg = _cc("kv_producer", **common, pd_connect_timeout_s=self.a.connect_timeout_s)
+            cfg = connector_config(
+                "kv_producer", **common, pd_connect_timeout_s=self.a.connect_timeout_s
+            )
             core = 0
         else:
-            cfg = _cc(
+            cfg = connector_config(
                 "kv_consumer",
                 **common,
                 pd_peer_init_port=self.kv_ports[int(name[1])],
@@ -345,12 +341,7 @@ class Cluster:
 
     def stop(self) -> None:
         if self.proxy is not None:
-            self.proxy.terminate()
-            try:
-                self.proxy.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proxy.kill()
-                self.proxy.wait(10)
+            stop_process(self.proxy)
             self.proxy = None
         for s in self.engines.values():
             s.stop()
@@ -703,13 +694,8 @@ def summarize(result: dict[str, Any]) -> None:
     console.print(f"[bold]{verdict}[/bold]")
 
 
-def plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax0, ax1, ax2) = plt.subplots(3, 1, figsize=(10, 10), sharex=True)
+def plot(result: dict[str, Any], path: Path) -> None:
+    fig, (ax0, ax1, ax2) = pyplot().subplots(3, 1, figsize=(10, 10), sharex=True)
     series: dict[str, list[tuple[float, float]]] = {}
     for s in result["rss_samples"]:
         for name, mb in s["rss_mb"].items():
@@ -751,18 +737,12 @@ def plot(result: dict[str, Any], path: str) -> None:
         for ax in (ax0, ax1, ax2):
             ax.axvline(t, color=colors.get(name, "black"), ls="--", lw=0.8)
         ax0.annotate(name, (t, ax0.get_ylim()[1]), rotation=90, fontsize=7, va="top", ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------- main
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="100 requests")
-    p.add_argument("--json", default=None)
-    p.add_argument("--png", default=None)
-    p.add_argument("--model-dir", default=None, help="where to build/reuse the tiny model")
-    p.add_argument("--work-dir", default=None, help="logs (default: a temp dir)")
+    p = engine_parser(__doc__, "100 requests")
     p.add_argument("--requests", type=int, default=None, help="default 1000 (--quick 100)")
     p.add_argument("--rate", type=float, default=2.0, help="requests per second (open loop)")
     p.add_argument("--concurrency", type=int, default=8, help="most requests in flight")
@@ -838,12 +818,9 @@ def cluster_running(cluster: Cluster, timeout_s: float) -> Iterator[Cluster]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse(argv)
-    os.environ.setdefault("LMCACHE_PD_AUTH_SECRET", secrets.token_hex(32))
-    work = Path(a.work_dir or tempfile.mkdtemp(prefix="lmcache-pd-soak-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = prepare_run(a.work_dir, "lmcache-pd-soak-")
     spec = TinySpec()
-    model = make_tiny_model(Path(a.model_dir) if a.model_dir else work / "model", spec)
-    print(f"model {spec} in {model}; logs in {work}", flush=True)
+    model = build_model(a.model_dir, work, spec)
     prompts = Prompts(a.seed, a.prefixes, a.prefix_words, a.suffix_words)
     cluster = Cluster(a, model, work)
     soak = Soak(a, cluster, prompts)
@@ -915,8 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         | {
             "model": asdict(spec),
             "prompt_tokens_of_prefix_samples": prompt_tokens,
-            "cpus": os.cpu_count(),
-            "load_avg_at_start": os.getloadavg(),
+            **host_load(),
         },
         "requests": {
             "sent": len(outcomes),
@@ -958,11 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": round(time.time() - t_start, 1),
     }
     summarize(result)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=1))
-    if a.png:
-        plot(result, a.png)
+    write_outputs(result, a.json, a.png, lambda path: plot(result, path), indent=1)
     return 0 if not failures else 1
 
 
