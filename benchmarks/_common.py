@@ -17,7 +17,7 @@ Owns:
   (:func:`stop_process`), the host's load (:func:`host_load`) and percentiles (:func:`pct`).
 
 A benchmark imports it by file (``benchmarks/`` is not a package): it appends its own
-folder to ``sys.path``, then ``from _common import ...``. The leading underscore keeps it
+folder to ``sys.path``, then ``import _common as shared``. The leading underscore keeps it
 out of ``lmcache-pd bench``'s list of benchmarks.
 """
 

@@ -58,20 +58,7 @@ from lmcache_pd.integration.vllm.launch import VLLMServer, free_port, free_port_
 from lmcache_pd.protocol import standard_prefill_params
 
 sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
-from _common import (
-    build_model,
-    connector_config,
-    engine_parser,
-    host_load,
-    llama_spec,
-    pct,
-    prepare_run,
-    pyplot,
-    running,
-    save_figure,
-    stop_process,
-    write_outputs,
-)
+import _common as shared
 
 
 class Shape(str, enum.Enum):
@@ -173,10 +160,10 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
     tpot = [r["tpot_s"] for r in rows]
     return {
         "requests": len(rows),
-        "ttft_p50_s": pct(ttft, 0.5),
-        "ttft_p99_s": pct(ttft, 0.99),
-        "tpot_p50_s": pct(tpot, 0.5),
-        "tpot_p99_s": pct(tpot, 0.99),
+        "ttft_p50_s": shared.pct(ttft, 0.5),
+        "ttft_p99_s": shared.pct(ttft, 0.99),
+        "tpot_p50_s": shared.pct(tpot, 0.5),
+        "tpot_p99_s": shared.pct(tpot, 0.99),
         "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
     }
 
@@ -213,7 +200,7 @@ def proxy(args: list[str]) -> Iterator[str]:
         yield url
     finally:
         if proc is not None:
-            stop_process(proc)
+            shared.stop_process(proc)
 
 
 class Bench:
@@ -268,7 +255,7 @@ class Bench:
 
     def single(self) -> list[dict[str, float]]:
         s = self.server("single")
-        with running([s]):
+        with shared.running([s]):
             self.idle.update(idle_cpu_pct([s], self.a.idle_s))
             return self.measure(s.url, "single", self.a.requests)
 
@@ -277,17 +264,17 @@ class Bench:
         common = {"chunk_size": self.a.chunk_size, "pd_buffer_size": 256 << 20}
         p = self.server(
             "ours-prefiller",
-            kv_transfer_config=connector_config("kv_producer", **common),
+            kv_transfer_config=shared.connector_config("kv_producer", **common),
             env=self.bind(0),
         )
         d = self.server(
             "ours-decoder",
             env=self.bind(1),
-            kv_transfer_config=connector_config(
+            kv_transfer_config=shared.connector_config(
                 "kv_consumer", pd_peer_init_port=kv_port, max_local_cpu_size=0.5, **common
             ),
         )
-        with running([p, d]):
+        with shared.running([p, d]):
             self.idle.update(idle_cpu_pct([p, d], self.a.idle_s))
             argv = ["--prefiller", p.url, "--decoder", d.url]
             argv += ["--decoder-kv", f"127.0.0.1:{kv_port}", "--handoff-port", "0"]
@@ -322,7 +309,7 @@ class Bench:
         prefillers = [
             self.server(
                 f"{tag}-prefiller{i}",
-                kv_transfer_config=connector_config("kv_producer", **common),
+                kv_transfer_config=shared.connector_config("kv_producer", **common),
                 env=self.tp_env(spec.prefill_tp, 0),
                 extra_args=tp_args(spec.prefill_tp),
             )
@@ -336,7 +323,7 @@ class Bench:
         decoders = [
             self.server(
                 f"{tag}-decoder{i}",
-                kv_transfer_config=connector_config(
+                kv_transfer_config=shared.connector_config(
                     "kv_consumer", pd_peer_init_port=bases[i], max_local_cpu_size=0.5, **common
                 ),
                 env=self.tp_env(spec.decode_tp, 1),
@@ -344,7 +331,7 @@ class Bench:
             )
             for i in range(spec.decoders)
         ]
-        with running([*prefillers, *decoders]):
+        with shared.running([*prefillers, *decoders]):
             self.idle.update(idle_cpu_pct([*prefillers, *decoders], self.a.idle_s))
             argv = [a for p in prefillers for a in ("--prefiller", p.url)]
             for d, base in zip(decoders, bases, strict=True):
@@ -387,7 +374,7 @@ class Bench:
             kv_transfer_config=cfg,
             env={**env, **self.bind(1), "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())},
         )
-        with running([p, d]):
+        with shared.running([p, d]):
             self.idle.update(idle_cpu_pct([p, d], self.a.idle_s))
             argv = ["--prefiller", p.url, "--decoder", d.url]
             argv += ["--decoder-kv", f"127.0.0.1:{free_port()}"]
@@ -397,7 +384,7 @@ class Bench:
     def reuse(self) -> list[dict[str, Any]]:
         s = self.server(
             "reuse-kv_both",
-            kv_transfer_config=connector_config(
+            kv_transfer_config=shared.connector_config(
                 "kv_both",
                 chunk_size=self.a.chunk_size,
                 local_cpu=True,
@@ -406,7 +393,7 @@ class Bench:
         )
         rows: list[dict[str, Any]] = []
         suffix = 16
-        with running([s]):
+        with shared.running([s]):
             self.idle.update(idle_cpu_pct([s], self.a.idle_s))
             stream_completion(s.url, self.prompt(64), 2)  # warm-up
             for length in self.a.reuse_lengths:
@@ -480,7 +467,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     modes = [m for m in MODES if m in result["summary"]]
     shapes = any(m in result["summary"] for m in MODES[4:])
     panels = 1 + bool(reuse) + shapes
-    fig, axes = pyplot().subplots(1, panels, figsize=(5.5 * panels + 1, 4))
+    fig, axes = shared.pyplot().subplots(1, panels, figsize=(5.5 * panels + 1, 4))
     axes = list(axes) if panels > 1 else [axes]
     ax1 = axes[0]
     xs = range(len(modes))
@@ -512,11 +499,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax2.set_ylabel("TTFT ms")
         ax2.set_title(f"kv_both reuse (x{result['ratios'].get('reuse_ttft_speedup', 0):.1f})")
         ax2.legend()
-    save_figure(fig, path)
+    shared.save_figure(fig, path)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = engine_parser(__doc__, "smaller model and fewer requests")
+    p = shared.engine_parser(__doc__, "smaller model and fewer requests")
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -556,9 +543,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse(argv)
-    work = prepare_run(a.work_dir, "lmcache-pd-e2e-")
-    spec = llama_spec(a.hidden, a.layers, a.vocab, a.max_model_len)
-    model = build_model(a.model_dir, work, spec)
+    work = shared.prepare_run(a.work_dir, "lmcache-pd-e2e-")
+    spec = shared.llama_spec(a.hidden, a.layers, a.vocab, a.max_model_len)
+    model = shared.build_model(a.model_dir, work, spec)
     bench = Bench(a, model, work)
     rows: list[dict[str, Any]] = []
     summary: dict[str, dict[str, float]] = {}
@@ -623,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "shapes": [s.value for s in a.shape],
             "chunk_size": a.chunk_size,
             "max_model_len": a.max_model_len,
-            **host_load(),
+            **shared.host_load(),
         },
         "rows": rows,
         "summary": summary,
@@ -640,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     print_table(summary)
-    write_outputs(result, a.json, a.png, lambda path: plot(result, path))
+    shared.write_outputs(result, a.json, a.png, lambda path: plot(result, path))
     return 0 if not errors else 1
 
 

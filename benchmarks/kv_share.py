@@ -43,18 +43,7 @@ from lmcache_pd.integration.vllm.launch import VLLMServer
 from lmcache_pd.tiers.redis_server import RedisServer, redis_server_binary
 
 sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
-from _common import (
-    build_model,
-    connector_config,
-    engine_parser,
-    host_load,
-    llama_spec,
-    prepare_run,
-    pyplot,
-    running,
-    save_figure,
-    write_outputs,
-)
+import _common as shared
 
 PATHS = ("recompute", "redis", "p2p")
 SUFFIX = 16
@@ -108,7 +97,7 @@ class Bench:
     def connector(self) -> dict[str, Any]:
         chunk_bytes = self.a.bytes_per_token * self.a.chunk_size
         room = (max(self.a.lengths) // self.a.chunk_size + 2) * chunk_bytes
-        return connector_config(
+        return shared.connector_config(
             "kv_both",
             chunk_size=self.a.chunk_size,
             local_cpu=True,
@@ -184,7 +173,7 @@ class Bench:
 
     def run(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        with running(self.engines, timeout_s=900):
+        with shared.running(self.engines, timeout_s=900):
             for s in self.engines:  # warm-up (first requests compile and allocate)
                 ttft(s.url, self.prompt(64))
             self.one("p2p", self.a.chunk_size)  # first contact: Hello, NIXL metadata
@@ -239,7 +228,7 @@ def print_table(summary: list[dict[str, Any]]) -> None:
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    fig, ax = pyplot().subplots(figsize=(7, 4.2))
+    fig, ax = shared.pyplot().subplots(figsize=(7, 4.2))
     lengths = [s["prefix_tokens"] for s in summary]
     width = 0.27
     labels = {
@@ -264,11 +253,11 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("B's TTFT (ms, median)")
     ax.set_title("kv_both: a shared prefix from Redis or a peer vs recompute")
     ax.legend()
-    save_figure(fig, path)
+    shared.save_figure(fig, path)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = engine_parser(__doc__, "one repetition per length")
+    p = shared.engine_parser(__doc__, "one repetition per length")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--lengths", default="2048,4096", help="comma-separated prefix lengths")
@@ -298,10 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if binary is None:
         print("kv_share needs redis-server (apt-get install -y redis-server)", file=sys.stderr)
         return 2
-    work = prepare_run(a.work_dir, "lmcache-pd-kv-share-")
-    spec = llama_spec(a.hidden, a.layers, a.vocab, a.max_model_len)
+    work = shared.prepare_run(a.work_dir, "lmcache-pd-kv-share-")
+    spec = shared.llama_spec(a.hidden, a.layers, a.vocab, a.max_model_len)
     a.bytes_per_token = a.layers * 2 * spec.kv_heads * 64 * 4  # fp32 KV
-    model = build_model(a.model_dir, work, spec)
+    model = shared.build_model(a.model_dir, work, spec)
     t0 = time.time()
     with RedisServer(work / "redis", binary=binary) as redis:
         rows = Bench(a, model, work, redis).run()
@@ -320,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "reps": a.reps,
             "chunk_size": a.chunk_size,
             "suffix_tokens": SUFFIX,
-            **host_load(),
+            **shared.host_load(),
         },
         "rows": rows,
         "summary": summary,
@@ -330,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(json.dumps({"summary": summary, "ratios": ratios}, indent=2))
     print_table(summary)
-    write_outputs(result, a.json, a.png, lambda path: plot(summary, path))
+    shared.write_outputs(result, a.json, a.png, lambda path: plot(summary, path))
     return 0
 
 

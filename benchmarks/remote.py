@@ -38,22 +38,7 @@ from lmcache_pd.tiers.remote import RemoteStore
 from lmcache_pd.tiers.remote_url import parse_remote_url
 
 sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
-from _common import (
-    CHUNK_TOKENS,
-    add_output_args,
-    chunk_key,
-    chunk_rounds,
-    median_gbps,
-    print_ratio_table,
-    pyplot,
-    ratio_bars,
-    rounds_parser,
-    run_header,
-    save_figure,
-    timed,
-    timed_in_turn,
-    write_outputs,
-)
+import _common as shared
 
 TARGET = 0.8
 RATIOS = ("put_over_raw", "get_over_raw")
@@ -64,7 +49,9 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
     layout = preset("llama-8b")
     n, slot = len(src), src[0].nbytes
     total = n * slot
-    store = RemoteStore(url, layout.fingerprint(), CHUNK_TOKENS, timeout_s=10.0, queue_size=n)
+    store = RemoteStore(
+        url, layout.fingerprint(), shared.CHUNK_TOKENS, timeout_s=10.0, queue_size=n
+    )
     raw = raw_client(url)
     default = redis.Redis(**parse_remote_url(url).client_kwargs(), socket_timeout=30)
     samples: dict[str, list[float]] = {
@@ -113,8 +100,8 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
 
     try:
         for rep in range(reps + 1):  # round 0 warms up
-            keys[:] = [chunk_key(i, rep) for i in range(n)]
-            copy_keys[:] = [chunk_key(i, rep + 500) for i in range(n)]
+            keys[:] = [shared.chunk_key(i, rep) for i in range(n)]
+            copy_keys[:] = [shared.chunk_key(i, rep + 500) for i in range(n)]
             raw_keys[:] = [b"bench-raw:" + k.hex().encode() for k in keys]
             puts = [
                 ("raw_put", raw_put),
@@ -122,10 +109,10 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
                 ("put_copy", put_copy),
                 ("raw_put_default_packer", raw_put_default_packer),
             ]
-            row = timed_in_turn(puts, rep)
+            row = shared.timed_in_turn(puts, rep)
             gets = [("raw_get", raw_get), ("get", get)]
             for name, fn in gets if rep % 2 else gets[::-1]:  # alternate who goes first
-                row[name] = timed(fn)
+                row[name] = shared.timed(fn)
                 if name == "get":
                     for i, g in enumerate(got):
                         if g is None or g != views[i]:
@@ -142,7 +129,7 @@ def bench_bandwidth(url: str, src: list[np.ndarray], reps: int) -> dict[str, flo
         store.close()
         raw.close()
         default.close()
-    return {f"{k}_gbps": v for k, v in median_gbps(samples, total).items()}
+    return {f"{k}_gbps": v for k, v in shared.median_gbps(samples, total).items()}
 
 
 def raw_client(url: str) -> redis.Redis:
@@ -174,10 +161,10 @@ def _read_events(client: redis.Redis) -> int:
 def bench_lookup(url: str, rounds: int) -> dict[str, float]:
     layout = preset("llama-8b")
     store = RemoteStore(
-        url, layout.fingerprint(), CHUNK_TOKENS, timeout_s=10.0, queue_size=PROMPT_CHUNKS
+        url, layout.fingerprint(), shared.CHUNK_TOKENS, timeout_s=10.0, queue_size=PROMPT_CHUNKS
     )
     client = redis.Redis(**parse_remote_url(url).client_kwargs(), socket_timeout=30)
-    keys = [chunk_key(i, 999) for i in range(PROMPT_CHUNKS)]
+    keys = [shared.chunk_key(i, 999) for i in range(PROMPT_CHUNKS)]
     rkeys = [store.redis_key(k) for k in keys]
     try:
         for i, k in enumerate(keys):  # small values: the lookup's cost, not the bytes'
@@ -187,7 +174,7 @@ def bench_lookup(url: str, rounds: int) -> dict[str, float]:
         def best(fn: Callable[[], object]) -> float:
             times = []
             for _ in range(rounds):
-                times.append(timed(fn))
+                times.append(shared.timed(fn))
             return statistics.median(times) * 1e6
 
         ours = best(lambda: store.contains(keys))
@@ -249,7 +236,7 @@ def _table(result: dict[str, Any]) -> None:
         f"{lk['pipelined_exists_us']:.0f} µs; variadic EXISTS (count only) "
         f"{lk['exists_count_us']:.0f} µs; PING {lk['ping_us']:.0f} µs",
     ]
-    print_ratio_table(
+    shared.print_ratio_table(
         f"remote tier: {result['chunks']} x {result['chunk_bytes'] >> 20} MiB llama-8b "
         f"chunks, redis-server {result['server_version']} on loopback",
         "raw redis-py GB/s",
@@ -261,10 +248,10 @@ def _table(result: dict[str, Any]) -> None:
 
 def _plot(result: dict[str, Any], path: Path) -> None:
     b, lk, r = result["bandwidth"], result["lookup"], result["ratios"]
-    fig, (ax, ax2) = pyplot().subplots(
+    fig, (ax, ax2) = shared.pyplot().subplots(
         1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [2, 1.6]}
     )
-    ratio_bars(
+    shared.ratio_bars(
         ax,
         ["put", "get"],
         [b["put_gbps"], b["get_gbps"]],
@@ -286,11 +273,11 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("µs")
     ax2.set_title(f"lookup of {int(lk['prompt_chunks'])} chunks (32k tokens)")
     ax2.tick_params(axis="x", labelsize=8)
-    save_figure(fig, path)
+    shared.save_figure(fig, path)
 
 
 def run(quick: bool, chunks: int | None, reps: int | None, url: str | None) -> dict[str, Any]:
-    src, reps = chunk_rounds(quick, chunks, reps)
+    src, reps = shared.chunk_rounds(quick, chunks, reps)
     n, slot = len(src), src[0].nbytes
     server = None if url else RedisServer()
     url = url or server.url  # type: ignore[union-attr]
@@ -307,12 +294,12 @@ def run(quick: bool, chunks: int | None, reps: int | None, url: str | None) -> d
         "get_over_raw": bandwidth["get_gbps"] / bandwidth["raw_get_gbps"],
     }
     return {
-        **run_header("remote", quick),
+        **shared.run_header("remote", quick),
         "redis_py": redis.__version__,
         "hiredis": importlib.util.find_spec("hiredis") is not None,
         "server_version": version.get("redis_version", "?"),
         "layout": "llama-8b",
-        "chunk_size_tokens": CHUNK_TOKENS,
+        "chunk_size_tokens": shared.CHUNK_TOKENS,
         "chunk_bytes": slot,
         "chunks": n,
         "reps": reps,
@@ -328,13 +315,13 @@ def run(quick: bool, chunks: int | None, reps: int | None, url: str | None) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = rounds_parser(__doc__)
+    parser = shared.rounds_parser(__doc__)
     parser.add_argument("--url", help="use this server (redis://...) instead of starting one")
-    add_output_args(parser)
+    shared.add_output_args(parser)
     args = parser.parse_args(argv)
     result = run(args.quick, args.chunks, args.reps, args.url)
     _table(result)
-    write_outputs(result, args.json, args.png, lambda path: _plot(result, path))
+    shared.write_outputs(result, args.json, args.png, lambda path: _plot(result, path))
     return 0
 
 

@@ -60,18 +60,7 @@ from lmcache_pd.integration.vllm.tiny_model import TinySpec
 from lmcache_pd.integration.vllm.tiny_model import prompts as word_prompts
 
 sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
-from _common import (
-    build_model,
-    connector_config,
-    engine_parser,
-    host_load,
-    pct,
-    prepare_run,
-    pyplot,
-    save_figure,
-    stop_process,
-    write_outputs,
-)
+import _common as shared
 
 # gauges that must read 0 on an idle engine (name, what it counts)
 LEAK_GAUGES = (
@@ -261,12 +250,12 @@ class Cluster:
         self.generation[name] = gen
         common: dict[str, Any] = {"chunk_size": self.a.chunk_size, "pd_buffer_size": 16 << 20}
         if name.startswith("P"):
-            cfg = connector_config(
+            cfg = shared.connector_config(
                 "kv_producer", **common, pd_connect_timeout_s=self.a.connect_timeout_s
             )
             core = 0
         else:
-            cfg = connector_config(
+            cfg = shared.connector_config(
                 "kv_consumer",
                 **common,
                 pd_peer_init_port=self.kv_ports[int(name[1])],
@@ -341,7 +330,7 @@ class Cluster:
 
     def stop(self) -> None:
         if self.proxy is not None:
-            stop_process(self.proxy)
+            shared.stop_process(self.proxy)
             self.proxy = None
         for s in self.engines.values():
             s.stop()
@@ -695,7 +684,7 @@ def summarize(result: dict[str, Any]) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    fig, (ax0, ax1, ax2) = pyplot().subplots(3, 1, figsize=(10, 10), sharex=True)
+    fig, (ax0, ax1, ax2) = shared.pyplot().subplots(3, 1, figsize=(10, 10), sharex=True)
     series: dict[str, list[tuple[float, float]]] = {}
     for s in result["rss_samples"]:
         for name, mb in s["rss_mb"].items():
@@ -737,12 +726,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for ax in (ax0, ax1, ax2):
             ax.axvline(t, color=colors.get(name, "black"), ls="--", lw=0.8)
         ax0.annotate(name, (t, ax0.get_ylim()[1]), rotation=90, fontsize=7, va="top", ha="right")
-    save_figure(fig, path)
+    shared.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------- main
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = engine_parser(__doc__, "100 requests")
+    p = shared.engine_parser(__doc__, "100 requests")
     p.add_argument("--requests", type=int, default=None, help="default 1000 (--quick 100)")
     p.add_argument("--rate", type=float, default=2.0, help="requests per second (open loop)")
     p.add_argument("--concurrency", type=int, default=8, help="most requests in flight")
@@ -798,11 +787,11 @@ def latency_table(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
         out[phase.value] = {
             "n": len(rows),
             "failed": len(rows) - len(ok),
-            "p50_s": pct(lat, 0.5),
-            "p99_s": pct(lat, 0.99),
+            "p50_s": shared.pct(lat, 0.5),
+            "p99_s": shared.pct(lat, 0.99),
             "max_s": max(lat) if lat else float("nan"),
-            "ttft_p50_s": pct(ttft, 0.5),
-            "ttft_p99_s": pct(ttft, 0.99),
+            "ttft_p50_s": shared.pct(ttft, 0.5),
+            "ttft_p99_s": shared.pct(ttft, 0.99),
         }
     return out
 
@@ -818,9 +807,9 @@ def cluster_running(cluster: Cluster, timeout_s: float) -> Iterator[Cluster]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse(argv)
-    work = prepare_run(a.work_dir, "lmcache-pd-soak-")
+    work = shared.prepare_run(a.work_dir, "lmcache-pd-soak-")
     spec = TinySpec()
-    model = build_model(a.model_dir, work, spec)
+    model = shared.build_model(a.model_dir, work, spec)
     prompts = Prompts(a.seed, a.prefixes, a.prefix_words, a.suffix_words)
     cluster = Cluster(a, model, work)
     soak = Soak(a, cluster, prompts)
@@ -892,7 +881,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         | {
             "model": asdict(spec),
             "prompt_tokens_of_prefix_samples": prompt_tokens,
-            **host_load(),
+            **shared.host_load(),
         },
         "requests": {
             "sent": len(outcomes),
@@ -934,7 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": round(time.time() - t_start, 1),
     }
     summarize(result)
-    write_outputs(result, a.json, a.png, lambda path: plot(result, path), indent=1)
+    shared.write_outputs(result, a.json, a.png, lambda path: plot(result, path), indent=1)
     return 0 if not failures else 1
 
 

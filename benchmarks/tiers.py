@@ -35,22 +35,7 @@ from lmcache_pd.tiers import CPUStore, DiskStore, TieredStore
 from lmcache_pd.tiers.disk import HEADER_SIZE
 
 sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
-from _common import (
-    CHUNK_TOKENS,
-    add_output_args,
-    chunk_key,
-    chunk_rounds,
-    median_gbps,
-    print_ratio_table,
-    pyplot,
-    ratio_bars,
-    rounds_parser,
-    run_header,
-    save_figure,
-    timed,
-    timed_in_turn,
-    write_outputs,
-)
+import _common as shared
 
 TARGET = 0.7
 RATIOS = (
@@ -69,7 +54,7 @@ def bench_cpu(src: list[np.ndarray], slot: int, reps: int) -> dict[str, float]:
     dst[:, ::4096] = 1  # prefault
     out = np.empty(slot, dtype=np.uint8)
     out[::4096] = 1
-    keys = [chunk_key(i) for i in range(n)]
+    keys = [shared.chunk_key(i) for i in range(n)]
     samples: dict[str, list[float]] = {k: [] for k in ("memcpy_put", "put", "memcpy_get", "get")}
     samples["get_alloc"] = []
 
@@ -99,15 +84,15 @@ def bench_cpu(src: list[np.ndarray], slot: int, reps: int) -> dict[str, float]:
 
     for rep in range(reps + 1):  # round 0 warms up
         store.clear()
-        row = timed_in_turn([("memcpy_put", memcpy_put), ("put", put)], rep)
-        row |= timed_in_turn([("memcpy_get", memcpy_get), ("get", get)], rep)
-        row["get_alloc"] = timed(get_alloc)
+        row = shared.timed_in_turn([("memcpy_put", memcpy_put), ("put", put)], rep)
+        row |= shared.timed_in_turn([("memcpy_get", memcpy_get), ("get", get)], rep)
+        row["get_alloc"] = shared.timed(get_alloc)
         if rep:
             for k, v in row.items():
                 samples[k].append(v)
     for i in range(n):
         assert store.get(keys[i]) == src[i].tobytes(), "CPU tier returned wrong bytes"
-    gbps = median_gbps(samples, total)
+    gbps = shared.median_gbps(samples, total)
     return {
         "memcpy_put_gbps": gbps["memcpy_put"],
         "put_gbps": gbps["put"],
@@ -154,7 +139,7 @@ def bench_disk(src: list[np.ndarray], slot: int, reps: int, root: Path) -> dict[
 
     try:
         for rep in range(reps + 1):
-            keys[:] = [chunk_key(i, rep) for i in range(n)]
+            keys[:] = [shared.chunk_key(i, rep) for i in range(n)]
             plain.unlink(missing_ok=True)
             # alternate which side goes first, and start each write with no dirty pages
             # pending, so neither side inherits the other's writeback throttling
@@ -162,9 +147,9 @@ def bench_disk(src: list[np.ndarray], slot: int, reps: int, root: Path) -> dict[
             t: dict[str, float] = {}
             for side in order:
                 os.sync()
-                t[f"{side}_write"] = timed(file_write if side == "file" else write)
+                t[f"{side}_write"] = shared.timed(file_write if side == "file" else write)
             for side in order:
-                t[f"{side}_read"] = timed(file_read if side == "file" else read)
+                t[f"{side}_read"] = shared.timed(file_read if side == "file" else read)
             t_file_write, t_write = t["file_write"], t["tier_write"]
             t_file_read, t_read = t["file_read"], t["tier_read"]
             if rep:
@@ -179,7 +164,7 @@ def bench_disk(src: list[np.ndarray], slot: int, reps: int, root: Path) -> dict[
     finally:
         store.close()
         plain.unlink(missing_ok=True)
-    gbps = median_gbps(samples, total)
+    gbps = shared.median_gbps(samples, total)
     return {
         "file_write_gbps": gbps["file_write"],
         "write_gbps": gbps["write"],
@@ -201,13 +186,13 @@ def bench_lookup(held: int, prompt_chunks: int, rounds: int, root: Path) -> dict
     cpu = CPUStore(held * 64, 64, backend="numpy")
     t0 = time.perf_counter()
     for i in range(held - len(half)):
-        cpu.put(chunk_key(i, 7), tiny)
+        cpu.put(shared.chunk_key(i, 7), tiny)
     for key in half:
         cpu.put(key, tiny)
     fill_s = time.perf_counter() - t0
     disk = DiskStore(root / "lookup", 1 << 60, layout.fingerprint())
     for i in range(held - prompt_chunks):  # index-only entries: no files written
-        disk._index[chunk_key(i, 9)] = 64
+        disk._index[shared.chunk_key(i, 9)] = 64
     for key in keys:
         disk._index[key] = 64
     both = TieredStore(cpu, disk)
@@ -252,7 +237,7 @@ def _table(result: dict[str, Any]) -> None:
         f"{lk['hash_and_lookup_us_per_chunk']:.3f} µs/chunk; CPU get with allocation "
         f"{c['get_alloc_gbps']:.2f} GB/s"
     )
-    print_ratio_table(
+    shared.print_ratio_table(
         f"tiers: {result['chunks']} x {result['chunk_bytes'] >> 20} MiB llama-8b chunks",
         "baseline GB/s",
         rows,
@@ -263,10 +248,10 @@ def _table(result: dict[str, Any]) -> None:
 
 def _plot(result: dict[str, Any], path: Path) -> None:
     c, d, r, lk = result["cpu"], result["disk"], result["ratios"], result["lookup"]
-    fig, (ax, ax2) = pyplot().subplots(
+    fig, (ax, ax2) = shared.pyplot().subplots(
         1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1.4]}
     )
-    ratio_bars(
+    shared.ratio_bars(
         ax,
         ["CPU put", "CPU get", "disk write", "disk read"],
         [c["put_gbps"], c["get_into_gbps"], d["write_gbps"], d["read_gbps"]],
@@ -287,11 +272,11 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("µs per chunk")
     ax2.set_title(f"hit-path lookup, {int(lk['held_chunks']) // 1000}k chunks held")
     ax2.tick_params(axis="x", labelsize=8)
-    save_figure(fig, path)
+    shared.save_figure(fig, path)
 
 
 def run(quick: bool, chunks: int | None, reps: int | None, workdir: Path | None) -> dict[str, Any]:
-    src, reps = chunk_rounds(quick, chunks, reps)
+    src, reps = shared.chunk_rounds(quick, chunks, reps)
     n, slot = len(src), src[0].nbytes
     root = Path(tempfile.mkdtemp(prefix="lmcache-pd-bench-tiers-", dir=workdir))
     t0 = time.perf_counter()
@@ -308,9 +293,9 @@ def run(quick: bool, chunks: int | None, reps: int | None, workdir: Path | None)
         "disk_read_over_file": disk["read_gbps"] / disk["file_read_gbps"],
     }
     return {
-        **run_header("tiers", quick),
+        **shared.run_header("tiers", quick),
         "layout": "llama-8b",
-        "chunk_size_tokens": CHUNK_TOKENS,
+        "chunk_size_tokens": shared.CHUNK_TOKENS,
         "chunk_bytes": slot,
         "chunks": n,
         "reps": reps,
@@ -328,13 +313,13 @@ def run(quick: bool, chunks: int | None, reps: int | None, workdir: Path | None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = rounds_parser(__doc__)
+    parser = shared.rounds_parser(__doc__)
     parser.add_argument("--dir", type=Path, help="directory for the disk tier (default tmp)")
-    add_output_args(parser)
+    shared.add_output_args(parser)
     args = parser.parse_args(argv)
     result = run(args.quick, args.chunks, args.reps, args.dir)
     _table(result)
-    write_outputs(result, args.json, args.png, lambda path: _plot(result, path))
+    shared.write_outputs(result, args.json, args.png, lambda path: _plot(result, path))
     return 0
 
 
