@@ -5,8 +5,9 @@ Owns:
 * every benchmark's output: ``--json`` / ``--png`` (:func:`add_output_args`) and the tail
   that writes them (:func:`write_outputs`), matplotlib without a display
   (:func:`pyplot`, :func:`save_figure`);
-* the tier benchmarks' rounds (``tiers``, ``remote``): the result header
-  (:func:`run_header`), ``--quick/--chunks/--reps`` (:func:`rounds_parser`), the random
+* the tier benchmarks' rounds (``tiers``, ``remote``): the result's first and last keys
+  (:func:`run_header`, :func:`rounds_header`, :func:`ratio_summary`), ``--quick/--chunks/--reps``
+  (:func:`rounds_parser`), the run's tail (:func:`report`), the random
   llama-8b chunks (:func:`chunk_rounds`), timed calls in alternating order, GB/s from
   median times, the "tier vs baseline" ratio table and bar chart;
 * the vLLM-engine benchmarks' set-up (``e2e``, ``kv_share``, ``soak``): their common
@@ -104,6 +105,29 @@ def run_header(name: str, quick: bool) -> dict[str, Any]:
     }
 
 
+def ratio_summary(ratios: Mapping[str, float], target: float, t0: float) -> dict[str, Any]:
+    """The closing keys of a result: its ratios, the target each must reach, whether it
+    does, and the seconds since ``t0`` (``time.perf_counter``)."""
+    return {
+        "ratios": dict(ratios),
+        "target": target,
+        "meets_target": {k: v >= target for k, v in ratios.items()},
+        "elapsed_s": time.perf_counter() - t0,
+    }
+
+
+def report(
+    result: dict[str, Any],
+    args: argparse.Namespace,
+    table: Callable[[dict[str, Any]], object],
+    plot: Callable[[dict[str, Any], Path], object],
+) -> int:
+    """A run's tail: print ``table(result)``, write ``--json`` and ``--png``; exit status 0."""
+    table(result)
+    write_outputs(result, args.json, args.png, lambda path: plot(result, path))
+    return 0
+
+
 def rounds_parser(doc: str | None) -> argparse.ArgumentParser:
     """A parser described by ``doc``'s first line, with ``--quick``, ``--chunks``, ``--reps``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
@@ -124,6 +148,17 @@ def chunk_rounds(quick: bool, chunks: int | None, reps: int | None) -> tuple[lis
     rng = np.random.default_rng(1)
     src = [rng.integers(0, 256, slot, dtype=np.uint8) for _ in range(chunks or (4 if quick else 8))]
     return src, reps or (5 if quick else 7)
+
+
+def rounds_header(src: Sequence[np.ndarray], reps: int) -> dict[str, Any]:
+    """The keys of a result that say what each round moved: layout, chunk size, chunks."""
+    return {
+        "layout": "llama-8b",
+        "chunk_size_tokens": CHUNK_TOKENS,
+        "chunk_bytes": src[0].nbytes,
+        "chunks": len(src),
+        "reps": reps,
+    }
 
 
 def chunk_key(i: int, salt: int = 0) -> bytes:

@@ -462,6 +462,17 @@ def print_table(summary: dict[str, dict[str, float]]) -> None:
     Console(width=120).print(t)  # one line per row in logs too
 
 
+def _p50_p99_bars(
+    ax: Any, summary: dict[str, dict[str, float]], modes: list[str], metric: str
+) -> None:
+    """``metric``'s (``ttft``/``tpot``) p50 and p99 in ms side by side per mode."""
+    xs = range(len(modes))
+    for shift, q in ((-0.2, "p50"), (0.2, "p99")):
+        ms = [summary[m][f"{metric}_{q}_s"] * 1e3 for m in modes]
+        ax.bar([x + shift for x in xs], ms, 0.4, label=f"{metric.upper()} {q}")
+    ax.set_xticks(list(xs), [MODE_LABELS.get(m, m) for m in modes], fontsize=8)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     reuse = result.get("reuse", [])
     modes = [m for m in MODES if m in result["summary"]]
@@ -470,23 +481,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = shared.pyplot().subplots(1, panels, figsize=(5.5 * panels + 1, 4))
     axes = list(axes) if panels > 1 else [axes]
     ax1 = axes[0]
-    xs = range(len(modes))
-    p50 = [result["summary"][m]["ttft_p50_s"] * 1e3 for m in modes]
-    p99 = [result["summary"][m]["ttft_p99_s"] * 1e3 for m in modes]
-    ax1.bar([x - 0.2 for x in xs], p50, 0.4, label="TTFT p50")
-    ax1.bar([x + 0.2 for x in xs], p99, 0.4, label="TTFT p99")
-    ax1.set_xticks(list(xs), [MODE_LABELS.get(m, m) for m in modes], fontsize=8)
+    _p50_p99_bars(ax1, result["summary"], modes, "ttft")
     ax1.set_yscale("log")
     ax1.set_ylabel("ms (log)")
     ax1.set_title(f"TTFT, {result['config']['prompt_tokens']}-token prompts")
     ax1.legend()
     if shapes:
         ax3 = axes[-1]
-        t50 = [result["summary"][m]["tpot_p50_s"] * 1e3 for m in modes]
-        t99 = [result["summary"][m]["tpot_p99_s"] * 1e3 for m in modes]
-        ax3.bar([x - 0.2 for x in xs], t50, 0.4, label="TPOT p50")
-        ax3.bar([x + 0.2 for x in xs], t99, 0.4, label="TPOT p99")
-        ax3.set_xticks(list(xs), [MODE_LABELS.get(m, m) for m in modes], fontsize=8)
+        _p50_p99_bars(ax3, result["summary"], modes, "tpot")
         ax3.set_ylabel("ms")
         ax3.set_title(f"TPOT, {result['config']['output_tokens']} output tokens")
         ax3.legend()

@@ -278,7 +278,6 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 def run(quick: bool, chunks: int | None, reps: int | None, url: str | None) -> dict[str, Any]:
     src, reps = shared.chunk_rounds(quick, chunks, reps)
-    n, slot = len(src), src[0].nbytes
     server = None if url else RedisServer()
     url = url or server.url  # type: ignore[union-attr]
     t0 = time.perf_counter()
@@ -298,17 +297,10 @@ def run(quick: bool, chunks: int | None, reps: int | None, url: str | None) -> d
         "redis_py": redis.__version__,
         "hiredis": importlib.util.find_spec("hiredis") is not None,
         "server_version": version.get("redis_version", "?"),
-        "layout": "llama-8b",
-        "chunk_size_tokens": shared.CHUNK_TOKENS,
-        "chunk_bytes": slot,
-        "chunks": n,
-        "reps": reps,
+        **shared.rounds_header(src, reps),
         "bandwidth": bandwidth,
         "lookup": lookup,
-        "ratios": ratios,
-        "target": TARGET,
-        "meets_target": {k: v >= TARGET for k, v in ratios.items()},
-        "elapsed_s": time.perf_counter() - t0,
+        **shared.ratio_summary(ratios, TARGET, t0),
         "notes": "medians of interleaved rounds on one loopback redis-server; put is timed "
         "until the write-behind queue is flushed; get verifies header and checksum",
     }
@@ -319,10 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="use this server (redis://...) instead of starting one")
     shared.add_output_args(parser)
     args = parser.parse_args(argv)
-    result = run(args.quick, args.chunks, args.reps, args.url)
-    _table(result)
-    shared.write_outputs(result, args.json, args.png, lambda path: _plot(result, path))
-    return 0
+    return shared.report(run(args.quick, args.chunks, args.reps, args.url), args, _table, _plot)
 
 
 if __name__ == "__main__":

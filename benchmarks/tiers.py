@@ -277,7 +277,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 def run(quick: bool, chunks: int | None, reps: int | None, workdir: Path | None) -> dict[str, Any]:
     src, reps = shared.chunk_rounds(quick, chunks, reps)
-    n, slot = len(src), src[0].nbytes
+    slot = src[0].nbytes
     root = Path(tempfile.mkdtemp(prefix="lmcache-pd-bench-tiers-", dir=workdir))
     t0 = time.perf_counter()
     try:
@@ -294,19 +294,12 @@ def run(quick: bool, chunks: int | None, reps: int | None, workdir: Path | None)
     }
     return {
         **shared.run_header("tiers", quick),
-        "layout": "llama-8b",
-        "chunk_size_tokens": shared.CHUNK_TOKENS,
-        "chunk_bytes": slot,
-        "chunks": n,
-        "reps": reps,
+        **shared.rounds_header(src, reps),
         "workdir": str(workdir or tempfile.gettempdir()),
         "cpu": cpu,
         "disk": disk,
         "lookup": lookup,
-        "ratios": ratios,
-        "target": TARGET,
-        "meets_target": {k: v >= TARGET for k, v in ratios.items()},
-        "elapsed_s": time.perf_counter() - t0,
+        **shared.ratio_summary(ratios, TARGET, t0),
         "notes": "medians of interleaved rounds; disk figures are page-cache figures "
         "(no fsync on either side); CPU get = get_into a preallocated buffer",
     }
@@ -317,10 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="directory for the disk tier (default tmp)")
     shared.add_output_args(parser)
     args = parser.parse_args(argv)
-    result = run(args.quick, args.chunks, args.reps, args.dir)
-    _table(result)
-    shared.write_outputs(result, args.json, args.png, lambda path: _plot(result, path))
-    return 0
+    return shared.report(run(args.quick, args.chunks, args.reps, args.dir), args, _table, _plot)
 
 
 if __name__ == "__main__":
