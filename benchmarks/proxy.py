@@ -37,8 +37,12 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from lmcache_pd.router.proxy import free_port, spawn
+
+sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+import _common as shared
 
 CONCURRENCY = (1, 16, 64)
 TARGETS = ("direct", "proxy", "proxy_2step")
@@ -300,14 +304,9 @@ def _table(result: dict[str, object]) -> str:
     return "\n".join(rows)
 
 
-def _plot(result: dict[str, object], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(result: dict[str, object], path: Path) -> None:
     cells = result["cells"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig, axes = shared.pyplot().subplots(2, 2, figsize=(11, 7))
     for col, stream in enumerate((False, True)):
         for row, (field, label) in enumerate((("rps", "requests/s"), ("p50_ms", "p50 ms"))):
             ax = axes[row][col]
@@ -334,26 +333,19 @@ def _plot(result: dict[str, object], path: str) -> None:
         f"lmcache-pd proxy vs direct stub (added p50 {result['added_p50_ms']} ms, "
         f"throughput ratio {result['throughput_ratio']} at c=16, json)"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    shared.save_figure(fig, path, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short cells (< 1 minute in all)")
-    ap.add_argument("--json", dest="json_path", default=None)
-    ap.add_argument("--png", dest="png_path", default=None)
+    shared.add_output_args(ap)
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     result = run(args.quick)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     print(_table(result))
-    if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump(result, fh, indent=1)
-    if args.png_path:
-        _plot(result, args.png_path)
+    shared.write_outputs(result, args.json, args.png, lambda path: _plot(result, path), indent=1)
     return 0
 
 
