@@ -123,8 +123,10 @@ class Producer:
         req_id = target.req_id or ""
         try:
             endpoints = self._decoder_endpoints(target)
-        except (HandoffError, ValueError) as exc:
-            log.error("request %s: cannot reach the decoder: %s", req_id, exc)
+        except (HandoffError, ValueError) as exc:  # its Hello failed: refused, unreachable
+            self.failed_requests += 1
+            where = f"{target.decoder_host}:{target.decoder_init_port}"
+            log.error("request %s: push to %s failed: %s", req_id, where, exc)
             endpoints, done = [], HandoffDone(req_id, ok=False, error=str(exc))
         for endpoint in endpoints:
             done = self._push(endpoint, req_id, chunks, total)
