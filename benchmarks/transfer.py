@@ -4,7 +4,9 @@ For llama-8b chunks (256 tokens = 32 MiB each) from one chunk up to 8k tokens:
 
 - ``raw_nixl_gbps``: one prepped NIXL WRITE of the chunks into a bare agent in another
   process (target progressed by polling, as our receiver does), timed until the target
-  saw the notification: the floor of what any handoff can do;
+  saw the notification: the floor of what any handoff can do. Like the receiver's slots,
+  its destinations rotate over >= 1 GiB (``ROTATE_BYTES``), so neither side's writes
+  are served from the L3 cache while the other's go to DRAM;
 - ``handoff_gbps``: the whole handoff from this process to a real receiver process, with
   checksums on: each chunk carries its ``kvsum64`` digest (taken at gather time, outside
   the timed region, as the engine does) and the receiver keeps it with the chunk; it is
@@ -21,7 +23,9 @@ For llama-8b chunks (256 tokens = 32 MiB each) from one chunk up to 8k tokens:
 
 Latency view: ``--latency-reps`` requests of one chunk (default 100, quick 30, bounded
 by ``--latency-budget-s`` too), interleaved with raw NIXL WRITEs of one chunk: p50/p99
-microseconds from the Offer (``Sender.send``) to Committed, beside the raw WRITE's.
+microseconds of ``Sender.send`` (credit path: Push -> Committed), beside the raw WRITE's,
+for a llama-8b chunk (32 MiB) and a ``tiny`` one (256 KiB, where moving the bytes costs
+little and ``overhead_p50_us`` is what the handoff's messages, polling and commit add).
 
 Prints a table, writes ``--json`` and a ``--png`` plot (bandwidth and latency panels).
 ``--quick`` stops at 2k tokens. Run: ``lmcache-pd bench transfer [--quick] --json F
@@ -49,8 +53,10 @@ import secrets
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,8 +74,16 @@ from lmcache_pd.transports.nixl import NixlTransport
 
 console = Console()
 CHUNK = 256
-LAYOUT = preset("llama-8b")
+LAYOUT_NAME = "llama-8b"
+LAYOUT = preset(LAYOUT_NAME)
 SLOT = LAYOUT.bytes_per_chunk(CHUNK)
+# the latency view's second size: a chunk small enough that moving its bytes costs
+# little, so what a request adds to a raw WRITE (messages, polling, commit) shows
+SMALL_LAYOUT_NAME = "tiny"
+
+
+def slot_bytes(layout: str) -> int:
+    return preset(layout).bytes_per_chunk(CHUNK)
 
 
 @dataclass(frozen=True)
@@ -84,15 +98,32 @@ PEERS = Placement()  # replaced by main() under --netns
 DEVICE = "cpu"  # replaced by main() under --device cuda
 
 
+# Destinations a benchmark rotates over, at least: a receiver writes each request into
+# slots it has not just written (its grants take free slots first), so its writes go to
+# DRAM; a raw WRITE into the same bytes every time would be served by the L3 cache (up to
+# hundreds of MiB) and measure a cache, not the transport. Both sides rotate over >= 1 GiB.
+ROTATE_BYTES = 1 << 30
+
+
+def windows(n: int, reps: int, slot: int = SLOT) -> int:
+    """How many request-sized destination windows a run of ``reps`` (+ warm-up) requests
+    of ``n`` chunks rotates over: enough for ``ROTATE_BYTES``, at most one per request."""
+    return max(1, min(reps + 1, -(-ROTATE_BYTES // (n * slot))))
+
+
 class RawNixl:
     """One prepped WRITE of ``n`` slots into a bare agent in another process, timed until
-    the target reports the notification."""
+    the target reports the notification; each request writes the next of ``windows(n,
+    reps)`` destination windows, as the receiver's slots rotate."""
 
-    def __init__(self, n: int) -> None:
-        nbytes = n * SLOT
+    def __init__(self, n: int, reps: int = 8, layout: str = LAYOUT_NAME) -> None:
+        slot = slot_bytes(layout)
+        self.windows = windows(n, reps, slot)
+        nbytes = n * slot
         self.target = PeerProcess(
-            "raw-target", "--buffer-bytes", str(nbytes), env=PEERS.env, prefix=PEERS.prefix
-        )
+            "raw-target", "--buffer-bytes", str(nbytes * self.windows),
+            env=PEERS.env, prefix=PEERS.prefix,
+        )  # fmt: skip
         self.agent = NixlTransport("raw-initiator")
         meta_hex, addr = self.target.read_tagged("READY").split()
         kind, dev = MemKind.DRAM, 0
@@ -107,17 +138,20 @@ class RawNixl:
         peer = self.agent.add_peer(bytes.fromhex(meta_hex))
         self.agent.connect(peer)
         base = int(addr)
-        self.local = self.agent.prep_local([(src + i * SLOT, SLOT, dev) for i in range(n)], kind)
-        self.remote = self.agent.prep_remote(peer, [(base + i * SLOT, SLOT, 0) for i in range(n)])
+        self.local = self.agent.prep_local([(src + i * slot, slot, dev) for i in range(n)], kind)
+        self.remote = self.agent.prep_remote(
+            peer, [(base + i * slot, slot, 0) for i in range(n * self.windows)]
+        )
         self.idx = list(range(n))
+        self.n = n
         self.count = 0
 
     def once(self) -> float:
         self.count += 1
+        first = (self.count % self.windows) * self.n
+        dst = list(range(first, first + self.n))
         t0 = time.perf_counter()
-        handle = self.agent.write(
-            self.local, self.idx, self.remote, self.idx, b"raw%d" % self.count
-        )
+        handle = self.agent.write(self.local, self.idx, self.remote, dst, b"raw%d" % self.count)
         self.agent.wait(handle, 60.0)
         self.target.read_tagged("NOTIF")
         dt = time.perf_counter() - t0
@@ -138,14 +172,15 @@ RX_BUFFER_MAX = 4 << 30
 class Handoff:
     """A full handoff of ``n`` fresh chunks (no dedupe) to a receiver process."""
 
-    def __init__(self, n: int, verify: bool, reps: int = 8) -> None:
+    def __init__(self, n: int, verify: bool, reps: int = 8, layout: str = LAYOUT_NAME) -> None:
+        slot = self.slot = slot_bytes(layout)
         env = {**PEERS.env, "LMCACHE_PD_VERIFY_CHECKSUMS": "true" if verify else "false"}
         if DEVICE == "cuda":
             env["LMCACHE_PD_BUFFER_DEVICE"] = "cuda"
-        rx_bytes = min((reps + 3) * n * SLOT, max(RX_BUFFER_MAX, 2 * n * SLOT))
+        rx_bytes = min((reps + 3) * n * slot, max(RX_BUFFER_MAX, 2 * n * slot))
         check = ["--check-digests"] if verify else []
         self.rx = PeerProcess(
-            "receiver", "--layout", "llama-8b", "--chunk-size", str(CHUNK),
+            "receiver", "--layout", layout, "--chunk-size", str(CHUNK),
             "--buffer-bytes", str(rx_bytes), "--timeout", "60", *check, env=env,
             prefix=PEERS.prefix,
         )  # fmt: skip
@@ -153,26 +188,27 @@ class Handoff:
         cfg = load_config(
             overrides={
                 "chunk_size": CHUNK,
-                "pd_buffer_size": n * SLOT,
+                "pd_buffer_size": n * slot,
                 "pd_transfer_timeout_s": 60.0,
                 **({"pd_buffer_device": "cuda"} if DEVICE == "cuda" else {}),
             }
         )
-        self.tx = Sender(cfg, LAYOUT, NixlTransport("bench-tx"))
-        self.hasher = ChunkHasher(LAYOUT.fingerprint(), CHUNK)
+        self.tx = Sender(cfg, preset(layout), NixlTransport("bench-tx"))
+        self.hasher = ChunkHasher(preset(layout).fingerprint(), CHUNK)
         self.rng = np.random.default_rng(0)
         self.n = n
         self.slots = self.tx.alloc(n)
         for s in self.slots:
             self.tx.buffer.slot_tensor(s)[::4096] = 7
         # checksums are taken at gather time in the engine, outside the handoff
-        self.sums = [self.tx.checksum(s, SLOT) for s in self.slots]
+        self.sums = [self.tx.checksum(s, slot) for s in self.slots]
         self.endpoint = self.rx.read_tagged("READY")
 
     def once(self) -> float:
         keys = self.hasher.keys(self.rng.integers(0, 32000, self.n * CHUNK).tolist())
         chunks = [
-            OutChunk(k, s, SLOT, c) for k, s, c in zip(keys, self.slots, self.sums, strict=True)
+            OutChunk(k, s, self.slot, c)
+            for k, s, c in zip(keys, self.slots, self.sums, strict=True)
         ]
         t0 = time.perf_counter()
         res = self.tx.send(self.endpoint, "bench", chunks)
@@ -219,7 +255,7 @@ def measure(n: int, reps: int) -> dict[str, float]:
     none always runs right after another (e.g. the raw WRITE's 256 MiB); the first rep
     of each is a warm-up."""
     benches = {
-        "raw_nixl_gbps": RawNixl(n),
+        "raw_nixl_gbps": RawNixl(n, reps),
         "handoff_gbps": Handoff(n, verify=True, reps=reps),
         "handoff_noverify_gbps": Handoff(n, verify=False, reps=reps),
         "memcpy_gbps": Memcpy(n),
@@ -248,11 +284,12 @@ def measure(n: int, reps: int) -> dict[str, float]:
     return out
 
 
-def measure_latency(reps: int, budget_s: float) -> dict[str, float]:
-    """Per-request latency at 1 chunk: Offer -> Committed of a verified handoff (the
-    whole ``Sender.send``) and the raw NIXL WRITE -> notification, interleaved; at most
-    ``reps`` of each and ``budget_s`` seconds (after one warm-up each)."""
-    raw, hand = RawNixl(1), Handoff(1, verify=True, reps=reps)
+def measure_latency(reps: int, budget_s: float, layout: str = LAYOUT_NAME) -> dict[str, float]:
+    """Per-request latency at 1 chunk of ``layout``: Offer -> Committed of a verified
+    handoff (the whole ``Sender.send``) and the raw NIXL WRITE -> notification,
+    interleaved; at most ``reps`` of each and ``budget_s`` seconds (after one warm-up
+    each)."""
+    raw, hand = RawNixl(1, reps, layout), Handoff(1, verify=True, reps=reps, layout=layout)
     t_raw: list[float] = []
     t_hand: list[float] = []
     try:
@@ -273,7 +310,8 @@ def measure_latency(reps: int, budget_s: float) -> dict[str, float]:
 
     return {
         "chunks": 1,
-        "bytes": SLOT,
+        "layout": layout,
+        "bytes": slot_bytes(layout),
         "reps": len(t_hand),
         "handoff_p50_us": pct(t_hand, 50),
         "handoff_p99_us": pct(t_hand, 99),
@@ -289,7 +327,7 @@ def plot(
     rows: list[dict[str, float]],
     path: str,
     where: str = "",
-    latency: dict[str, float] | None = None,
+    latencies: Sequence[dict[str, Any]] = (),
 ) -> None:
     import matplotlib
 
@@ -311,16 +349,23 @@ def plot(
     ax.set_title(f"KV handoff throughput vs raw NIXL and memcpy (same run{where})")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    if latency:
-        names = ["raw NIXL WRITE", "handoff (verified)"]
-        p50 = [latency["raw_nixl_p50_us"], latency["handoff_p50_us"]]
-        p99 = [latency["raw_nixl_p99_us"], latency["handoff_p99_us"]]
-        pos = np.arange(2)
+    if latencies:
+        names, p50, p99 = [], [], []
+        for lat in latencies:
+            size = f"{lat['bytes'] / 2**20:g} MiB"
+            for who, key in (("raw", "raw_nixl"), ("handoff", "handoff")):
+                names.append(f"{who}\n{size}")
+                p50.append(lat[f"{key}_p50_us"])
+                p99.append(lat[f"{key}_p99_us"])
+        pos = np.arange(len(names))
         lax.bar(pos - 0.2, p50, 0.4, label="p50")
         lax.bar(pos + 0.2, p99, 0.4, label="p99")
         lax.set_xticks(pos, names)
-        lax.set_ylabel("µs per request")
-        lax.set_title(f"latency at 1 chunk ({latency['reps']:.0f} requests)")
+        lax.set_yscale("log")
+        lax.set_ylabel("µs per request (log)")
+        lax.set_title(
+            f"latency of 1 chunk, Push -> Committed ({latencies[0]['reps']:.0f} requests)"
+        )
         lax.grid(True, axis="y", alpha=0.3)
         lax.legend()
     else:
@@ -388,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     lat_reps = args.latency_reps or (30 if args.quick else 100)
     latency = measure_latency(lat_reps, args.latency_budget_s)
+    latency_small = measure_latency(lat_reps, args.latency_budget_s, SMALL_LAYOUT_NAME)
     last = rows[-1]
     summary = {
         "layout": "llama-8b",
@@ -397,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
         "rows": rows,
         "latency_1_chunk": latency,
+        "latency_small_chunk": latency_small,
         "handoff_over_raw_at_max": round(last["handoff_gbps"] / last["raw_nixl_gbps"], 3),
         "handoff_noverify_over_raw_at_max": round(
             last["handoff_noverify_gbps"] / last["raw_nixl_gbps"], 3
@@ -434,21 +481,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['handoff_noverify_over_raw_at_max']:.2f} (no verify); "
         f"raw/memcpy {summary['raw_over_memcpy_at_max']:.2f}; {summary['seconds']}s"
     )
-    lt = Table(title=f"per-request latency at 1 chunk (32 MiB), µs, {latency['reps']} requests")
-    for col in ("path", "p50 µs", "p99 µs"):
+    lt = Table(title=f"per-request latency of 1 chunk, µs, {latency['reps']} requests")
+    for col in ("chunk", "path", "p50 µs", "p99 µs", "added p50 µs"):
         lt.add_column(col, justify="right")
-    lt.add_row("raw NIXL WRITE", f"{latency['raw_nixl_p50_us']:.0f}",
-               f"{latency['raw_nixl_p99_us']:.0f}")  # fmt: skip
-    lt.add_row("handoff Offer -> Committed", f"{latency['handoff_p50_us']:.0f}",
-               f"{latency['handoff_p99_us']:.0f}")  # fmt: skip
+    for lat in (latency, latency_small):
+        size = f"{lat['bytes'] / 2**20:g} MiB"
+        lt.add_row(size, "raw NIXL WRITE", f"{lat['raw_nixl_p50_us']:.0f}",
+                   f"{lat['raw_nixl_p99_us']:.0f}", "")  # fmt: skip
+        lt.add_row(size, "handoff Push -> Committed", f"{lat['handoff_p50_us']:.0f}",
+                   f"{lat['handoff_p99_us']:.0f}", f"{lat['overhead_p50_us']:.0f}")  # fmt: skip
     console.print(lt)
-    console.print(
-        f"handoff adds {latency['overhead_p50_us']:.0f} µs (p50) to a raw WRITE of one chunk"
-    )
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(summary, indent=2))
     if args.png:
-        plot(rows, args.png, where, latency)
+        plot(rows, args.png, where, (latency, latency_small))
     return 0
 
 

@@ -187,7 +187,8 @@ def run_raw_target(args: argparse.Namespace) -> int:
         notifs = transport.notifications()
         for _peer, text in notifs:
             print(f"NOTIF {text.decode(errors='replace')}", flush=True)
-        delay = 50e-6 if notifs else min(delay * 1.5, 1e-3)
+        # the receiver's own backoff while a transfer is due (50 us -> 250 us)
+        delay = 50e-6 if notifs else min(delay * 1.5, 250e-6)
         stop.wait(delay)
     transport.close()
     return 0
