@@ -363,9 +363,7 @@ def plot(
         lax.set_xticks(pos, names)
         lax.set_yscale("log")
         lax.set_ylabel("µs per request (log)")
-        lax.set_title(
-            f"latency of 1 chunk, Push -> Committed ({latencies[0]['reps']:.0f} requests)"
-        )
+        lax.set_title(f"1-chunk latency ({latencies[0]['reps']:.0f} requests)")
         lax.grid(True, axis="y", alpha=0.3)
         lax.legend()
     else:
