@@ -8,8 +8,12 @@ and the one warning when it cannot be built. Functions:
 * ``kvsum_sum`` / ``kvsum_copy``: the chunk checksum's term sum (definition in
   :mod:`lmcache_pd.kernels.checksum`), alone or fused into a copy (one loop loads
   each word, stores it and adds its term);
-* ``kt_gather_W`` / ``kt_scatter_W``: vLLM CPU_VLLM's transposed K pages <-> chunk
-  order for whole blocks (W = element bytes), tiled so both sides stay in L1.
+* ``cpuv_gather_W`` / ``cpuv_scatter_W`` (W = element bytes): vLLM's CPU page format
+  (CPU_VLLM) <-> chunk order for whole blocks of every layer in one call: K (stored
+  transposed) by register tiles through an L1 stage that the chunk side streams in
+  and out of, V by rows; optionally the checksum's term sum of every chunk byte,
+  taken in the same loop that copies it; optionally stores that bypass the cache
+  (large chunks, see ``torch_path.STREAM_BYTES``).
 
 Callers fall back to numpy/torch (same results, slower) when :func:`library` is None;
 ``LMCACHE_PD_NATIVE=0`` forces that (tests compare both).
@@ -51,7 +55,8 @@ static inline uint64_t load64(const uint8_t* p) { uint64_t v; memcpy(&v, p, 8); 
 
 /* term sum of nbytes at p, whose first byte is word `word0` of its chunk; with `copy`
    (a constant after inlining) each word is also stored to dst in the same loop, so a
-   copy and its hash are one pass: the hash's arithmetic hides under the copy's loads */
+   copy and its hash are one pass: the hash's arithmetic hides under the copy's loads.
+   copy == 2: vector stores bypass the cache (dst 64-byte aligned, word0 % 8 == 0) */
 static inline uint64_t kvsum_impl(uint8_t* dst, const uint8_t* p, uint64_t nbytes,
                                   uint64_t word0, const uint64_t* table, const int copy) {
     uint64_t acc = 0, nw = nbytes / 8, i = 0;
@@ -68,7 +73,7 @@ static inline uint64_t kvsum_impl(uint8_t* dst, const uint8_t* p, uint64_t nbyte
         __m512i va = _mm512_setzero_si512(), vb = va;
         const __m512i vs = _mm512_set1_epi64((long long)seg);
 #define LD(p) _mm512_loadu_si512(p)
-#define ST(p, v) _mm512_storeu_si512(p, v)
+#define ST(p, v) (copy == 2 ? _mm512_stream_si512((void*)(p), v) : _mm512_storeu_si512(p, v))
 #define TERM(w, x) _mm512_add_epi64(_mm512_mul_epu32(x, _mm512_srli_epi64(x, 32)), w)
         for (; k + 16 <= run; k += 16) {
             const __m512i w0 = LD(q + 8 * k), w1 = LD(q + 8 * k + 64);
@@ -89,7 +94,8 @@ static inline uint64_t kvsum_impl(uint8_t* dst, const uint8_t* p, uint64_t nbyte
         __m256i va = _mm256_setzero_si256(), vb = va;
         const __m256i vs = _mm256_set1_epi64x((long long)seg);
 #define LD(p) _mm256_loadu_si256((const __m256i*)(p))
-#define ST(p, v) _mm256_storeu_si256((__m256i*)(p), v)
+#define ST(p, v) \
+    (copy == 2 ? _mm256_stream_si256((__m256i*)(p), v) : _mm256_storeu_si256((__m256i*)(p), v))
 #define TERM(w, x) _mm256_add_epi64(_mm256_mul_epu32(x, _mm256_srli_epi64(x, 32)), w)
         for (; k + 8 <= run; k += 8) {
             const __m256i w0 = LD(q + 8 * k), w1 = LD(q + 8 * k + 32);
@@ -138,10 +144,8 @@ uint64_t kvsum_copy(uint8_t* dst, const uint8_t* src, uint64_t nbytes, uint64_t 
     return kvsum_impl(dst, src, nbytes, word0, table, 1);
 }
 
-/* vLLM CPU_VLLM pages: per (block, head) K is stored transposed, [D][N] elements.
-   kt_gather: whole blocks blk[0..nblk) -> dst [nblk*N][H][D] (chunk order);
-   kt_scatter: the inverse. sb/sh: byte strides of block and head. Square tiles: 8x8
-   (2-byte) and 4x4 (4-byte) elements transposed in SSE registers, the rest scalar. */
+/* Transposes for CPU_VLLM's K pages: square tiles of 8x8 (2-byte) and 4x4 (4-byte)
+   elements in SSE registers, the rest scalar. */
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #include <xmmintrin.h>
@@ -191,6 +195,77 @@ static inline void tr_u32(const uint32_t* s, int64_t ss, uint32_t* o, int64_t os
 #define TS_8 0
 #define TR_8(s, ss, o, os)
 
+/* 2-byte elements with AVX2: two 8x8 tiles per 256-bit register (one per 128-bit
+   lane; the unpacks work within lanes), paired so that one side of the transpose is
+   16 contiguous elements: twice the tiles per shuffle of the SSE version.
+   kt_fast_g_2: [D][N] page columns [0, gn) at s -> [gn][D] rows os apart at o;
+   kt_fast_s_2: [gn][D] rows os apart at o -> page columns [0, gn) at s (row stride N).
+   0 (nothing done) unless D % 16 == 0 and gn % 8 == 0. */
+#if defined(__AVX2__)
+static inline void tr8_lanes(__m256i a[8]) {
+    __m256i b[8], c[8];
+    for (int i = 0; i < 4; i++) {
+        b[2 * i] = _mm256_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
+        b[2 * i + 1] = _mm256_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        c[4 * i] = _mm256_unpacklo_epi32(b[4 * i], b[4 * i + 2]);
+        c[4 * i + 1] = _mm256_unpackhi_epi32(b[4 * i], b[4 * i + 2]);
+        c[4 * i + 2] = _mm256_unpacklo_epi32(b[4 * i + 1], b[4 * i + 3]);
+        c[4 * i + 3] = _mm256_unpackhi_epi32(b[4 * i + 1], b[4 * i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        a[2 * j] = _mm256_unpacklo_epi64(c[j], c[j + 4]);
+        a[2 * j + 1] = _mm256_unpackhi_epi64(c[j], c[j + 4]);
+    }
+}
+static inline int kt_fast_g_2(const uint16_t* s, int64_t N, uint16_t* o, int64_t os,
+                              int64_t D, int64_t gn) {
+    if (D % 16 || gn % 8) return 0;
+    for (int64_t d0 = 0; d0 < D; d0 += 16)
+        for (int64_t c0 = 0; c0 < gn; c0 += 8) {
+            __m256i a[8];
+            for (int i = 0; i < 8; i++) {
+                const __m128i lo = _mm_loadu_si128((const __m128i*)(s + (d0 + i) * N + c0));
+                const __m128i hi = _mm_loadu_si128((const __m128i*)(s + (d0 + 8 + i) * N + c0));
+                a[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+            }
+            tr8_lanes(a);
+            for (int j = 0; j < 8; j++)
+                _mm256_storeu_si256((__m256i*)(o + (c0 + j) * os + d0), a[j]);
+        }
+    return 1;
+}
+static inline int kt_fast_s_2(const uint16_t* o, int64_t os, uint16_t* s, int64_t N,
+                              int64_t gn, int64_t D) {
+    if (D % 16 || gn % 8) return 0;
+    for (int64_t r0 = 0; r0 < gn; r0 += 8)
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            __m256i a[8];
+            for (int i = 0; i < 8; i++)
+                a[i] = _mm256_loadu_si256((const __m256i*)(o + (r0 + i) * os + d0));
+            tr8_lanes(a);
+            for (int j = 0; j < 8; j++) {
+                _mm_storeu_si128((__m128i*)(s + (d0 + j) * N + r0), _mm256_castsi256_si128(a[j]));
+                _mm_storeu_si128((__m128i*)(s + (d0 + 8 + j) * N + r0),
+                                 _mm256_extracti128_si256(a[j], 1));
+            }
+        }
+    return 1;
+}
+#define KT_FAST_G_2(s, N, o, os, D, gn) kt_fast_g_2(s, N, o, os, D, gn)
+#define KT_FAST_S_2(o, os, s, N, gn, D) kt_fast_s_2(o, os, s, N, gn, D)
+#else
+#define KT_FAST_G_2(s, N, o, os, D, gn) 0
+#define KT_FAST_S_2(o, os, s, N, gn, D) 0
+#endif
+#define KT_FAST_G_1(s, N, o, os, D, gn) 0
+#define KT_FAST_S_1(o, os, s, N, gn, D) 0
+#define KT_FAST_G_4(s, N, o, os, D, gn) 0
+#define KT_FAST_S_4(o, os, s, N, gn, D) 0
+#define KT_FAST_G_8(s, N, o, os, D, gn) 0
+#define KT_FAST_S_8(o, os, s, N, gn, D) 0
+
 /* one [R][C] matrix at s (row stride ss) -> [C][R] at o (row stride os), elements T */
 #define KT_TRANSPOSE(T, W, s, ss, o, os, R, C)                                            \
     for (int64_t r0 = 0; r0 < (R); r0 += 8)                                               \
@@ -207,29 +282,173 @@ static inline void tr_u32(const uint32_t* s, int64_t ss, uint32_t* o, int64_t os
                 for (int64_t c = c0; c < c1; c++) (o)[c * (os) + r] = (s)[r * (ss) + c];  \
         }
 
-#define KT_DEFINE(T, W)                                                                   \
-void kt_gather_##W(uint8_t* dst, const uint8_t* base, const int64_t* blk, int64_t nblk,   \
-                   int64_t H, int64_t D, int64_t N, int64_t sb, int64_t sh) {             \
-    for (int64_t b = 0; b < nblk; b++)                                                    \
-        for (int64_t h = 0; h < H; h++) {                                                 \
-            const T* s = (const T*)(base + blk[b] * sb + h * sh);                         \
-            T* o = (T*)dst + b * N * H * D + h * D;                                       \
-            KT_TRANSPOSE(T, W, s, N, o, H * D, D, N)                                      \
-        }                                                                                 \
-}                                                                                         \
-void kt_scatter_##W(const uint8_t* src, uint8_t* base, const int64_t* blk, int64_t nblk,  \
-                    int64_t H, int64_t D, int64_t N, int64_t sb, int64_t sh) {            \
-    for (int64_t b = 0; b < nblk; b++)                                                    \
-        for (int64_t h = 0; h < H; h++) {                                                 \
-            T* s = (T*)(base + blk[b] * sb + h * sh);                                     \
-            const T* o = (const T*)src + b * N * H * D + h * D;                           \
-            KT_TRANSPOSE(T, W, o, H * D, s, N, N, D)                                      \
-        }                                                                                 \
+/* vLLM CPU_VLLM pages, whole blocks of every layer in one call. Per (block, head) page
+   (block blk[b] of layer l at layers[l] + blk[b]*sb + h*sh): K transposed, [D][N]
+   elements; V [N][D] at +sk with rows sn bytes apart. Chunk [L][2][T][H][D]: block b's
+   K is the contiguous piece of N tokens at token b*N of chunk[l][0], its V the same
+   place in chunk[l][1]. cpuv_gather: pages -> chunk; cpuv_scatter: chunk -> pages.
+
+   K goes through an L1 stage of g whole tokens (all heads): the tiles transpose between
+   the pages and the stage, and the stage <-> chunk move is one sequential copy, so the
+   chunk side streams like memcpy (a tile's 8 rows 2 KiB apart written straight into the
+   chunk left the prefetchers behind: 5 GB/s at DRAM sizes). V moves row by row (D
+   elements, sequential on both sides). With a key table (chunk tokens a multiple of 8
+   bytes), every chunk byte is hashed in the same loop that copies it (K: stage <-> chunk;
+   V rows when D*W is a multiple of 8, else the V piece right after / before), and the
+   term sum of all of them is returned (0 without a table). */
+#define CPUV_STAGE 32768
+#define CPUV_PAGE 8192 /* scatter: one K page, transposed in L1, then streamed */
+/* tokens per stage: a multiple of 8 where possible; 0 when one token is too large */
+static inline int64_t cpuv_group(int64_t tok, int64_t N) {
+    int64_t g = CPUV_STAGE / tok;
+    if (g > N) g = N;
+    if (g > 8) g -= g % 8;
+    return g;
 }
-KT_DEFINE(uint8_t, 1)
-KT_DEFINE(uint16_t, 2)
-KT_DEFINE(uint32_t, 4)
-KT_DEFINE(uint64_t, 8)
+/* nbytes src -> dst; with a table also the term sum of the bytes (chunk word word0 on).
+   nt: stores that bypass the cache where dst is 64-byte aligned (callers fence). */
+static inline uint64_t cpuv_move(uint8_t* dst, const uint8_t* src, int64_t nbytes,
+                                 int64_t word0, const uint64_t* table, int64_t nt) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    nt = nt && ((uintptr_t)dst & 63) == 0;
+#else
+    nt = 0;
+#endif
+    if (table) {
+        if (nt && (word0 & 7) == 0)
+            return kvsum_impl(dst, src, (uint64_t)nbytes, (uint64_t)word0, table, 2);
+        return kvsum_impl(dst, src, (uint64_t)nbytes, (uint64_t)word0, table, 1);
+    }
+#if defined(__AVX512F__)
+    if (nt) {
+        int64_t i = 0;
+        for (; i + 64 <= nbytes; i += 64)
+            _mm512_stream_si512((void*)(dst + i), _mm512_loadu_si512(src + i));
+        memcpy(dst + i, src + i, (size_t)(nbytes - i));
+        return 0;
+    }
+#elif defined(__AVX2__)
+    if (nt) {
+        int64_t i = 0;
+        for (; i + 32 <= nbytes; i += 32)
+            _mm256_stream_si256((__m256i*)(dst + i), _mm256_loadu_si256((const __m256i*)(src + i)));
+        memcpy(dst + i, src + i, (size_t)(nbytes - i));
+        return 0;
+    }
+#endif
+    memcpy(dst, src, (size_t)nbytes);
+    return 0;
+}
+static inline void cpuv_fence(int64_t nt) {
+#if defined(__SSE2__)
+    if (nt) _mm_sfence();
+#endif
+}
+#define CPUV_DEFINE(T, W)                                                                 \
+uint64_t cpuv_gather_##W(uint8_t* chunk, const int64_t* layers, int64_t L,                \
+                         const int64_t* blk, int64_t nblk, int64_t tokens, int64_t H,     \
+                         int64_t D, int64_t N, int64_t sb, int64_t sh, int64_t sk,        \
+                         int64_t sn, const uint64_t* table, int64_t nt) {                 \
+    const int64_t tok = H * D * W, piece = N * tok, row = D * W, g = cpuv_group(tok, N);  \
+    const uint64_t* vtab = row % 8 == 0 ? table : 0; /* V rows hashed as copied */        \
+    uint8_t stage[CPUV_STAGE] __attribute__((aligned(64)));                              \
+    uint64_t acc = 0;                                                                     \
+    for (int64_t l = 0; l < L; l++) {                                                     \
+        const uint8_t* base = (const uint8_t*)layers[l];                                  \
+        uint8_t* ck = chunk + 2 * l * tokens * tok;                                       \
+        for (int64_t b = 0; b < nblk; b++) {                                              \
+            const uint8_t* page = base + blk[b] * sb;                                     \
+            uint8_t* ok = ck + b * piece;                                                 \
+            uint8_t* ov = ok + tokens * tok;                                              \
+            for (int64_t n0 = 0; g && n0 < N; n0 += g) {                                  \
+                const int64_t gn = N - n0 < g ? N - n0 : g;                               \
+                for (int64_t h = 0; h < H; h++) {                                         \
+                    const T* s = (const T*)(page + h * sh) + n0;                          \
+                    T* o = (T*)stage + h * D;                                             \
+                    if (!KT_FAST_G_##W(s, N, o, H * D, D, gn)) {                          \
+                        KT_TRANSPOSE(T, W, s, N, o, H * D, D, gn)                         \
+                    }                                                                     \
+                }                                                                         \
+                uint8_t* dst = ok + n0 * tok;                                             \
+                acc += cpuv_move(dst, stage, gn * tok, (dst - chunk) / 8, table, nt);         \
+            }                                                                             \
+            if (!g) {                                                                     \
+                for (int64_t h = 0; h < H; h++) {                                         \
+                    const T* s = (const T*)(page + h * sh);                               \
+                    T* o = (T*)ok + h * D;                                                \
+                    KT_TRANSPOSE(T, W, s, N, o, H * D, D, N)                              \
+                }                                                                         \
+                if (table) acc += kvsum_impl(0, ok, piece, (ok - chunk) / 8, table, 0);   \
+            }                                                                             \
+            for (int64_t n = 0; n < N; n++)                                               \
+                for (int64_t h = 0; h < H; h++) {                                         \
+                    uint8_t* dst = ov + n * tok + h * row;                                \
+                    acc += cpuv_move(dst, page + sk + h * sh + n * sn, row,               \
+                                     (dst - chunk) / 8, vtab, nt);                        \
+                }                                                                         \
+            if (table && !vtab) acc += kvsum_impl(0, ov, piece, (ov - chunk) / 8, table, 0); \
+        }                                                                                 \
+    }                                                                                     \
+    cpuv_fence(nt);                                                                       \
+    return acc;                                                                           \
+}                                                                                         \
+uint64_t cpuv_scatter_##W(const uint8_t* chunk, const int64_t* layers, int64_t L,         \
+                          const int64_t* blk, int64_t nblk, int64_t tokens, int64_t H,    \
+                          int64_t D, int64_t N, int64_t sb, int64_t sh, int64_t sk,       \
+                          int64_t sn, const uint64_t* table, int64_t nt) {                \
+    const int64_t tok = H * D * W, piece = N * tok, row = D * W, g = cpuv_group(tok, N);  \
+    const uint64_t* vtab = row % 8 == 0 ? table : 0;                                      \
+    uint8_t stage[CPUV_STAGE] __attribute__((aligned(64)));                              \
+    uint8_t kpage[CPUV_PAGE] __attribute__((aligned(64)));                               \
+    uint64_t acc = 0;                                                                     \
+    for (int64_t l = 0; l < L; l++) {                                                     \
+        uint8_t* base = (uint8_t*)layers[l];                                              \
+        const uint8_t* ck = chunk + 2 * l * tokens * tok;                                 \
+        for (int64_t b = 0; b < nblk; b++) {                                              \
+            uint8_t* page = base + blk[b] * sb;                                           \
+            const uint8_t* ok = ck + b * piece;                                           \
+            const uint8_t* ov = ok + tokens * tok;                                        \
+            for (int64_t n0 = 0; g && n0 < N; n0 += g) {                                  \
+                const int64_t gn = N - n0 < g ? N - n0 : g;                               \
+                const uint8_t* src = ok + n0 * tok;                                       \
+                acc += cpuv_move(stage, src, gn * tok, (src - chunk) / 8, table, 0);         \
+                for (int64_t h = 0; h < H; h++) {                                         \
+                    T* s = (T*)(page + h * sh) + n0;                                      \
+                    const T* o = (const T*)stage + h * D;                                 \
+                    if (nt && gn == N && N * D * W <= CPUV_PAGE) {                        \
+                        if (!KT_FAST_S_##W(o, H * D, (T*)kpage, N, gn, D)) {              \
+                            KT_TRANSPOSE(T, W, o, H * D, (T*)kpage, N, gn, D)             \
+                        }                                                                 \
+                        cpuv_move((uint8_t*)s, kpage, N * D * W, 0, 0, nt);               \
+                    } else if (!KT_FAST_S_##W(o, H * D, s, N, gn, D)) {                   \
+                        KT_TRANSPOSE(T, W, o, H * D, s, N, gn, D)                         \
+                    }                                                                     \
+                }                                                                         \
+            }                                                                             \
+            if (!g) {                                                                     \
+                if (table) acc += kvsum_impl(0, ok, piece, (ok - chunk) / 8, table, 0);   \
+                for (int64_t h = 0; h < H; h++) {                                         \
+                    T* s = (T*)(page + h * sh);                                           \
+                    const T* o = (const T*)ok + h * D;                                    \
+                    KT_TRANSPOSE(T, W, o, H * D, s, N, N, D)                              \
+                }                                                                         \
+            }                                                                             \
+            if (table && !vtab) acc += kvsum_impl(0, ov, piece, (ov - chunk) / 8, table, 0); \
+            for (int64_t n = 0; n < N; n++)                                               \
+                for (int64_t h = 0; h < H; h++) {                                         \
+                    const uint8_t* src = ov + n * tok + h * row;                          \
+                    acc += cpuv_move(page + sk + h * sh + n * sn, src, row,               \
+                                     (src - chunk) / 8, vtab, nt);                        \
+                }                                                                         \
+        }                                                                                 \
+    }                                                                                     \
+    cpuv_fence(nt);                                                                       \
+    return acc;                                                                           \
+}
+CPUV_DEFINE(uint8_t, 1)
+CPUV_DEFINE(uint16_t, 2)
+CPUV_DEFINE(uint32_t, 4)
+CPUV_DEFINE(uint64_t, 8)
 """
 )
 
@@ -249,16 +468,16 @@ class NativeLib:
         lib.kvsum_copy.argtypes = (ptr, ptr, u64, u64, ptr)
         self.sum = lib.kvsum_sum
         self.copy = lib.kvsum_copy
-        self.kt_gather: dict[int, Any] = {}
-        self.kt_scatter: dict[int, Any] = {}
+        self.cpuv_gather: dict[int, Any] = {}
+        self.cpuv_scatter: dict[int, Any] = {}
         for w in ELEMENT_WIDTHS:
             for table, name in (
-                (self.kt_gather, f"kt_gather_{w}"),
-                (self.kt_scatter, f"kt_scatter_{w}"),
+                (self.cpuv_gather, f"cpuv_gather_{w}"),
+                (self.cpuv_scatter, f"cpuv_scatter_{w}"),
             ):
                 fn = getattr(lib, name)
-                fn.restype = None
-                fn.argtypes = (ptr, ptr, ptr, i64, i64, i64, i64, i64, i64)
+                fn.restype = u64
+                fn.argtypes = (ptr, ptr, i64, ptr, *(i64,) * 9, ptr, i64)
                 table[w] = fn
         self.path = path
         self._lib = lib

@@ -191,6 +191,10 @@ def _fused_index(seg: _Segment, num_layers: int, layer_step: int) -> torch.Tenso
 
 
 PIECE_BYTES = 2 << 20  # chunk bytes per copy call when hashing: hashed while still cached
+# CPU_VLLM chunks at least this large are written with stores that bypass the cache
+# (gather: the chunk; scatter: the pages): they would not stay cached anyway, and the
+# destination lines need not be read first (3 memory passes -> 2).
+STREAM_BYTES = 16 << 20
 
 
 class SumAccumulator:
@@ -290,46 +294,74 @@ def _copy_k_transposed(
     op: str, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
     chunk: torch.Tensor, acc: SumAccumulator | None = None,
 ) -> None:  # fmt: skip
-    """CPU_VLLM. V: rows of ``head_size`` like any format. K (``[D, N]`` per block and
-    head): whole blocks through the native tiled transpose (one pass, L1-sized tiles;
-    without the native library, a strided torch copy), the remaining tokens by
-    (block, offset) advanced indexing. With ``acc``, each chunk piece is hashed while
-    hot (block groups of about :data:`PIECE_BYTES`)."""
+    """CPU_VLLM (K ``[D, N]`` per block and head, V ``[N, D]``). The longest prefix of
+    whole blocks: with the native library, K (tiled transpose) and V (rows) of every
+    layer in one call that hashes each piece while hot; without it, K by a strided
+    torch copy. The rest (all tokens without the library; else the partial tail): K by
+    (block, offset) advanced indexing, V as rows of ``head_size`` like any format."""
+    n = geom.block_size
+    main = _full_block_prefix(slots, n)
+    lib = native.library()
+    if lib is not None and main:
+        blocks = torch.div(slots[:main:n], n, rounding_mode="floor").contiguous()
+        _native_blocks(op, lib, layers, geom, blocks, chunk, acc)
+        if main < slots.numel():
+            _k_transposed_torch(op, layers, geom, slots, chunk, acc, main, 0)
+        return
+    page = n * geom.row
+    if not (geom.stride_b % page == 0 and geom.stride_h % page == 0):
+        main = 0
+    _k_transposed_torch(op, layers, geom, slots, chunk, acc, 0, main)
+
+
+def _native_blocks(
+    op: str, lib: native.NativeLib, layers: list[torch.Tensor], geom: Geometry,
+    blocks: torch.Tensor, chunk: torch.Tensor, acc: SumAccumulator | None,
+) -> None:  # fmt: skip
+    """Whole blocks ``blocks`` (the chunk's first tokens) of every layer, K and V, in
+    one native call; with ``acc``, the term sum of the chunk bytes it moved is added."""
+    es = layers[0].element_size()
+    ptrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64)
+    fn = lib.cpuv_gather[es] if op == "gather" else lib.cpuv_scatter[es]
+    if acc is not None and chunk.data_ptr() != acc.base:
+        raise AssertionError("the accumulator must belong to the chunk being copied")
+    table = checksum.KEY_TABLE.ctypes.data if acc is not None else None
+    total = fn(
+        chunk.data_ptr(), ptrs.data_ptr(), len(layers), blocks.data_ptr(), blocks.numel(),
+        chunk.shape[2], geom.rows, geom.row, geom.block_size, geom.stride_b * es,
+        geom.stride_h * es, geom.stride_k * es, geom.stride_n * es, table,
+        int(chunk.numel() * chunk.element_size() >= STREAM_BYTES),
+    )  # fmt: skip
+    if acc is not None:
+        acc.total = (acc.total + int(total)) & checksum.MASK
+
+
+def _k_transposed_torch(
+    op: str, layers: list[torch.Tensor], geom: Geometry, slots: torch.Tensor,
+    chunk: torch.Tensor, acc: SumAccumulator | None, t0: int, main: int,
+) -> None:  # fmt: skip
+    """Tokens ``[t0, T)`` of a CPU_VLLM copy by torch ops: the first ``main`` of them
+    whole blocks (K as one strided copy), the others one by one; V as rows."""
     n, h, d = geom.block_size, geom.rows, geom.row
     es = layers[0].element_size()
     tokens = slots.numel()
     _, unit, chunk_bytes = _setup(layers, geom, chunk, 8 if op == "gather" else 16)
-    v_idx = _segment(geom, slots, 0, tokens, 1).idx[1]
-    main = _full_block_prefix(slots, n)
-    lib = native.library()
-    page = n * d
-    if lib is None and not (geom.stride_b % page == 0 and geom.stride_h % page == 0):
-        main = 0
-    blocks = torch.div(slots[:main:n], n, rounding_mode="floor").contiguous()
-    if main and lib is None:
+    v_seg = _Segment(t0, tokens, 1, _segment(geom, slots, t0, tokens, 1).idx[1])
+    m1 = t0 + main
+    blocks = torch.div(slots[t0:m1:n], n, rounding_mode="floor")
+    if main and op == "scatter":
         heads = _arange(h, slots.device) * geom.stride_h
         page_idx = torch.div(
-            (blocks * geom.stride_b)[:, None] + heads[None, :], page, rounding_mode="floor"
+            (blocks * geom.stride_b)[:, None] + heads[None, :], n * d, rounding_mode="floor"
         ).reshape(-1)
-    rb = torch.div(slots[main:], n, rounding_mode="floor")
-    ro = slots[main:] - rb * n
+    rb = torch.div(slots[m1:], n, rounding_mode="floor")
+    ro = slots[m1:] - rb * n
     ci = chunk.view(_UNIT_DTYPES[es])
-    block_bytes = n * h * d * es
-    step = max(1, PIECE_BYTES // block_bytes) if acc is not None else max(1, blocks.numel())
     for layer, t in enumerate(layers):
         k_part = ci[layer, 0]  # [T, H, D]
         k_view = _k_view(t, geom)
-        if main and lib is not None:
-            kt = lib.kt_gather[es] if op == "gather" else lib.kt_scatter[es]
-            for a in range(0, blocks.numel(), step):
-                nb = min(step, blocks.numel() - a)
-                piece = k_part[a * n : (a + nb) * n]
-                kt(piece.data_ptr(), t.data_ptr(), blocks[a:].data_ptr(), nb, h, d, n,
-                   geom.stride_b * es, geom.stride_h * es)  # fmt: skip
-                if acc is not None:
-                    acc.add(piece)
-        elif main:
-            whole = k_part[:main].view(-1, n, h, d)
+        if main:
+            whole = k_part[t0:m1].view(-1, n, h, d)
             if op == "gather":  # one strided pass beats pages + transpose here (measured)
                 torch.index_select(k_view, 0, blocks, out=whole)
             else:  # transpose into page order, then whole D*N pages with index_copy_
@@ -337,19 +369,17 @@ def _copy_k_transposed(
                 tmp = whole.permute(0, 2, 3, 1).contiguous().view(-1).view(_UNIT_DTYPES[unit])
                 pages.index_copy_(0, page_idx, tmp.view(-1, pages.shape[1]))
             if acc is not None:
-                acc.add(k_part[:main])
-        if main < tokens:
+                acc.add(k_part[t0:m1])
+        if m1 < tokens:
             if op == "gather":
-                k_part[main:] = k_view[rb, ro]
+                k_part[m1:] = k_view[rb, ro]
             else:
-                k_view.index_put_((rb, ro), k_part[main:])
+                k_view.index_put_((rb, ro), k_part[m1:])
             if acc is not None:
-                acc.add(k_part[main:])
+                acc.add(k_part[m1:])
         v_rows = _layer_rows(t, geom, unit, 1)
-        v_part = _chunk_rows(
-            chunk_bytes, geom, es, unit, tokens, layer, 1, _Segment(0, tokens, 1, v_idx)
-        )
-        _rows_op(op, v_rows, v_idx, v_part, acc, h)
+        v_part = _chunk_rows(chunk_bytes, geom, es, unit, tokens, layer, 1, v_seg)
+        _rows_op(op, v_rows, v_seg.idx, v_part, acc, h)
 
 
 def gather(

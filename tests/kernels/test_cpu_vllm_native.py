@@ -1,0 +1,155 @@
+"""vLLM's CPU page format (CPU_VLLM) on the native path (one C call moves K and V of
+the whole blocks of every layer, hashing each piece while hot) against the naive
+reference and the numpy/torch fallback (``LMCACHE_PD_NATIVE=0``): same bytes, same
+digest, for 1-, 2- and 4-byte elements, whole blocks in random order with a partial
+last block, padding slots, and tokens whose chunk bytes are not 8-byte aligned."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from lmcache_pd.kernels import (
+    PagedFormat,
+    checksum,
+    gather,
+    gather_checksum,
+    native,
+    scatter,
+    scatter_checksum,
+    torch_path,
+)
+from lmcache_pd.layout import KVLayout
+
+from .helpers import bits, make_caches, make_layout, ref_gather, ref_scatter
+
+FMT = PagedFormat.CPU_VLLM
+DTYPES = ("float8_e4m3fn", "bfloat16", "float32")  # 1, 2, 4 bytes
+IMPLS = ("native", "fallback")
+
+
+@pytest.fixture(scope="module")
+def native_lib() -> native.NativeLib:
+    try:
+        native.compiler()
+    except RuntimeError as exc:
+        pytest.skip(f"no C compiler: {exc}")
+    lib = native.library()
+    if lib is None:  # a compiler but no library: a real failure
+        pytest.fail(f"native helpers did not build: {native.unavailable_reason()}")
+    return lib
+
+
+def _run(impl: str, fn):  # type: ignore[no-untyped-def]
+    """``fn()`` on the native helpers or with them switched off."""
+    if impl == "native":
+        return fn()
+    old = native.reset_for_tests(None, "disabled by the test")
+    try:
+        return fn()
+    finally:
+        native.reset_for_tests(*old)
+
+
+def _slots(layout: KVLayout, num_blocks: int, whole: int, tail: int, pad: bool,
+           gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """``whole`` blocks in random order, then ``tail`` tokens of another block."""
+    n = layout.block_size
+    order = torch.randperm(num_blocks, generator=gen)
+    slots = (order[:whole, None] * n + torch.arange(n)).reshape(-1)
+    slots = torch.cat([slots, order[whole] * n + torch.arange(tail)])
+    if pad:
+        slots[[3, -1]] = -1
+    return slots
+
+
+def _cases() -> Iterator[tuple[str, int, int, int, str, int, bool]]:
+    """(dtype, heads, head_size, block_size, cache variant, tail tokens, padding)."""
+    for dtype in DTYPES:
+        yield dtype, 4, 32, 16, "shared", 5, False  # evenly spaced layers of one buffer
+        yield dtype, 3, 24, 16, "plain", 0, False  # separate tensors, whole blocks only
+        yield dtype, 2, 16, 8, "plain", 7, True  # partial block and padding slots
+    yield "float8_e4m3fn", 1, 4, 16, "shared", 3, False  # 4-byte tokens: not 8-aligned
+    yield "bfloat16", 2, 128, 32, "shared", 31, False
+    # the K stage (32 KiB of whole tokens): 4 tokens a group, 24 + 8, and none (direct)
+    yield "float32", 16, 128, 16, "shared", 2, False
+    yield "bfloat16", 5, 128, 32, "plain", 9, False
+    yield "float32", 33, 256, 16, "shared", 1, True
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize(("dtype", "heads", "head_size", "block_size", "variant", "tail", "pad"),
+                         list(_cases()), ids=str)  # fmt: skip
+def test_native_gather_scatter_match_reference_and_fallback(
+    native_lib: native.NativeLib, dtype: str, heads: int, head_size: int, block_size: int,
+    variant: str, tail: int, pad: bool, stream: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """``stream``: every chunk counts as large, so the native call writes with stores
+    that bypass the cache (the path big chunks take)."""
+    if stream:
+        monkeypatch.setattr(torch_path, "STREAM_BYTES", 0)
+    layout = make_layout(3, heads, head_size, dtype, block_size, mla=False)
+    gen = torch.Generator().manual_seed(heads * 1000 + head_size + tail)
+    num_blocks = 7
+    caches = make_caches(FMT, layout, num_blocks, gen, variant)
+    slots = _slots(layout, num_blocks, 5, tail, pad, gen)
+    tokens = slots.numel()
+    nbytes = tokens * layout.bytes_per_token
+    want = bits(ref_gather(FMT, caches, slots.tolist(), layout)).reshape(-1).view(torch.uint8)
+    want_digest = checksum.reference_digest(want.numpy())
+
+    # gather, plain and hashed: the reference bytes and their digest, on both paths
+    for impl in IMPLS:
+        out = torch.full((nbytes,), 0x5A, dtype=torch.uint8)
+        _run(impl, lambda: gather(caches, slots, out, layout, FMT))  # noqa: B023
+        assert torch.equal(out, want), impl
+        out.fill_(0x5A)
+        got = _run(impl, lambda: gather_checksum(caches, slots, out, layout, FMT))  # noqa: B023
+        assert torch.equal(out, want), impl
+        assert got == want_digest == checksum.digest(out), impl
+
+    # scatter, plain and hashed: the reference caches (padding skipped, other slots and
+    # pages untouched), and the digest of every chunk byte read, on both paths
+    chunk = torch.randint(0, 256, (nbytes,), generator=gen).to(torch.uint8)
+    chunk_digest = checksum.reference_digest(chunk.numpy())
+    expected = [c.clone() for c in caches]
+    view = chunk.view(caches[0].dtype).view(layout.chunk_shape(tokens))
+    ref_scatter(FMT, view, expected, slots.tolist(), layout)
+    for impl in IMPLS:
+        for hashed in (False, True):
+            fresh = [c.clone() for c in caches]
+            if hashed:
+                got = _run(impl, lambda: scatter_checksum(chunk, fresh, slots, layout, FMT))  # noqa: B023
+                assert got == chunk_digest, impl
+            else:
+                _run(impl, lambda: scatter(chunk, fresh, slots, layout, FMT))  # noqa: B023
+            for a, b in zip(fresh, expected, strict=True):
+                assert torch.equal(bits(a), bits(b)), (impl, hashed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_call_matches_fallback_on_many_blocks(
+    native_lib: native.NativeLib, dtype: str
+) -> None:
+    """A llama-like page (8 heads x 128, block 16) over 40 blocks of 4 layers: the one
+    native call and the torch fallback write identical chunks and caches."""
+    layout = make_layout(4, 8, 128, dtype, 16, mla=False)
+    gen = torch.Generator().manual_seed(3)
+    caches = make_caches(FMT, layout, 48, gen, "shared")
+    slots = _slots(layout, 48, 40, 9, False, gen)
+    nbytes = slots.numel() * layout.bytes_per_token
+    outs, digests, written = {}, {}, {}
+    for impl in IMPLS:
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        digests[impl] = _run(impl, lambda: gather_checksum(caches, slots, out, layout, FMT))  # noqa: B023
+        outs[impl] = out
+        fresh = [torch.zeros_like(c) for c in caches]
+        back = _run(impl, lambda: scatter_checksum(out, fresh, slots, layout, FMT))  # noqa: B023
+        assert back == digests[impl]
+        written[impl] = fresh
+    assert torch.equal(outs["native"], outs["fallback"])
+    assert digests["native"] == digests["fallback"] == checksum.digest(outs["native"])
+    for a, b in zip(written["native"], written["fallback"], strict=True):
+        assert torch.equal(bits(a), bits(b))
