@@ -286,7 +286,8 @@ static inline int kt_fast_s_2(const uint16_t* o, int64_t os, uint16_t* s, int64_
    (block blk[b] of layer l at layers[l] + blk[b]*sb + h*sh): K transposed, [D][N]
    elements; V [N][D] at +sk with rows sn bytes apart. Chunk [L][2][T][H][D]: block b's
    K is the contiguous piece of N tokens at token b*N of chunk[l][0], its V the same
-   place in chunk[l][1]. cpuv_gather: pages -> chunk; cpuv_scatter: chunk -> pages.
+   place in chunk[l][1]. cpuv_gather: pages -> chunk; cpuv_scatter: chunk -> pages, for
+   blocks blk[b0..b1) (callers split the range across threads).
 
    K goes through an L1 stage of g whole tokens (all heads): the tiles transpose between
    the pages and the stage, and the stage <-> chunk move is one sequential copy, so the
@@ -346,7 +347,7 @@ static inline void cpuv_fence(int64_t nt) {
 }
 #define CPUV_DEFINE(T, W)                                                                 \
 uint64_t cpuv_gather_##W(uint8_t* chunk, const int64_t* layers, int64_t L,                \
-                         const int64_t* blk, int64_t nblk, int64_t tokens, int64_t H,     \
+                         const int64_t* blk, int64_t b0, int64_t b1, int64_t tokens, int64_t H, \
                          int64_t D, int64_t N, int64_t sb, int64_t sh, int64_t sk,        \
                          int64_t sn, const uint64_t* table, int64_t nt) {                 \
     const int64_t tok = H * D * W, piece = N * tok, row = D * W, g = cpuv_group(tok, N);  \
@@ -356,7 +357,7 @@ uint64_t cpuv_gather_##W(uint8_t* chunk, const int64_t* layers, int64_t L,      
     for (int64_t l = 0; l < L; l++) {                                                     \
         const uint8_t* base = (const uint8_t*)layers[l];                                  \
         uint8_t* ck = chunk + 2 * l * tokens * tok;                                       \
-        for (int64_t b = 0; b < nblk; b++) {                                              \
+        for (int64_t b = b0; b < b1; b++) {                                               \
             const uint8_t* page = base + blk[b] * sb;                                     \
             uint8_t* ok = ck + b * piece;                                                 \
             uint8_t* ov = ok + tokens * tok;                                              \
@@ -393,7 +394,7 @@ uint64_t cpuv_gather_##W(uint8_t* chunk, const int64_t* layers, int64_t L,      
     return acc;                                                                           \
 }                                                                                         \
 uint64_t cpuv_scatter_##W(const uint8_t* chunk, const int64_t* layers, int64_t L,         \
-                          const int64_t* blk, int64_t nblk, int64_t tokens, int64_t H,    \
+                          const int64_t* blk, int64_t b0, int64_t b1, int64_t tokens, int64_t H, \
                           int64_t D, int64_t N, int64_t sb, int64_t sh, int64_t sk,       \
                           int64_t sn, const uint64_t* table, int64_t nt) {                \
     const int64_t tok = H * D * W, piece = N * tok, row = D * W, g = cpuv_group(tok, N);  \
@@ -404,7 +405,7 @@ uint64_t cpuv_scatter_##W(const uint8_t* chunk, const int64_t* layers, int64_t L
     for (int64_t l = 0; l < L; l++) {                                                     \
         uint8_t* base = (uint8_t*)layers[l];                                              \
         const uint8_t* ck = chunk + 2 * l * tokens * tok;                                 \
-        for (int64_t b = 0; b < nblk; b++) {                                              \
+        for (int64_t b = b0; b < b1; b++) {                                               \
             uint8_t* page = base + blk[b] * sb;                                           \
             const uint8_t* ok = ck + b * piece;                                           \
             const uint8_t* ov = ok + tokens * tok;                                        \
@@ -477,7 +478,7 @@ class NativeLib:
             ):
                 fn = getattr(lib, name)
                 fn.restype = u64
-                fn.argtypes = (ptr, ptr, i64, ptr, *(i64,) * 9, ptr, i64)
+                fn.argtypes = (ptr, ptr, i64, ptr, *(i64,) * 10, ptr, i64)
                 table[w] = fn
         self.path = path
         self._lib = lib

@@ -14,10 +14,18 @@ How it stays near memcpy speed:
   allocate them), ``r`` consecutive tokens at once, up to a whole block page;
 * one ``index_select`` (gather) or ``index_copy_`` (scatter) per layer, K/V half and
   segment; the row index table is computed once per call and shared by all layers.
+
+vLLM's CPU page format (``CPU_VLLM``, K stored transposed) moves its whole blocks by the
+native library instead (:mod:`lmcache_pd.kernels.native`): K and V of every layer in one
+call, or one per torch thread on a split block range for chunks of
+:data:`PARALLEL_BYTES` or more (the calls release the GIL), checksum included.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -195,6 +203,9 @@ PIECE_BYTES = 2 << 20  # chunk bytes per copy call when hashing: hashed while st
 # (gather: the chunk; scatter: the pages): they would not stay cached anyway, and the
 # destination lines need not be read first (3 memory passes -> 2).
 STREAM_BYTES = 16 << 20
+# CPU_VLLM chunks at least this large are split across torch's CPU threads (the torch
+# ops this path replaced ran on all of them too).
+PARALLEL_BYTES = 1 << 20
 
 
 class SumAccumulator:
@@ -318,22 +329,54 @@ def _native_blocks(
     op: str, lib: native.NativeLib, layers: list[torch.Tensor], geom: Geometry,
     blocks: torch.Tensor, chunk: torch.Tensor, acc: SumAccumulator | None,
 ) -> None:  # fmt: skip
-    """Whole blocks ``blocks`` (the chunk's first tokens) of every layer, K and V, in
-    one native call; with ``acc``, the term sum of the chunk bytes it moved is added."""
+    """Whole blocks ``blocks`` (the chunk's first tokens) of every layer, K and V, by
+    the native library: one call, or one per torch thread (the block range split, the
+    calls run with the GIL released) for chunks of :data:`PARALLEL_BYTES` or more; with
+    ``acc``, the term sum of the chunk bytes moved is added."""
     es = layers[0].element_size()
     ptrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64)
     fn = lib.cpuv_gather[es] if op == "gather" else lib.cpuv_scatter[es]
     if acc is not None and chunk.data_ptr() != acc.base:
         raise AssertionError("the accumulator must belong to the chunk being copied")
     table = checksum.KEY_TABLE.ctypes.data if acc is not None else None
-    total = fn(
-        chunk.data_ptr(), ptrs.data_ptr(), len(layers), blocks.data_ptr(), blocks.numel(),
-        chunk.shape[2], geom.rows, geom.row, geom.block_size, geom.stride_b * es,
-        geom.stride_h * es, geom.stride_k * es, geom.stride_n * es, table,
-        int(chunk.numel() * chunk.element_size() >= STREAM_BYTES),
-    )  # fmt: skip
+    nbytes = chunk.numel() * chunk.element_size()
+    nblk = blocks.numel()
+
+    def run(b0: int, b1: int) -> int:
+        return int(
+            fn(
+                chunk.data_ptr(), ptrs.data_ptr(), len(layers), blocks.data_ptr(), b0, b1,
+                chunk.shape[2], geom.rows, geom.row, geom.block_size, geom.stride_b * es,
+                geom.stride_h * es, geom.stride_k * es, geom.stride_n * es, table,
+                int(nbytes >= STREAM_BYTES),
+            )
+        )  # fmt: skip
+
+    parts = min(torch.get_num_threads(), nblk) if nbytes >= PARALLEL_BYTES else 1
+    if parts <= 1:
+        total = run(0, nblk)
+    else:
+        edges = [nblk * i // parts for i in range(parts + 1)]
+        pool = _pool(parts - 1)
+        futures = [pool.submit(run, a, b) for a, b in itertools.pairwise(edges[1:])]
+        total = run(edges[0], edges[1]) + sum(f.result() for f in futures)
     if acc is not None:
-        acc.total = (acc.total + int(total)) & checksum.MASK
+        acc.total = (acc.total + total) & checksum.MASK
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_WORKERS = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The helper threads of :func:`_native_blocks` (grown to ``workers``, never shrunk)."""
+    global _POOL, _POOL_WORKERS
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_WORKERS < workers:
+            _POOL = concurrent.futures.ThreadPoolExecutor(workers, "lmcache-pd-cpuv")
+            _POOL_WORKERS = workers
+        return _POOL
 
 
 def _k_transposed_torch(

@@ -79,17 +79,33 @@ def _cases() -> Iterator[tuple[str, int, int, int, str, int, bool]]:
     yield "float32", 33, 256, 16, "shared", 1, True
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("mode", ["cached", "streamed", "split"])
 @pytest.mark.parametrize(("dtype", "heads", "head_size", "block_size", "variant", "tail", "pad"),
                          list(_cases()), ids=str)  # fmt: skip
 def test_native_gather_scatter_match_reference_and_fallback(
     native_lib: native.NativeLib, dtype: str, heads: int, head_size: int, block_size: int,
-    variant: str, tail: int, pad: bool, stream: bool, monkeypatch: pytest.MonkeyPatch,
+    variant: str, tail: int, pad: bool, mode: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    """``stream``: every chunk counts as large, so the native call writes with stores
-    that bypass the cache (the path big chunks take)."""
-    if stream:
+    """``mode``: ``streamed`` counts every chunk as large enough for the stores that
+    bypass the cache; ``split`` for the block range split across 3 threads (the paths
+    big chunks take)."""
+    if mode == "streamed":
         monkeypatch.setattr(torch_path, "STREAM_BYTES", 0)
+    if mode == "split":
+        monkeypatch.setattr(torch_path, "PARALLEL_BYTES", 0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3)
+        try:
+            _check_case(dtype, heads, head_size, block_size, variant, tail, pad)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    _check_case(dtype, heads, head_size, block_size, variant, tail, pad)
+
+
+def _check_case(
+    dtype: str, heads: int, head_size: int, block_size: int, variant: str, tail: int, pad: bool
+) -> None:
     layout = make_layout(3, heads, head_size, dtype, block_size, mla=False)
     gen = torch.Generator().manual_seed(heads * 1000 + head_size + tail)
     num_blocks = 7
