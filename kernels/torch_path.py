@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import os
 import threading
 from dataclasses import dataclass
 
@@ -377,6 +378,15 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
             _POOL = concurrent.futures.ThreadPoolExecutor(workers, "lmcache-pd-cpuv")
             _POOL_WORKERS = workers
         return _POOL
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new one on first use."""
+    global _POOL, _POOL_WORKERS, _POOL_LOCK
+    _POOL, _POOL_WORKERS, _POOL_LOCK = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _k_transposed_torch(

@@ -6,6 +6,9 @@ last block, padding slots, and tokens whose chunk bytes are not 8-byte aligned."
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -169,3 +172,46 @@ def test_native_call_matches_fallback_on_many_blocks(
     assert digests["native"] == digests["fallback"] == checksum.digest(outs["native"])
     for a, b in zip(written["native"], written["fallback"], strict=True):
         assert torch.equal(bits(a), bits(b))
+
+
+def test_split_path_works_in_a_forked_child(
+    native_lib: native.NativeLib, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper threads are started again in a child forked after the parent used
+    them (a copied pool would wait forever for threads that do not exist there)."""
+    monkeypatch.setattr(torch_path, "PARALLEL_BYTES", 0)
+    layout = make_layout(2, 4, 32, "bfloat16", 16, mla=False)
+    gen = torch.Generator().manual_seed(9)
+    caches = make_caches(FMT, layout, 6, gen, "shared")
+    slots = _slots(layout, 6, 4, 0, False, gen)
+    want = bits(ref_gather(FMT, caches, slots.tolist(), layout)).reshape(-1).view(torch.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = torch.empty_like(want)
+        gather(caches, slots, out, layout, FMT)  # the parent's pool exists now
+        assert torch.equal(out, want)
+        pid = os.fork()
+        if pid == 0:  # child: exit code 0 only when the split gather is right
+            # (no torch op big enough to go parallel here: torch's OpenMP threads do
+            # not survive a fork either)
+            ok = False
+            try:
+                fresh = torch.empty_like(want)
+                gather(caches, slots, fresh, layout, FMT)
+                ok = fresh.numpy().tobytes() == want.numpy().tobytes()
+            finally:
+                os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung in a split gather")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(threads)
