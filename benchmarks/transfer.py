@@ -150,6 +150,8 @@ class RawNixl:
         self.count += 1
         first = (self.count % self.windows) * self.n
         dst = list(range(first, first + self.n))
+        self.target.send_line("ARM")  # it polls from now until the notification
+        self.target.read_tagged("ARMED")
         t0 = time.perf_counter()
         handle = self.agent.write(self.local, self.idx, self.remote, dst, b"raw%d" % self.count)
         self.agent.wait(handle, 60.0)

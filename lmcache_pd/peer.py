@@ -10,8 +10,9 @@ run the handoff across real process boundaries with these.
         prints one ``RESULT <json>`` line per request, then ``STATS <json>``.
     python -m lmcache_pd.peer raw-target --buffer-bytes N
         a bare NIXL agent with one registered buffer (the raw-NIXL baseline of the
-        benchmarks): prints ``READY <metadata hex> <address>``, then ``NOTIF <text>``
-        per notification, until stdin closes.
+        benchmarks): prints ``READY <metadata hex> <address>``; each ``ARM`` line on
+        stdin (answered ``ARMED``) makes it poll until the next notification, which
+        it prints as ``NOTIF <text>``; stops when stdin closes.
 
 Chunk contents follow :func:`pattern` (derived from the chunk key), so the receiver
 verifies every byte it committed without the sender shipping a copy.
@@ -74,9 +75,15 @@ class PeerProcess:
             if not line:
                 raise RuntimeError(f"{tag}: peer exited (rc={self.proc.poll()}) first")
             self.lines.append(line)
-            if line.startswith(tag + " "):
+            if line.startswith(tag + " ") or line.rstrip("\n") == tag:
                 return line[len(tag) + 1 :].strip()
         raise TimeoutError(f"peer printed no {tag} within {timeout_s}s")
+
+    def send_line(self, line: str) -> None:
+        """One line to the child's stdin (the raw target's ``ARM``)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
 
     def close_stdin(self) -> None:
         """The receiver's and raw target's stop signal."""
@@ -175,18 +182,44 @@ def _stdin_closed() -> threading.Event:
 
 
 def run_raw_target(args: argparse.Namespace) -> int:
+    """Polls notifications only while armed (an ``ARM`` line on stdin, answered with
+    ``ARMED``, until the next notification), like our receiver polls only while a lease
+    is outstanding: an idle target takes no CPU from the measurements beside it."""
     from lmcache_pd.buffer import host_buffer
 
     transport = NixlTransport()
     buf = host_buffer(args.buffer_bytes)
     transport.register(buf.ctypes.data, buf.size)
     print(f"READY {transport.metadata().hex()} {buf.ctypes.data}", flush=True)
-    stop = _stdin_closed()
+    stop, armed = threading.Event(), threading.Event()
+    armed.set()  # until the first notification: the initiator's connect needs our progress
+
+    def on_sigterm(*_: object) -> None:
+        stop.set()
+        armed.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            if line.strip() == "ARM":
+                armed.set()
+                print("ARMED", flush=True)
+        stop.set()
+        armed.set()
+
+    threading.Thread(target=read_stdin, daemon=True).start()
     delay = 50e-6
     while not stop.is_set():
+        if not armed.is_set():
+            armed.wait()
+            delay = 50e-6
+            continue
         notifs = transport.notifications()
         for _peer, text in notifs:
             print(f"NOTIF {text.decode(errors='replace')}", flush=True)
+        if notifs:
+            armed.clear()
         # the receiver's own backoff while a transfer is due (50 us -> 250 us)
         delay = 50e-6 if notifs else min(delay * 1.5, 250e-6)
         stop.wait(delay)
