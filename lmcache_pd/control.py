@@ -61,12 +61,22 @@ def _max_msg_size(codec: Codec) -> int:
     return 2 * codec.max_bytes + 65536
 
 
-def _bind(sock: zmq.Socket, codec: Codec, host: str, port: int) -> tuple[int, str]:
-    """Bind ``sock`` on ``host:port`` (0 = a free port); returns ``(port, endpoint)``."""
+def _bind(
+    sock: zmq.Socket, codec: Codec, host: str, port: int, avoid: Sequence[int] = ()
+) -> tuple[int, str]:
+    """Bind ``sock`` on ``host:port`` (0 = a free port, none of ``avoid``: ports this
+    process is about to listen on itself, which the OS may hand out meanwhile); returns
+    ``(port, endpoint)``."""
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, _max_msg_size(codec))
     if port == 0:
         port = sock.bind_to_random_port(f"tcp://{host}")
+        for _ in range(8):
+            if port not in avoid:
+                break
+            taken = port
+            port = sock.bind_to_random_port(f"tcp://{host}")
+            sock.unbind(tcp_endpoint(host, taken))
     else:
         sock.bind(tcp_endpoint(host, port))
     return port, tcp_endpoint(host, port)
@@ -391,10 +401,16 @@ class PullServer:
     """asyncio PULL socket receiving signed notifications (the proxy's side)."""
 
     def __init__(
-        self, ctx: zmq.asyncio.Context, codec: Codec, host: str, port: int, counters: Counters
+        self,
+        ctx: zmq.asyncio.Context,
+        codec: Codec,
+        host: str,
+        port: int,
+        counters: Counters,
+        avoid: Sequence[int] = (),
     ) -> None:
         self.sock = ctx.socket(zmq.PULL)
-        self.port, self.endpoint = _bind(self.sock, codec, host, port)
+        self.port, self.endpoint = _bind(self.sock, codec, host, port, avoid)
         self._inbound = _Inbound(codec, counters)
 
     async def recv(self, timeout_s: float | None = None) -> Message:

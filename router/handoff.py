@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import zmq.asyncio
 
@@ -31,8 +32,12 @@ class HandoffListener:
         port: int,
         max_pending: int = 10_000,
         orphan_ttl_s: float = 60.0,
+        avoid: Sequence[int] = (),
     ) -> None:
+        """``port`` 0: a free port, none of ``avoid`` (the proxy's HTTP port, bound
+        after this listener starts)."""
         self.secret = secret
+        self.avoid = tuple(avoid)
         self.host = host
         self.port = port
         self.max_pending = max_pending
@@ -48,7 +53,7 @@ class HandoffListener:
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
         self._server = PullServer(
-            self._ctx, Codec(self.secret), self.host, self.port, self.counters
+            self._ctx, Codec(self.secret), self.host, self.port, self.counters, self.avoid
         )
         self.address = self._server.endpoint
         self._task = asyncio.get_running_loop().create_task(self._run())

@@ -91,7 +91,10 @@ def _lifespan(st: _AppState) -> Callable[[FastAPI], AbstractAsyncContextManager[
         handoff = None
         if settings.handoff_port is not None:
             handoff = HandoffListener(
-                _auth_secret(settings), settings.handoff_host, settings.handoff_port
+                _auth_secret(settings),
+                settings.handoff_host,
+                settings.handoff_port,
+                avoid=(settings.port,),  # uvicorn binds it after this starts
             )
             await handoff.start()
         router = Router(settings, client, st.metrics, handoff)

@@ -141,3 +141,45 @@ def test_disconnect_during_handoff_wait_leaves_no_waiter(stubs, proxy, client) -
         time.sleep(0.05)
     assert state["inflight"] == 0 and state["handoff_pending"] == 0
     assert d.served == 0  # never decoded: the client was gone
+
+
+class _FirstPortTaken(zmq.Socket):  # type: ignore[type-arg]
+    """A real socket whose first random bind lands on ``taken`` (the OS handing out the
+    port the proxy is about to give its HTTP server: a race otherwise left to chance)."""
+
+    taken = 0
+
+    def bind_to_random_port(self, addr: str, *args: Any, **kwargs: Any) -> int:
+        if self.taken:
+            port, type(self).taken = self.taken, 0
+            self.bind(f"{addr}:{port}")
+            return port
+        return super().bind_to_random_port(addr, *args, **kwargs)
+
+
+def test_handoff_listener_never_takes_the_http_port() -> None:
+    import socket
+
+    from lmcache_pd.control import _bind
+    from lmcache_pd.router.proxy import free_port
+
+    http_port = free_port("127.0.0.1")
+    ctx = zmq.Context()
+    sock = _FirstPortTaken(ctx, zmq.PULL)
+    try:
+        _FirstPortTaken.taken = http_port
+        port, endpoint = _bind(sock, Codec(SECRET.encode()), "127.0.0.1", 0, avoid=[http_port])
+        assert port != http_port and endpoint.endswith(f":{port}")
+        deadline = time.monotonic() + 5.0  # the unbind completes on ZMQ's I/O thread
+        while True:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", http_port))  # free again for the HTTP server
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.02)
+    finally:
+        sock.close(0)
+        ctx.term()
