@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter as _Counter
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -49,11 +50,17 @@ class Counters:
         self.component = component
         self._counts: _Counter[str] = _Counter()
         self._lock = threading.Lock()
+        # the labelled Prometheus child per name, looked up once (labels() costs
+        # several microseconds, and a handoff bumps a handful of counters per request)
+        self._children: dict[str, Any] = {}
 
     def inc(self, name: str, amount: int = 1) -> None:
         with self._lock:
             self._counts[name] += amount
-        _prom(name).labels(self.component).inc(amount)
+            child = self._children.get(name)
+            if child is None:
+                child = self._children[name] = _prom(name).labels(self.component)
+        child.inc(amount)
 
     def __getitem__(self, name: str) -> int:
         with self._lock:
