@@ -452,6 +452,23 @@ class Sender:
             raise HandoffError(f"receiver error ({reply.code.value}): {reply.message}", reply.code)
         return reply
 
+    def _reply_progressing(self, peer: _Peer, req_id: str, handles: list[Any]) -> Any:
+        """The receiver's answer to a Push/Done, progressing our side of the transfer
+        while it is due: a finished WRITE's notification can still sit in the
+        transport's queue until the initiator is progressed again (UCX), and the
+        receiver commits only once it arrives. Without this, such a handoff waited
+        for whatever next used the transport (~1 s between requests), or its lease
+        expired. Polls back off from 1 ms to 50 ms; bounded like :meth:`_reply`."""
+        deadline = time.monotonic() + self.cfg.pd_connect_timeout_s
+        wait_ms = 1
+        while True:
+            for handle in handles:
+                self.transport.poll(handle)  # progresses the initiator
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or peer.client.poller.poll(min(wait_ms, left_ms)):
+                return self._reply(peer, req_id)
+            wait_ms = min(wait_ms * 2, 50)
+
     def _request(self, peer: _Peer, msg: Offer) -> Any:
         peer.client.send(msg)
         return self._reply(peer, msg.req_id)
@@ -527,7 +544,7 @@ class Sender:
                 peer.client.send(Done(req_id=req_id, lease=lease))
             for handle in handles:
                 self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
-            reply = self._reply(peer, req_id)
+            reply = self._reply_progressing(peer, req_id, handles)
         except TransportError as exc:
             self.counters.inc("transfer_errors")
             self._cancel(peer, req_id, lease, str(exc))
