@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import queue
 import struct
 import threading
@@ -231,30 +232,36 @@ class BlockingRouter:
 
 class RouterLoop:
     """One thread serving a :class:`BlockingRouter`: each message goes to
-    ``on_message(identity, msg)`` on that thread; worker threads hand replies back with
-    :meth:`reply` (the loop thread sends them: ZMQ sockets are not thread-safe) or just
-    :meth:`wake` it. Between messages it blocks in ``poll`` for at most
-    ``next_timeout_ms()`` (None: until a message or a wake) and calls ``on_tick()``
-    after every wake-up (timers such as expiries). ``start()`` it; ``close()`` it."""
+    ``on_message(identity, msg, payload)`` on that thread, which may answer at once with
+    :meth:`send`; worker threads hand replies back with :meth:`reply` (the loop thread
+    sends them: ZMQ sockets are not thread-safe) or just :meth:`wake` it. Between
+    messages it waits at most ``next_timeout_s()`` seconds (None: until a message or a
+    wake) and calls ``on_tick()`` after every wake-up (timers such as expiries, polling).
+
+    Waits of a millisecond or more block in ``zmq_poll``; shorter ones (its timeout has
+    millisecond resolution) check the sockets, sleep on this thread and check again, so a
+    message waits at most that long. ``start()`` it; ``close()`` it."""
 
     def __init__(
         self,
         ctx: zmq.Context,
         router: BlockingRouter,
-        on_message: Callable[[bytes, Message], None],
+        on_message: Callable[[bytes, Message, list[bytes]], None],
         *,
         name: str,
-        next_timeout_ms: Callable[[], int | None] = lambda: None,
+        next_timeout_s: Callable[[], float | None] = lambda: None,
         on_tick: Callable[[], None] = lambda: None,
     ) -> None:
         self.router = router
         self._on_message = on_message
-        self._next_timeout_ms = next_timeout_ms
+        self._next_timeout_s = next_timeout_s
         self._on_tick = on_tick
         addr = f"inproc://lmcache-pd-{name}-{id(self)}"
         self._wake_in = ctx.socket(zmq.PULL)
+        self._wake_in.setsockopt(zmq.LINGER, 0)
         self._wake_in.bind(addr)
         self._wake_out = ctx.socket(zmq.PUSH)
+        self._wake_out.setsockopt(zmq.LINGER, 0)
         self._wake_out.connect(addr)
         self._wake_lock = threading.Lock()
         self._replies: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
@@ -264,6 +271,11 @@ class RouterLoop:
     def start(self) -> RouterLoop:
         self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        """The loop thread is serving."""
+        return self._thread.is_alive()
 
     def wake(self) -> None:
         """Make the loop thread run ``on_tick`` and recompute its timeout now."""
@@ -276,13 +288,29 @@ class RouterLoop:
         self._replies.put((identity, msg))
         self.wake()
 
+    def send(self, identity: bytes, msg: Msg, payload: Sequence[bytes] = ()) -> None:
+        """Send ``msg`` now: on the loop thread only (``on_message``, ``on_tick``)."""
+        self.router.send(identity, msg, payload)
+
+    def _wait(self, poller: zmq.Poller) -> dict[zmq.Socket, int]:
+        timeout_s = self._next_timeout_s()
+        if timeout_s is None:
+            return dict(poller.poll())
+        if timeout_s >= 1e-3:
+            return dict(poller.poll(math.ceil(timeout_s * 1000)))
+        events = dict(poller.poll(0))
+        if not events and timeout_s > 0:
+            time.sleep(timeout_s)
+            events = dict(poller.poll(0))
+        return events
+
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router.sock, zmq.POLLIN)
         poller.register(self._wake_in, zmq.POLLIN)
         while not self._stop:
             try:
-                events = dict(poller.poll(self._next_timeout_ms()))
+                events = self._wait(poller)
             except zmq.ZMQError:
                 break
             if self._wake_in in events:
@@ -298,20 +326,27 @@ class RouterLoop:
                     break
                 self.router.send(identity, msg)
             if self.router.sock in events:
-                for identity, msg, _payload in self.router.recv_ready():
-                    self._on_message(identity, msg)
+                for identity, msg, payload in self.router.recv_ready():
+                    self._on_message(identity, msg, payload)
             self._on_tick()
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the thread (it finishes the message at hand) and close the sockets."""
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Stop the thread (it finishes the message at hand) and close the sockets.
+        False when the thread did not stop in time: its sockets stay open (closing them
+        under it is undefined), so the owner must not ``term()`` their context, which
+        would block until they close."""
         with self._wake_lock:
             self._stop = True
             self._wake_out.send(b"", zmq.NOBLOCK)
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if self._thread.is_alive():  # its sockets are still in use: leave them open
+            log.error("%s did not stop within %.0fs", self._thread.name, timeout_s)
+            return False
         self.router.close()
         self._wake_in.close(linger=0)
         self._wake_out.close(linger=0)
+        return True
 
 
 class DealerClient:

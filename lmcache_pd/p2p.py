@@ -99,7 +99,7 @@ class PeerServer:
         self.counters.inc("refused")
         self._router.send(identity, Error(req_id=req_id, code=ErrorCode.BAD_REQUEST, message=why))
 
-    def _on_message(self, identity: bytes, msg: Message) -> None:
+    def _on_message(self, identity: bytes, msg: Message, _payload: list[bytes]) -> None:
         if not isinstance(msg, FetchKeys):
             why = f"{type(msg).__name__} is not a request a p2p endpoint accepts"
             self._refuse(identity, getattr(msg, "req_id", None), why)
@@ -177,9 +177,10 @@ class PeerServer:
         return HandoffDone(msg.req_id, ok=True, chunks=result.sent, dedup=result.dedup)
 
     def close(self) -> None:
-        self._loop.close()
+        stopped = self._loop.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._ctx.term()
+        if stopped:
+            self._ctx.term()
 
 
 def _copy_into(sender: Sender, slot: int, view: memoryview) -> int:

@@ -13,6 +13,10 @@ run the handoff across real process boundaries with these.
         benchmarks): prints ``READY <metadata hex> <address>``; each ``ARM`` line on
         stdin (answered ``ARMED``) makes it poll until the next notification, which
         it prints as ``NOTIF <text>``; stops when stdin closes.
+    python -m lmcache_pd.peer echo
+        a plain ZMQ ROUTER on ``pd_bind_host`` that sends every message straight back
+        (the one-round-trip baseline of ``bench transfer``'s latency view): prints
+        ``READY <endpoint>``; stops when stdin closes.
 
 Chunk contents follow :func:`pattern` (derived from the chunk key), so the receiver
 verifies every byte it committed without the sender shipping a copy.
@@ -34,6 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import TypedDict
 
 import numpy as np
+import zmq
 
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.config import Config, load_config
@@ -227,6 +232,23 @@ def run_raw_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_echo(args: argparse.Namespace) -> int:
+    """Answers each message with itself: one network round trip, no work."""
+    cfg, _ = _config(args)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port(f"tcp://{cfg.pd_bind_host}")
+    print(f"READY tcp://{cfg.pd_bind_host}:{port}", flush=True)
+    stop = _stdin_closed()
+    while not stop.is_set():
+        if sock.poll(200):
+            sock.send_multipart(sock.recv_multipart())
+    sock.close()
+    ctx.term()
+    return 0
+
+
 def make_requests(n: int, tokens: int, seed: int = 0, vocab: int = 32000) -> list[list[int]]:
     """``n`` prompts of ``tokens`` tokens; every odd one shares its first half with the
     previous prompt (so a receiver can dedupe those chunks)."""
@@ -313,7 +335,7 @@ def run_sender(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcache_pd.peer")
-    parser.add_argument("role", choices=["receiver", "sender", "raw-target"])
+    parser.add_argument("role", choices=["receiver", "sender", "raw-target", "echo"])
     parser.add_argument("--layout", default="tiny")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--buffer-bytes", type=int, default=0)
@@ -337,7 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     started = time.monotonic()
-    runners = {"receiver": run_receiver, "sender": run_sender, "raw-target": run_raw_target}
+    runners = {
+        "receiver": run_receiver,
+        "sender": run_sender,
+        "raw-target": run_raw_target,
+        "echo": run_echo,
+    }
     rc = runners[args.role](args)
     logging.getLogger(__name__).debug("%s ran %.1fs", args.role, time.monotonic() - started)
     return rc

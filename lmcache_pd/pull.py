@@ -110,7 +110,7 @@ class HoldServer:
             self._router,
             self._on_message,
             name="hold",
-            next_timeout_ms=self._next_deadline_ms,
+            next_timeout_s=self._next_deadline_s,
             on_tick=self._expire,
         ).start()
         log.info("pull endpoint for held KV on %s (rank %d)", self.endpoint, tp_rank)
@@ -139,12 +139,12 @@ class HoldServer:
         return {"holds_outstanding": self.outstanding(), **self.counters.snapshot()}
 
     # ------------------------------------------------------------------ server thread
-    def _next_deadline_ms(self) -> int | None:
+    def _next_deadline_s(self) -> float | None:
         with self._lock:
             if not self._holds:
                 return None  # block until a message or a new hold
             first = next(iter(self._holds.values()))
-        return max(1, int((first.deadline - time.monotonic()) * 1000) + 1)
+        return max(1e-3, first.deadline - time.monotonic() + 1e-3)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -177,7 +177,7 @@ class HoldServer:
         log.warning("refused a fetch of KV %s: %s", msg.req_id, text)
         self._router.send(identity, Error(req_id=msg.req_id, code=code, message=text))
 
-    def _on_message(self, identity: bytes, msg: Message) -> None:
+    def _on_message(self, identity: bytes, msg: Message, _payload: list[bytes]) -> None:
         if not isinstance(msg, Fetch):
             self._router.send(
                 identity,
@@ -242,13 +242,14 @@ class HoldServer:
 
     def close(self) -> None:
         """Stop serving and free every held slot."""
-        self._loop.close()
+        stopped = self._loop.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             holds, self._holds = list(self._holds.values()), OrderedDict()
         for hold in holds:
             self._retire(hold)
-        self._ctx.term()
+        if stopped:
+            self._ctx.term()
 
 
 class Fetcher:

@@ -2,12 +2,13 @@
 
 The receiver owns a registered receive buffer of ``pd_buffer_size`` bytes split into
 chunk slots, a ROUTER socket on ``pd_bind_host:pd_peer_init_port`` and one background
-thread running an asyncio loop. Per Offer it answers ``Accept`` (chunks it already holds,
-in the buffer or in a tier ``store``, are listed in ``have`` and not resent; the rest get
-slots under a **lease**), ``Busy`` (no room now) or ``Error``. Each NIXL WRITE group's
-notification names the chunks that landed. On ``Done`` with every group landed, the
-chunks become *ready*; a lease that sees no ``Done`` within its TTL expires and its slots
-are freed: a dead sender never leaks slots.
+thread serving it (a :class:`~lmcache_pd.control.RouterLoop`: plain blocking ZMQ, no
+asyncio, so a message is handled as soon as it arrives). Per Offer it answers ``Accept``
+(chunks it already holds, in the buffer or in a tier ``store``, are listed in ``have``
+and not resent; the rest get slots under a **lease**), ``Busy`` (no room now) or
+``Error``. Each NIXL WRITE group's notification names the chunks that landed. On
+``Done`` with every group landed, the chunks become *ready*; a lease that sees no
+``Done`` within its TTL expires and its slots are freed: a dead sender never leaks slots.
 
 Checksums (no pass of their own): a ready chunk keeps the ``kvsum64`` digest its sender
 took in its gather and is checked by the first pass that reads it anyway, whichever
@@ -31,13 +32,14 @@ Ready chunks stay in the buffer (LRU; unpinned ones are evicted for new leases) 
 copied into the ``store`` when one is configured. Engine-facing calls (``lookup``,
 ``wait_for``, ``acquire``/``release``, ``read``) are thread-safe.
 
-While no lease is outstanding the loop sleeps on the socket: zero CPU when idle. With a
-lease outstanding it polls NIXL notifications with backoff (target-side progress).
+While no lease is outstanding the thread blocks on the socket: zero CPU when idle. With a
+lease outstanding it polls NIXL notifications with backoff (target-side progress): from
+50 us up to 250 us while data is due, 10 ms for leases waiting on a slow sender; a
+message arriving meanwhile waits at most one gap.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
@@ -48,12 +50,11 @@ from dataclasses import dataclass, field
 
 import torch
 import zmq
-import zmq.asyncio
 
 from lmcache_pd import checksum
 from lmcache_pd.buffer import SlotBuffer, slots_for
 from lmcache_pd.config import Config
-from lmcache_pd.control import Codec, RouterServer
+from lmcache_pd.control import BlockingRouter, Codec, RouterLoop
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import (
@@ -85,7 +86,6 @@ _POLL_MIN_S = 50e-6
 _POLL_FAST_MAX_S = 250e-6
 _POLL_SLOW_MAX_S = 10e-3
 _FAST_WINDOW_S = 0.5
-_LOOP_TIMER_RESOLUTION_S = 1e-3  # epoll_wait's: asyncio rounds shorter waits up to it
 _RECENT_KEYS = 4096  # keys made ready lately, told to senders so they can skip them
 _RECENT_PER_REPLY = 1024
 _FAILURE_LOG_EVERY_S = 10.0  # checksum failures: one log line per this interval at most
@@ -179,22 +179,31 @@ class Receiver:
         self._failure_logged_at = -_FAILURE_LOG_EVERY_S
         self._peers: dict[bytes, _PeerInfo] = {}
         self._next_lease = 1
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._started = threading.Event()
-        self._start_error: BaseException | None = None
-        self._wake: asyncio.Event | None = None
+        self._ctx: zmq.Context | None = None
+        self._loop: RouterLoop | None = None
+        self._delay = _POLL_MIN_S  # the next gap between notification polls
         self.endpoint = ""
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, timeout_s: float = 10.0) -> Receiver:
-        """Bind and start serving in a background thread; returns once bound."""
-        self._thread = threading.Thread(target=self._run, name="lmcache-pd-receiver", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout_s):
-            raise TimeoutError(f"receiver did not start within {timeout_s}s")
-        if self._start_error is not None:
-            raise self._start_error
+    def start(self) -> Receiver:
+        """Bind (raises if the port is taken) and start serving in a background thread."""
+        self._ctx = zmq.Context()
+        try:
+            router = BlockingRouter(
+                self._ctx, self.codec, self.cfg.pd_bind_host, self.port, self.counters
+            )
+        except BaseException:
+            self._ctx.term()
+            raise
+        self.endpoint, self.port = router.endpoint, router.port
+        self._loop = RouterLoop(
+            self._ctx,
+            router,
+            self._on_message,
+            name="receiver",
+            next_timeout_s=self._next_timeout_s,
+            on_tick=self._tick,
+        ).start()
         log.info(
             "receiver listening on %s: %d slots x %d bytes (%s)",
             self.endpoint,
@@ -204,11 +213,18 @@ class Receiver:
         )
         return self
 
+    @property
+    def alive(self) -> bool:
+        """Started and its thread still serving (a failing message never stops it)."""
+        return self._loop is not None and self._loop.alive
+
     def close(self) -> None:
-        """Stop the loop, close the socket, free leases and the buffer registration."""
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop_event.set)
-            self._thread.join(5.0)
+        """Stop the thread, close the socket, free leases and the buffer registration."""
+        if self._loop is not None:
+            if self._loop.close():
+                assert self._ctx is not None
+                self._ctx.term()
+            self._loop = None
         if self._store_thread is not None:
             self._store_queue.put(None)  # copies queued before still land in the store
             self._store_thread.join(30.0)
@@ -220,54 +236,22 @@ class Receiver:
             self._lock.notify_all()
         self.buffer.close()
 
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._main())
-        finally:
-            self._loop.close()
-
-    async def _main(self) -> None:
-        ctx = zmq.asyncio.Context()
-        self._wake = asyncio.Event()
-        self._stop_event = asyncio.Event()
-        try:
-            self.server = RouterServer(
-                ctx, self.codec, self.cfg.pd_bind_host, self.port, self.counters
-            )
-        except BaseException as exc:
-            self._start_error = exc
-            self._started.set()
-            ctx.term()
-            return
-        self.endpoint = self.server.endpoint
-        self.port = self.server.port
-        self._started.set()
-        tasks = [
-            asyncio.ensure_future(self._serve()),
-            asyncio.ensure_future(self._progress()),
-        ]
-        await self._stop_event.wait()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.server.close()
-        ctx.term()
-
     # ------------------------------------------------------------------ serving
-    async def _serve(self) -> None:
-        while True:
-            identity, msg, payload = await self.server.recv()
-            try:
-                reply, out = self._handle(identity, msg, payload)
-            except Exception as exc:  # never let one message kill the receiver
-                log.exception("receiver failed handling %s", type(msg).__name__)
-                reply, out = Error(code=ErrorCode.INTERNAL, message=str(exc)), []
-            if reply is not None:
-                await self.server.send(identity, reply, out)
-            self._store_committed()
-            self._wake.set()  # type: ignore[union-attr]
+    def _on_message(self, identity: bytes, msg: Message, payload: list[bytes]) -> None:
+        """One message, on the loop thread: answered at once, or (Push/Done) once its
+        data has landed."""
+        try:
+            reply, out = self._handle(identity, msg, payload)
+        except Exception as exc:  # never let one message kill the receiver
+            log.exception("receiver failed handling %s", type(msg).__name__)
+            reply, out = Error(code=ErrorCode.INTERNAL, message=str(exc)), []
+        if reply is not None:
+            self._send(identity, reply, out)
+        self._store_committed()
+
+    def _send(self, identity: bytes, msg: Message, payload: Sequence[bytes] = ()) -> None:
+        assert self._loop is not None
+        self._loop.send(identity, msg, payload)
 
     def _handle(
         self, identity: bytes, msg: Message, payload: list[bytes]
@@ -419,10 +403,17 @@ class Receiver:
             peer.grant = None
 
     def _recent_for(self, peer: _PeerInfo) -> list[bytes]:
-        """Keys made ready since ``peer`` was last told (newest last, capped). Lock held."""
-        out = [key for seq, key in self._recent if seq > peer.recent_seen]
+        """Keys made ready since ``peer`` was last told (newest last, capped). Lock held.
+        Walks back from the newest only as far as needed: a commit costs what it adds,
+        not the length of ``_recent``."""
+        out: list[bytes] = []
+        for seq, key in reversed(self._recent):
+            if seq <= peer.recent_seen or len(out) == _RECENT_PER_REPLY:
+                break
+            out.append(key)
         peer.recent_seen = self._recent_seq
-        return out[-_RECENT_PER_REPLY:]
+        out.reverse()
+        return out
 
     def _on_push(self, identity: bytes, msg: Push) -> Message | None:
         def err(code: ErrorCode, text: str) -> Error:
@@ -685,56 +676,30 @@ class Receiver:
         log.warning("lease %d of request %s dropped: %s", lease.lease, lease.req_id, reason)
 
     # ------------------------------------------------------------------ progress
-    async def _progress(self) -> None:
-        """Poll NIXL notifications only while leases are outstanding (backing off),
-        commit leases whose data all landed, expire leases and grants."""
-        assert self._wake is not None
-        delay = _POLL_MIN_S
-        while True:
-            if not self._leases:
-                await self._sleep_idle()
-                delay = _POLL_MIN_S
-                continue
-            replies, landed = self._take_notifications()
+    def _tick(self) -> None:
+        """After every wake-up of the loop thread (a message, a poll gap's end): poll
+        NIXL notifications while leases are outstanding, commit leases whose data all
+        landed, expire leases and grants."""
+        if not self._leases:
             self._expire_grants()
-            replies += self._expire_leases()
-            for identity, reply in replies:
-                await self.server.send(identity, reply)
-            self._store_committed()
-            delay = _POLL_MIN_S if landed else min(delay * 1.5, self._poll_cap())
-            await self._pause(delay)
+            self._delay = _POLL_MIN_S
+            return
+        replies, landed = self._take_notifications()
+        self._expire_grants()
+        replies += self._expire_leases()
+        for identity, reply in replies:
+            self._send(identity, reply)
+        self._store_committed()
+        self._delay = _POLL_MIN_S if landed else min(self._delay * 1.5, self._poll_cap())
 
-    async def _pause(self, delay: float) -> None:
-        """Wait ``delay`` seconds or until a message wakes the loop. The event loop's
-        timers have epoll's 1 ms resolution (a 50 us wait would last 1 ms, adding up to
-        a millisecond to every handoff), so a gap under 1 ms is slept on this thread
-        (at most ``_POLL_FAST_MAX_S``: that long a message may wait) and the loop then
-        runs once to take in what arrived."""
-        assert self._wake is not None
-        if delay < _LOOP_TIMER_RESOLUTION_S:
-            if not self._wake.is_set():
-                time.sleep(delay)
-            await asyncio.sleep(0)
-        else:
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
-        self._wake.clear()
-
-    async def _sleep_idle(self) -> None:
-        """No lease outstanding: block until a message, waking only to take back
-        unused grants when they expire."""
-        assert self._wake is not None
-        self._wake.clear()
+    def _next_timeout_s(self) -> float | None:
+        """How long the loop thread may wait for a message: the poll gap while leases
+        are outstanding, else until the first grant expires (None: no timer)."""
+        if self._leases:
+            return self._delay
         with self._lock:
             deadlines = [g.deadline for g in self._grants.values()]
-        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        self._expire_grants()
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _take_notifications(self) -> tuple[list[tuple[bytes, Message]], bool]:
         """Verify the chunks named by new notifications; commit leases that are done

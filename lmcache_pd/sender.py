@@ -441,10 +441,13 @@ class Sender:
         rest = [c for c in skipped if c.key in missing]
         return rest, (sent, dedup, moved, len(reply.bad))
 
-    def _reply(self, peer: _Peer, req_id: str) -> Any:
-        """The receiver's answer to a message already sent (bounded wait)."""
+    def _reply(self, peer: _Peer, req_id: str, timeout_s: float | None = None) -> Any:
+        """The receiver's answer to a message already sent, within ``timeout_s``
+        (default ``pd_connect_timeout_s``)."""
+        if timeout_s is None:
+            timeout_s = self.cfg.pd_connect_timeout_s
         try:
-            reply, _ = peer.client.recv(self.cfg.pd_connect_timeout_s, req_id)
+            reply, _ = peer.client.recv(timeout_s, req_id)
         except ControlTimeout as exc:
             self._forget(peer)
             raise HandoffError(f"receiver stopped answering: {exc}", ErrorCode.TIMEOUT) from None
@@ -458,15 +461,17 @@ class Sender:
         transport's queue until the initiator is progressed again (UCX), and the
         receiver commits only once it arrives. Without this, such a handoff waited
         for whatever next used the transport (~1 s between requests), or its lease
-        expired. Polls back off from 1 ms to 50 ms; bounded like :meth:`_reply`."""
+        expired. Polls back off from 1 ms to 50 ms; the whole wait is bounded by
+        ``pd_connect_timeout_s``, like :meth:`_reply`."""
         deadline = time.monotonic() + self.cfg.pd_connect_timeout_s
         wait_ms = 1
         while True:
             for handle in handles:
                 self.transport.poll(handle)  # progresses the initiator
-            left_ms = int((deadline - time.monotonic()) * 1000)
+            left_s = deadline - time.monotonic()
+            left_ms = int(left_s * 1000)
             if left_ms <= 0 or peer.client.poller.poll(min(wait_ms, left_ms)):
-                return self._reply(peer, req_id)
+                return self._reply(peer, req_id, max(left_s, 1e-3))
             wait_ms = min(wait_ms * 2, 50)
 
     def _request(self, peer: _Peer, msg: Offer) -> Any:

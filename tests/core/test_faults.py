@@ -193,7 +193,7 @@ def fuzz_rx():
         # a real sender is connected before the fuzz, so Offers from it are valid peers
         yield rx, codec, sock
         sock.close()
-        assert rx._thread is not None and rx._thread.is_alive()
+        assert rx.alive
         with sender(cfg) as tx:
             chunks, data = fill(tx, hasher().keys(list(range(CHUNK))), np.random.default_rng(4))
             assert tx.send(rx.endpoint, "after-fuzz", chunks).sent == 1
