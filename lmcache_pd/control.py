@@ -23,6 +23,7 @@ Every wait is bounded: ``zmq.Poller`` / ``asyncio`` timeouts, never a spin.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import hmac
 import logging
@@ -230,6 +231,18 @@ class BlockingRouter:
         self.sock.close(linger=0)
 
 
+_PR_SET_TIMERSLACK = 29  # prctl option (linux/prctl.h)
+
+
+def _fine_timer_slack() -> None:
+    """Let this thread's timed sleeps end within 1 us of their deadline (Linux; a no-op
+    where prctl is missing)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 class RouterLoop:
     """One thread serving a :class:`BlockingRouter`: each message goes to
     ``on_message(identity, msg, payload)`` on that thread, which may answer at once with
@@ -240,7 +253,9 @@ class RouterLoop:
 
     Waits of a millisecond or more block in ``zmq_poll``; shorter ones (its timeout has
     millisecond resolution) check the sockets, sleep on this thread and check again, so a
-    message waits at most that long. ``start()`` it; ``close()`` it."""
+    message waits at most that long. With ``fine_timers`` those sleeps last what they
+    ask for: the thread's timer slack (Linux: 50 us by default, which would double a
+    50 us gap) is set to 1 us. ``start()`` it; ``close()`` it."""
 
     def __init__(
         self,
@@ -251,8 +266,10 @@ class RouterLoop:
         name: str,
         next_timeout_s: Callable[[], float | None] = lambda: None,
         on_tick: Callable[[], None] = lambda: None,
+        fine_timers: bool = False,
     ) -> None:
         self.router = router
+        self._fine_timers = fine_timers
         self._on_message = on_message
         self._next_timeout_s = next_timeout_s
         self._on_tick = on_tick
@@ -305,6 +322,8 @@ class RouterLoop:
         return events
 
     def _run(self) -> None:
+        if self._fine_timers:
+            _fine_timer_slack()
         poller = zmq.Poller()
         poller.register(self.router.sock, zmq.POLLIN)
         poller.register(self._wake_in, zmq.POLLIN)

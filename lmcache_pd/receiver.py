@@ -106,7 +106,8 @@ class _Lease:
     deadline: float
     landed: set[int] = field(default_factory=set)  # positions in ``want``
     bad: list[int] = field(default_factory=list)  # offer indices that failed the checksum
-    done: Done | None = None  # set when the sender says every WRITE completed
+    done: Done | None = None  # set when the sender's WRITEs are posted (Push) or done (Done)
+    done_at: float = 0.0  # when ``done`` was set (monotonic)
     early: list[tuple[int, int]] = field(default_factory=list)  # grant: notifs before Push
     missing: list[bytes] = field(default_factory=list)  # Push: skipped keys not held here
 
@@ -202,6 +203,7 @@ class Receiver:
             self._on_message,
             name="receiver",
             next_timeout_s=self._next_timeout_s,
+            fine_timers=True,
             on_tick=self._tick,
         ).start()
         log.info(
@@ -447,7 +449,7 @@ class Receiver:
             lease.keys, lease.nbytes = list(msg.keys), list(msg.nbytes)
             lease.checksums = list(msg.checksums)
             lease.want, lease.slots = list(range(k)), lease.slots[:k]
-            lease.done = Done(req_id=msg.req_id, lease=lease.lease)
+            lease.done, lease.done_at = Done(req_id=msg.req_id, lease=lease.lease), now
             lease.granted_at, lease.deadline = now, now + self.cfg.pd_lease_ttl_s
             lease.missing = [key for key in msg.skipped if not self._held(key)]
             self._issue_grant(identity, peer, msg.want_grant, leftover)  # told in Committed
@@ -571,7 +573,7 @@ class Receiver:
                     message=f"lease {msg.lease} unknown or expired "
                     f"(TTL {self.cfg.pd_lease_ttl_s}s)",
                 )
-            lease.done = msg
+            lease.done, lease.done_at = msg, time.monotonic()
             if len(lease.landed) == len(lease.want):
                 return self._commit(lease)
         return None  # committed when the last data notification arrives
@@ -690,7 +692,7 @@ class Receiver:
         for identity, reply in replies:
             self._send(identity, reply)
         self._store_committed()
-        self._delay = _POLL_MIN_S if landed else min(self._delay * 1.5, self._poll_cap())
+        self._delay = self._next_gap(landed)
 
     def _next_timeout_s(self) -> float | None:
         """How long the loop thread may wait for a message: the poll gap while leases
@@ -739,16 +741,22 @@ class Receiver:
                     replies.append((lease.identity, error))
         return replies
 
-    def _poll_cap(self) -> float:
-        """Longest poll gap: short while a lease is young or its sender said Done (data
-        is due any moment), longer for leases that wait on a slow sender."""
+    def _next_gap(self, landed: bool) -> float:
+        """The next poll gap: the shortest while something landed or a sender said its
+        WRITEs are posted (Push, Done: the data is due any moment, for at most
+        ``_FAST_WINDOW_S``), then growing up to ``_POLL_FAST_MAX_S`` while a lease is
+        young or due, up to ``_POLL_SLOW_MAX_S`` for leases that wait on a slow sender."""
         now = time.monotonic()
-        with self._lock:
-            young = any(
-                now - ls.granted_at < _FAST_WINDOW_S or ls.done is not None
-                for ls in self._leases.values()
-            )
-        return _POLL_FAST_MAX_S if young else _POLL_SLOW_MAX_S
+        due = young = False
+        for ls in self._leases.values():
+            if ls.done is not None:
+                due = due or now - ls.done_at < _FAST_WINDOW_S
+                young = True
+            else:
+                young = young or now - ls.granted_at < _FAST_WINDOW_S
+        if landed or due:
+            return _POLL_MIN_S
+        return min(self._delay * 1.5, _POLL_FAST_MAX_S if young else _POLL_SLOW_MAX_S)
 
     def _expire_grants(self) -> None:
         now = time.monotonic()
