@@ -348,6 +348,9 @@ class KVEventPublisher:
                 self._queue.put((_Op.STOP, None), timeout=1.0)
             self._wake()
             self._thread.join(timeout=5.0)
+        if self._thread.is_alive():  # closing its sockets under it is undefined
+            log.error("KV event publisher thread did not stop within 5 s; left running")
+            return
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._pub.close(0)

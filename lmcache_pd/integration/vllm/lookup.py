@@ -91,6 +91,9 @@ class LookupServer:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2.0)
+        if self._thread.is_alive():  # inside a lookup: closing its socket under it is undefined
+            log.error("lookup server thread did not stop within 2 s; left running")
+            return
         self._sock.close(linger=0)
         self._ctx.term()
         with contextlib.suppress(OSError):
