@@ -13,7 +13,12 @@ and the one warning when it cannot be built. Functions:
   transposed) by register tiles through an L1 stage that the chunk side streams in
   and out of, V by rows; optionally the checksum's term sum of every chunk byte,
   taken in the same loop that copies it; optionally stores that bypass the cache
-  (large chunks, see ``torch_path.STREAM_BYTES``).
+  (large chunks, see ``torch_path.STREAM_BYTES``);
+* ``pkv_gather`` / ``pkv_scatter``: the formats that keep a token's bytes contiguous
+  and a block's tokens adjacent (FLASH_ATTN, FLASHINFER, MLA) <-> chunk order for any
+  slot list (padding included), every layer and K/V half in one call: the slots are cut
+  into runs of adjacent tokens once, then each run is one copy, hashed in the same loop
+  by the same code as ``kvsum_copy`` (one implementation of the hash lanes).
 
 Callers fall back to numpy/torch (same results, slower) when :func:`library` is None;
 ``LMCACHE_PD_NATIVE=0`` forces that (tests compare both).
@@ -450,6 +455,79 @@ CPUV_DEFINE(uint8_t, 1)
 CPUV_DEFINE(uint16_t, 2)
 CPUV_DEFINE(uint32_t, 4)
 CPUV_DEFINE(uint64_t, 8)
+
+/* Paged formats that keep a token's bytes (all heads, tok bytes) contiguous and the
+   tokens of a block adjacent (FLASH_ATTN, FLASHINFER, MLA): chunk token t of kv half k
+   of layer l lives at layers[l] + k*sk + (slot/N)*sb + (slot%N)*tok. Tokens [t0, t1) of
+   the slot list are taken PKV_WINDOW at a time: the window is cut once into runs of
+   consecutive slots adjacent in the layer (within a block, or across blocks when
+   sb == N*tok), then for every layer and half each run is one cpuv_move (copied and,
+   with a table, hashed in the same loop; nt as for CPU_VLLM). Negative slots: gather
+   writes zeros, scatter skips them; their chunk bytes are hashed all the same. Returns
+   the term sum of the chunk bytes of tokens [t0, t1) of every layer and half (0 without
+   a table; a table needs tok % 8 == 0). */
+#define PKV_WINDOW 512
+static inline int64_t pkv_runs(int64_t* off, int64_t* first, const int64_t* slots, int64_t t,
+                               int64_t t1, int64_t N, int64_t sb, int64_t tok) {
+    const int joined = sb == N * tok;
+    int64_t nr = 0;
+    while (t < t1) {
+        const int64_t s = slots[t];
+        int64_t e = t + 1;
+        if (s < 0) {
+            while (e < t1 && slots[e] < 0) e++;
+            off[nr] = -1;
+        } else {
+            while (e < t1 && slots[e] == s + (e - t) && (joined || slots[e] % N)) e++;
+            off[nr] = (s / N) * sb + (s % N) * tok;
+        }
+        first[nr++] = t;
+        t = e;
+    }
+    first[nr] = t1;
+    return nr;
+}
+static inline uint64_t pkv_copy(uint8_t* chunk, const int64_t* layers, int64_t L, int64_t K,
+                                const int64_t* slots, int64_t t0, int64_t t1, int64_t tokens,
+                                int64_t tok, int64_t N, int64_t sb, int64_t sk,
+                                const uint64_t* table, int64_t nt, const int scatter) {
+    int64_t off[PKV_WINDOW], first[PKV_WINDOW + 1];
+    uint64_t acc = 0;
+    for (int64_t w0 = t0; w0 < t1; w0 += PKV_WINDOW) {
+        const int64_t w1 = t1 - w0 < PKV_WINDOW ? t1 : w0 + PKV_WINDOW;
+        const int64_t nr = pkv_runs(off, first, slots, w0, w1, N, sb, tok);
+        for (int64_t l = 0; l < L; l++)
+            for (int64_t k = 0; k < K; k++) {
+                uint8_t* cache = (uint8_t*)layers[l] + k * sk;
+                uint8_t* part = chunk + (l * K + k) * tokens * tok;
+                for (int64_t r = 0; r < nr; r++) {
+                    uint8_t* c = part + first[r] * tok;
+                    const int64_t n = (first[r + 1] - first[r]) * tok, word0 = (c - chunk) / 8;
+                    if (off[r] < 0) {
+                        if (!scatter) memset(c, 0, (size_t)n);
+                        if (table) acc += kvsum_impl(0, c, (uint64_t)n, (uint64_t)word0, table, 0);
+                    } else if (scatter) {
+                        acc += cpuv_move(cache + off[r], c, n, word0, table, nt);
+                    } else {
+                        acc += cpuv_move(c, cache + off[r], n, word0, table, nt);
+                    }
+                }
+            }
+    }
+    cpuv_fence(nt);
+    return acc;
+}
+uint64_t pkv_gather(uint8_t* chunk, const int64_t* layers, int64_t L, int64_t K,
+                    const int64_t* slots, int64_t t0, int64_t t1, int64_t tokens, int64_t tok,
+                    int64_t N, int64_t sb, int64_t sk, const uint64_t* table, int64_t nt) {
+    return pkv_copy(chunk, layers, L, K, slots, t0, t1, tokens, tok, N, sb, sk, table, nt, 0);
+}
+uint64_t pkv_scatter(const uint8_t* chunk, const int64_t* layers, int64_t L, int64_t K,
+                     const int64_t* slots, int64_t t0, int64_t t1, int64_t tokens, int64_t tok,
+                     int64_t N, int64_t sb, int64_t sk, const uint64_t* table, int64_t nt) {
+    return pkv_copy((uint8_t*)chunk, layers, L, K, slots, t0, t1, tokens, tok, N, sb, sk,
+                    table, nt, 1);
+}
 """
 )
 
@@ -480,6 +558,12 @@ class NativeLib:
                 fn.restype = u64
                 fn.argtypes = (ptr, ptr, i64, ptr, *(i64,) * 10, ptr, i64)
                 table[w] = fn
+        self.pkv: dict[str, Any] = {}
+        for op in ("gather", "scatter"):
+            fn = getattr(lib, f"pkv_{op}")
+            fn.restype = u64
+            fn.argtypes = (ptr, ptr, i64, i64, ptr, *(i64,) * 7, ptr, i64)
+            self.pkv[op] = fn
         self.path = path
         self._lib = lib
 

@@ -18,7 +18,10 @@ How it stays near memcpy speed:
 vLLM's CPU page format (``CPU_VLLM``, K stored transposed) moves its whole blocks by the
 native library instead (:mod:`lmcache_pd.kernels.native`): K and V of every layer in one
 call, or one per torch thread on a split block range for chunks of
-:data:`PARALLEL_BYTES` or more (the calls release the GIL), checksum included.
+:data:`PARALLEL_BYTES` or more (the calls release the GIL), checksum included. So do
+FLASH_ATTN, FLASHINFER and MLA caches whose tokens are contiguous runs
+(:func:`runs_library`): every token of every layer in one native call (split the same
+way), padding included; these torch ops remain their fallback.
 """
 
 from __future__ import annotations
@@ -365,6 +368,56 @@ def _native_blocks(
         acc.total = (acc.total + total) & checksum.MASK
 
 
+def runs_library(geom: Geometry, layers: list[torch.Tensor]) -> native.NativeLib | None:
+    """The native library when ``geom`` keeps each token's bytes (all heads) contiguous
+    and a block's tokens adjacent (FLASH_ATTN, FLASHINFER, MLA as engines allocate them)
+    on CPU tensors: a chunk is then a list of contiguous runs, moved by
+    :func:`_native_runs`. None otherwise, or when the library is unavailable."""
+    if geom.k_transposed or geom.rows != 1 or geom.stride_n != geom.row:
+        return None
+    if layers[0].device.type != "cpu":
+        return None
+    return native.library()
+
+
+def _native_runs(
+    op: str, lib: native.NativeLib, layers: list[torch.Tensor], geom: Geometry,
+    slots: torch.Tensor, chunk: torch.Tensor, hashed: bool,
+) -> int:  # fmt: skip
+    """Every token of ``slots`` (negative: padding) of every layer and K/V half by the
+    native library's run copy: one call, or one per torch thread on a split token range
+    for chunks of :data:`PARALLEL_BYTES` or more, stores that bypass the cache from
+    :data:`STREAM_BYTES`, as for CPU_VLLM. ``hashed`` (tokens 8-byte aligned in the
+    chunk): returns the term sum of all chunk bytes, taken in the copy loop; else 0."""
+    es = layers[0].element_size()
+    ptrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64)
+    slots = slots.contiguous()
+    tokens, n = slots.numel(), geom.block_size
+    table = checksum.KEY_TABLE.ctypes.data if hashed else None
+    nbytes = chunk.numel() * chunk.element_size()
+    fn = lib.pkv[op]
+
+    def run(t0: int, t1: int) -> int:
+        return int(
+            fn(
+                chunk.data_ptr(), ptrs.data_ptr(), len(layers), geom.kv_factor,
+                slots.data_ptr(), t0, t1, tokens, geom.row * es, n, geom.stride_b * es,
+                geom.stride_k * es, table, int(nbytes >= STREAM_BYTES),
+            )
+        )  # fmt: skip
+
+    parts = min(torch.get_num_threads(), tokens) if nbytes >= PARALLEL_BYTES else 1
+    if parts <= 1:
+        return run(0, tokens) & checksum.MASK
+    # split at block boundaries where the chunk holds whole blocks (runs stay whole)
+    cuts = [min(tokens, (tokens * i // parts + n // 2) // n * n) for i in range(1, parts)]
+    edges = [0, *cuts, tokens]
+    pool = _pool(parts - 1)
+    futures = [pool.submit(run, a, b) for a, b in itertools.pairwise(edges[1:])]
+    total = run(edges[0], edges[1]) + sum(f.result() for f in futures)
+    return total & checksum.MASK
+
+
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_WORKERS = 0
 _POOL_LOCK = threading.Lock()
@@ -445,6 +498,13 @@ def gather(
     chunk, in a pass over the finished chunk instead)."""
     es = chunk.element_size()
     fused = hashed and hashable_in_pass(geom, es) and chunk.device.type == "cpu"
+    lib = runs_library(geom, layers)
+    if lib is not None:
+        check_slots(slots, geom)  # the range check; padding is handled natively
+        total = _native_runs("gather", lib, layers, geom, slots, chunk, fused)
+        if not hashed:
+            return None
+        return total if fused else checksum.partial_sum(chunk)
     acc = SumAccumulator(chunk) if fused else None
     if not check_slots(slots, geom):
         _copy("gather", layers, geom, slots, chunk, nonneg=True, acc=acc)
@@ -465,6 +525,12 @@ def scatter(
     as each piece is read."""
     es = chunk.element_size()
     fused = hashed and hashable_in_pass(geom, es) and chunk.device.type == "cpu"
+    lib = runs_library(geom, layers)
+    if lib is not None:
+        check_slots(slots, geom)  # the range check; padding is skipped natively
+        total = checksum.partial_sum(chunk) if hashed and not fused else None
+        got = _native_runs("scatter", lib, layers, geom, slots, chunk, fused)
+        return got if fused else total
     total = None
     if check_slots(slots, geom):
         if hashed:
