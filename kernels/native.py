@@ -53,10 +53,36 @@ C_SOURCE = (
     + f"#define KVSUM_K_SEG 0x{K_SEG:X}ULL\n"
     + r"""
 #define PERIOD 512u
+#define KVSUM_PREFETCH 1024 /* bytes ahead of the copy+hash loop's source (software) */
 #define LOG_PERIOD 9u
 #define K_SEG KVSUM_K_SEG
 
 static inline uint64_t load64(const uint8_t* p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+#if defined(__AVX512F__)
+/* The hash lanes, one step: 16 words at q (chunk words whose keys are t[0..15] + seg,
+   vs = seg in every lane) added into va/vb; with `copy` also stored at d (copy == 2:
+   stores that bypass the cache, d 64-byte aligned). vpmuludq: the 32x32->64 product in
+   one instruction (compilers pick vpmullq). Every AVX-512 loop that hashes uses this. */
+static inline __attribute__((always_inline)) void kvsum_step16(
+    uint8_t* d, const uint8_t* q, const uint64_t* t, const __m512i vs, __m512i* va,
+    __m512i* vb, const int copy) {
+    const __m512i w0 = _mm512_loadu_si512(q), w1 = _mm512_loadu_si512(q + 64);
+    if (copy == 2) {
+        _mm512_stream_si512((void*)d, w0);
+        _mm512_stream_si512((void*)(d + 64), w1);
+    } else if (copy) {
+        _mm512_storeu_si512(d, w0);
+        _mm512_storeu_si512(d + 64, w1);
+    }
+    const __m512i x0 = _mm512_xor_si512(w0, _mm512_add_epi64(_mm512_loadu_si512(t), vs));
+    const __m512i x1 = _mm512_xor_si512(w1, _mm512_add_epi64(_mm512_loadu_si512(t + 8), vs));
+    const __m512i p0 = _mm512_mul_epu32(x0, _mm512_srli_epi64(x0, 32));
+    const __m512i p1 = _mm512_mul_epu32(x1, _mm512_srli_epi64(x1, 32));
+    *va = _mm512_add_epi64(*va, _mm512_add_epi64(p0, w0));
+    *vb = _mm512_add_epi64(*vb, _mm512_add_epi64(p1, w1));
+}
+#endif
 
 /* term sum of nbytes at p, whose first byte is word `word0` of its chunk; with `copy`
    (a constant after inlining) each word is also stored to dst in the same loop, so a
@@ -74,27 +100,16 @@ static inline uint64_t kvsum_impl(uint8_t* dst, const uint8_t* p, uint64_t nbyte
         const uint64_t* t = table + j0;
         uint64_t a = 0, k = 0;
 #if defined(__AVX512F__)
-        /* vpmuludq: the 32x32->64 product in one instruction (compilers pick vpmullq) */
         __m512i va = _mm512_setzero_si512(), vb = va;
         const __m512i vs = _mm512_set1_epi64((long long)seg);
-#define LD(p) _mm512_loadu_si512(p)
-#define ST(p, v) (copy == 2 ? _mm512_stream_si512((void*)(p), v) : _mm512_storeu_si512(p, v))
-#define TERM(w, x) _mm512_add_epi64(_mm512_mul_epu32(x, _mm512_srli_epi64(x, 32)), w)
         for (; k + 16 <= run; k += 16) {
-            const __m512i w0 = LD(q + 8 * k), w1 = LD(q + 8 * k + 64);
-            if (copy) {
-                ST(d + 8 * k, w0);
-                ST(d + 8 * k + 64, w1);
+            if (copy) { /* copies run on one core's fill buffers: ask for the source early */
+                _mm_prefetch((const char*)(q + 8 * k + KVSUM_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char*)(q + 8 * k + KVSUM_PREFETCH + 64), _MM_HINT_T0);
             }
-            const __m512i x0 = _mm512_xor_si512(w0, _mm512_add_epi64(LD(t + k), vs));
-            const __m512i x1 = _mm512_xor_si512(w1, _mm512_add_epi64(LD(t + k + 8), vs));
-            va = _mm512_add_epi64(va, TERM(w0, x0));
-            vb = _mm512_add_epi64(vb, TERM(w1, x1));
+            kvsum_step16(copy ? d + 8 * k : 0, q + 8 * k, t + k, vs, &va, &vb, copy);
         }
         a += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(va, vb));
-#undef LD
-#undef ST
-#undef TERM
 #elif defined(__AVX2__)
         __m256i va = _mm256_setzero_si256(), vb = va;
         const __m256i vs = _mm256_set1_epi64x((long long)seg);
@@ -103,6 +118,8 @@ static inline uint64_t kvsum_impl(uint8_t* dst, const uint8_t* p, uint64_t nbyte
     (copy == 2 ? _mm256_stream_si256((__m256i*)(p), v) : _mm256_storeu_si256((__m256i*)(p), v))
 #define TERM(w, x) _mm256_add_epi64(_mm256_mul_epu32(x, _mm256_srli_epi64(x, 32)), w)
         for (; k + 8 <= run; k += 8) {
+            if (copy && (k & 15) == 0)
+                _mm_prefetch((const char*)(q + 8 * k + KVSUM_PREFETCH), _MM_HINT_T0);
             const __m256i w0 = LD(q + 8 * k), w1 = LD(q + 8 * k + 32);
             if (copy) {
                 ST(d + 8 * k, w0);
@@ -350,6 +367,56 @@ static inline void cpuv_fence(int64_t nt) {
     if (nt) _mm_sfence();
 #endif
 }
+/* CPU_VLLM's V: N tokens x H rows of `row` bytes, contiguous on the chunk side at c
+   (chunk word word0 on), on the page side row (n, h) at p + n*sn + h*sh. scatter == 0:
+   pages -> chunk, 1: chunk -> pages; each word hashed in the loop that moves it, the
+   lanes kept in registers across all N*H rows (one reduction, not one per 256-byte
+   row). Needs rows of whole 128-byte steps and a table (else 0 is returned: callers
+   then move the rows by cpuv_move); nt as cpuv_move (callers fence). */
+static inline int cpuv_rows_ok(int64_t row, const uint64_t* table) {
+#if defined(__AVX512F__)
+    return table && row % 128 == 0;
+#else
+    (void)row;
+    (void)table;
+    return 0;
+#endif
+}
+static inline uint64_t cpuv_rows(uint8_t* c, uint8_t* p, int64_t N, int64_t H, int64_t sn,
+                                 int64_t sh, int64_t row, uint64_t word0,
+                                 const uint64_t* table, const int scatter, int64_t nt) {
+    uint64_t acc = 0;
+#if defined(__AVX512F__)
+    uint8_t* d0 = scatter ? p : c;
+    nt = nt && ((uintptr_t)d0 & 63) == 0 && (!scatter || (sn % 64 == 0 && sh % 64 == 0));
+    const uint64_t rw = (uint64_t)row / 8;
+    __m512i va = _mm512_setzero_si512(), vb = va;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++) {
+            uint8_t* cr = c + (n * H + h) * row;
+            uint8_t* pr = p + n * sn + h * sh;
+            const uint8_t* q = scatter ? cr : pr;
+            uint8_t* d = scatter ? pr : cr;
+            const uint64_t w = word0 + (uint64_t)(n * H + h) * rw, j0 = w & (PERIOD - 1);
+            if (j0 + rw > PERIOD) { /* the row crosses a key period: the general loop */
+                acc += kvsum_impl(d, q, (uint64_t)row, w, table, nt ? 2 : 1);
+                continue;
+            }
+            const __m512i vs = _mm512_set1_epi64((long long)((w >> LOG_PERIOD) * K_SEG));
+            for (uint64_t k = 0; k < rw; k += 16) {
+                if (nt)
+                    kvsum_step16(d + 8 * k, q + 8 * k, table + j0 + k, vs, &va, &vb, 2);
+                else
+                    kvsum_step16(d + 8 * k, q + 8 * k, table + j0 + k, vs, &va, &vb, 1);
+            }
+        }
+    acc += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(va, vb));
+#else
+    (void)c; (void)p; (void)N; (void)H; (void)sn; (void)sh; (void)row; (void)word0;
+    (void)table; (void)scatter; (void)nt;
+#endif
+    return acc;
+}
 #define CPUV_DEFINE(T, W)                                                                 \
 uint64_t cpuv_gather_##W(uint8_t* chunk, const int64_t* layers, int64_t L,                \
                          const int64_t* blk, int64_t b0, int64_t b1, int64_t tokens, int64_t H, \
@@ -386,12 +453,16 @@ uint64_t cpuv_gather_##W(uint8_t* chunk, const int64_t* layers, int64_t L,      
                 }                                                                         \
                 if (table) acc += kvsum_impl(0, ok, piece, (ok - chunk) / 8, table, 0);   \
             }                                                                             \
-            for (int64_t n = 0; n < N; n++)                                               \
-                for (int64_t h = 0; h < H; h++) {                                         \
-                    uint8_t* dst = ov + n * tok + h * row;                                \
-                    acc += cpuv_move(dst, page + sk + h * sh + n * sn, row,               \
-                                     (dst - chunk) / 8, vtab, nt);                        \
-                }                                                                         \
+            if (cpuv_rows_ok(row, vtab))                                                  \
+                acc += cpuv_rows(ov, (uint8_t*)page + sk, N, H, sn, sh, row,              \
+                                 (uint64_t)(ov - chunk) / 8, vtab, 0, nt);                \
+            else                                                                          \
+                for (int64_t n = 0; n < N; n++)                                           \
+                    for (int64_t h = 0; h < H; h++) {                                     \
+                        uint8_t* dst = ov + n * tok + h * row;                            \
+                        acc += cpuv_move(dst, page + sk + h * sh + n * sn, row,           \
+                                         (dst - chunk) / 8, vtab, nt);                    \
+                    }                                                                     \
             if (table && !vtab) acc += kvsum_impl(0, ov, piece, (ov - chunk) / 8, table, 0); \
         }                                                                                 \
     }                                                                                     \
@@ -440,12 +511,16 @@ uint64_t cpuv_scatter_##W(const uint8_t* chunk, const int64_t* layers, int64_t L
                 }                                                                         \
             }                                                                             \
             if (table && !vtab) acc += kvsum_impl(0, ov, piece, (ov - chunk) / 8, table, 0); \
-            for (int64_t n = 0; n < N; n++)                                               \
-                for (int64_t h = 0; h < H; h++) {                                         \
-                    const uint8_t* src = ov + n * tok + h * row;                          \
-                    acc += cpuv_move(page + sk + h * sh + n * sn, src, row,               \
-                                     (src - chunk) / 8, vtab, nt);                        \
-                }                                                                         \
+            if (cpuv_rows_ok(row, vtab))                                                  \
+                acc += cpuv_rows((uint8_t*)ov, page + sk, N, H, sn, sh, row,              \
+                                 (uint64_t)(ov - chunk) / 8, vtab, 1, nt);                \
+            else                                                                          \
+                for (int64_t n = 0; n < N; n++)                                           \
+                    for (int64_t h = 0; h < H; h++) {                                     \
+                        const uint8_t* src = ov + n * tok + h * row;                      \
+                        acc += cpuv_move(page + sk + h * sh + n * sn, src, row,           \
+                                         (src - chunk) / 8, vtab, nt);                    \
+                    }                                                                     \
         }                                                                                 \
     }                                                                                     \
     cpuv_fence(nt);                                                                       \

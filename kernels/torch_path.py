@@ -27,6 +27,7 @@ way), padding included; these torch ops remain their fallback.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import itertools
 import os
 import threading
@@ -210,6 +211,9 @@ STREAM_BYTES = 16 << 20
 # CPU_VLLM chunks at least this large are split across torch's CPU threads (the torch
 # ops this path replaced ran on all of them too).
 PARALLEL_BYTES = 1 << 20
+# The same for the plain run copies (FLASH_ATTN, FLASHINFER, MLA): they move ~16 GB/s
+# on one core, so a helper thread's ~0.1 ms round trip pays off only from a few MiB.
+RUNS_PARALLEL_BYTES = 4 << 20
 
 
 class SumAccumulator:
@@ -390,7 +394,7 @@ def _native_runs(
     :data:`STREAM_BYTES`, as for CPU_VLLM. ``hashed`` (tokens 8-byte aligned in the
     chunk): returns the term sum of all chunk bytes, taken in the copy loop; else 0."""
     es = layers[0].element_size()
-    ptrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64)
+    ptrs = (ctypes.c_int64 * len(layers))(*(t.data_ptr() for t in layers))
     slots = slots.contiguous()
     tokens, n = slots.numel(), geom.block_size
     table = checksum.KEY_TABLE.ctypes.data if hashed else None
@@ -400,13 +404,14 @@ def _native_runs(
     def run(t0: int, t1: int) -> int:
         return int(
             fn(
-                chunk.data_ptr(), ptrs.data_ptr(), len(layers), geom.kv_factor,
+                chunk.data_ptr(), ptrs, len(layers), geom.kv_factor,
                 slots.data_ptr(), t0, t1, tokens, geom.row * es, n, geom.stride_b * es,
                 geom.stride_k * es, table, int(nbytes >= STREAM_BYTES),
             )
         )  # fmt: skip
 
-    parts = min(torch.get_num_threads(), tokens) if nbytes >= PARALLEL_BYTES else 1
+    split = nbytes >= max(PARALLEL_BYTES, RUNS_PARALLEL_BYTES)
+    parts = min(torch.get_num_threads(), tokens) if split else 1
     if parts <= 1:
         return run(0, tokens) & checksum.MASK
     # split at block boundaries where the chunk holds whole blocks (runs stay whole)

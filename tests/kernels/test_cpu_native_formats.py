@@ -4,10 +4,12 @@ and the numpy/torch fallback (``LMCACHE_PD_NATIVE=0``): same bytes, digests equa
 ``kvsum64`` of the gathered chunk, scatter writing only the target slots. Several block
 sizes, layer counts, element widths, whole blocks in random order with a partial
 tail, random single slots, padding slots, adjacent blocks (runs across blocks), tokens
-whose chunk bytes are not 8-byte aligned, and the streamed and thread-split modes."""
+whose chunk bytes are not 8-byte aligned, the streamed and thread-split modes, and the
+library built without AVX-512 / AVX2."""
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 
 import pytest
@@ -197,3 +199,45 @@ def test_permuted_heads_stay_on_the_torch_path(native_lib: native.NativeLib) -> 
     caches = make_caches(PagedFormat.FLASH_ATTN, layout, 4, gen, "permuted")
     geom = validate_caches(caches, layout, PagedFormat.FLASH_ATTN)[1]
     assert torch_path.runs_library(geom, caches) is None
+
+
+@pytest.mark.parametrize(
+    "flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2")], ids=["avx2", "no-avx2"]
+)
+def test_narrower_builds_give_the_same_bytes_and_digests(
+    native_lib: native.NativeLib, flags: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The library built without AVX-512 (the AVX2 lanes) and without AVX2 (SSE tiles and
+    scalar lanes), as on older CPUs: every format's native path still matches the
+    reference, digests included."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 ISA flags")
+    monkeypatch.setattr(native, "C_FLAGS", (*native.C_FLAGS, *flags))
+    narrow = native.build()
+    old = native.reset_for_tests(narrow, None)
+    try:
+        for fmt, dtype, heads, head_size in (
+            (PagedFormat.FLASH_ATTN, "bfloat16", 3, 24),
+            (PagedFormat.MLA, "float32", 1, 40),
+            (PagedFormat.CPU_VLLM, "bfloat16", 2, 128),  # V rows of 256 bytes
+            (PagedFormat.CPU_VLLM, "float32", 3, 8),
+        ):
+            layout = make_layout(2, heads, head_size, dtype, 16, mla=fmt is PagedFormat.MLA)
+            gen = torch.Generator().manual_seed(head_size)
+            caches = make_caches(fmt, layout, 8, gen, "shared")
+            slots = _slots("padded", 16, 8, gen)
+            want = bits(ref_gather(fmt, caches, slots.tolist(), layout))
+            want = want.reshape(-1).view(torch.uint8)
+            out = torch.empty_like(want)
+            assert gather_checksum(caches, slots, out, layout, fmt) == checksum.digest(want)
+            assert torch.equal(out, want), fmt
+            # scatter back into zeroed caches: the gathered slots, nothing else
+            view = want.view(caches[0].dtype).view(layout.chunk_shape(slots.numel()))
+            expected = [torch.zeros_like(c) for c in caches]
+            ref_scatter(fmt, view, expected, slots.tolist(), layout)
+            fresh = [torch.zeros_like(c) for c in caches]
+            assert scatter_checksum(want, fresh, slots, layout, fmt) == checksum.digest(want)
+            for a, b in zip(fresh, expected, strict=True):
+                assert torch.equal(bits(a), bits(b)), fmt
+    finally:
+        native.reset_for_tests(*old)

@@ -80,6 +80,10 @@ def _cases() -> Iterator[tuple[str, int, int, int, str, int, bool]]:
     yield "float32", 16, 128, 16, "shared", 2, False
     yield "bfloat16", 5, 128, 32, "plain", 9, False
     yield "float32", 33, 256, 16, "shared", 1, True
+    # V rows of 384 bytes (48 words, hashed in registers across rows): some rows cross
+    # a 512-word key period and take the general loop
+    yield "bfloat16", 1, 192, 16, "shared", 3, False
+    yield "bfloat16", 3, 192, 16, "plain", 5, True
 
 
 @pytest.mark.parametrize("mode", ["cached", "streamed", "split"])
