@@ -211,9 +211,10 @@ STREAM_BYTES = 16 << 20
 # CPU_VLLM chunks at least this large are split across torch's CPU threads (the torch
 # ops this path replaced ran on all of them too).
 PARALLEL_BYTES = 1 << 20
-# The same for the plain run copies (FLASH_ATTN, FLASHINFER, MLA): they move ~16 GB/s
-# on one core, so a helper thread's ~0.1 ms round trip pays off only from a few MiB.
-RUNS_PARALLEL_BYTES = 4 << 20
+# The same for the plain run copies (FLASH_ATTN, FLASHINFER, MLA): they move ~15 GB/s
+# on one core, and a helper thread's round trip (~0.1 ms, often more on a busy 2-core
+# host) made 8-9 MiB chunks no faster, only noisier; from 32 MiB it halves the time.
+RUNS_PARALLEL_BYTES = 16 << 20
 
 
 class SumAccumulator:
