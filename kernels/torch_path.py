@@ -20,8 +20,8 @@ native library instead (:mod:`lmcache_pd.kernels.native`): K and V of every laye
 call, or one per torch thread on a split block range for chunks of
 :data:`PARALLEL_BYTES` or more (the calls release the GIL), checksum included. So do
 FLASH_ATTN, FLASHINFER and MLA caches whose tokens are contiguous runs
-(:func:`runs_library`): every token of every layer in one native call (split the same
-way), padding included; these torch ops remain their fallback.
+(:func:`runs_library`): every token of every layer in one native call (split from
+:data:`RUNS_PARALLEL_BYTES`), padding included; these torch ops remain their fallback.
 """
 
 from __future__ import annotations
@@ -391,7 +391,7 @@ def _native_runs(
 ) -> int:  # fmt: skip
     """Every token of ``slots`` (negative: padding) of every layer and K/V half by the
     native library's run copy: one call, or one per torch thread on a split token range
-    for chunks of :data:`PARALLEL_BYTES` or more, stores that bypass the cache from
+    for chunks of :data:`RUNS_PARALLEL_BYTES` or more, stores that bypass the cache from
     :data:`STREAM_BYTES`, as for CPU_VLLM. ``hashed`` (tokens 8-byte aligned in the
     chunk): returns the term sum of all chunk bytes, taken in the copy loop; else 0."""
     es = layers[0].element_size()
