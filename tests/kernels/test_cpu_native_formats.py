@@ -114,6 +114,7 @@ def test_native_formats_match_reference_and_fallback(
         monkeypatch.setattr(torch_path, "STREAM_BYTES", 0)
     if mode == "split":
         monkeypatch.setattr(torch_path, "PARALLEL_BYTES", 0)
+        monkeypatch.setattr(torch_path, "RUNS_PARALLEL_BYTES", 0)
         threads = torch.get_num_threads()
         torch.set_num_threads(3)
         try:
