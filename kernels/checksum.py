@@ -38,7 +38,9 @@ Chunks up to 2**64 bytes; keys repeat only for words 2**64 / K_SEG-cycles apart.
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Callable
 from typing import Union
 
 import numpy as np
@@ -166,9 +168,46 @@ def _ptr_len(buf: Buffer, writable: bool = False) -> tuple[int, int, object]:
     return arr.ctypes.data, arr.size, arr
 
 
+# Big native checksum calls are split across torch's CPU threads, one piece per thread on
+# SPLIT_ALIGN boundaries (each call releases the GIL; the pieces' term sums add mod 2**64,
+# each keyed from its own byte offset), on the helper threads the native gathers use
+# (native.pool). One core copies and hashes ~15 GB/s, what it copies alone, so the copy
+# with the hash keeps up with torch's copy (2 threads here) only when it is split too; a
+# helper thread's round trip (~0.1 ms, more on a busy 2-core host) made 2-4 MiB no faster
+# split (measured), like the run copies' torch_path.RUNS_PARALLEL_BYTES reasoning.
+PARALLEL_BYTES = 8 << 20
+# From this size a copy's stores bypass the cache (as torch_path.STREAM_BYTES for the
+# native gathers): the destination lines need not be read first (3 memory passes -> 2);
+# bench kernels --quick: copy+sum / copy 0.83-0.84 at 9 MiB streamed vs 0.54-0.67 not.
+STREAM_BYTES = 8 << 20
+SPLIT_ALIGN = 4096
+
+
+def _pieces(n: int) -> list[int]:
+    """Piece edges of an ``n``-byte native call: ``[0, n]``, or one piece per torch
+    thread from :data:`PARALLEL_BYTES` (edges on :data:`SPLIT_ALIGN` boundaries)."""
+    parts = min(torch.get_num_threads(), n // SPLIT_ALIGN) if n >= PARALLEL_BYTES else 1
+    if parts <= 1:
+        return [0, n]
+    return [0, *(n * i // parts // SPLIT_ALIGN * SPLIT_ALIGN for i in range(1, parts)), n]
+
+
+def _split_call(n: int, piece: Callable[[int, int], int]) -> int:
+    """``piece(a, b)`` over the byte ranges of :func:`_pieces`: the first on this thread,
+    the others on the helper threads; the sum of their results mod 2**64."""
+    edges = _pieces(n)
+    if len(edges) == 2:
+        return piece(0, n) & MASK
+    pool = native.pool(len(edges) - 2)
+    futures = [pool.submit(piece, a, b) for a, b in itertools.pairwise(edges[1:])]
+    total = piece(edges[0], edges[1])
+    return (total + sum(f.result() for f in futures)) & MASK
+
+
 def partial_sum(buf: Buffer, byte_offset: int = 0) -> int:
     """Term sum of a contiguous CPU buffer that starts ``byte_offset`` bytes (a multiple
-    of 8) into its chunk. Sums of disjoint parts add (mod 2**64) to the chunk's sum."""
+    of 8) into its chunk. Sums of disjoint parts add (mod 2**64) to the chunk's sum.
+    Buffers of :data:`PARALLEL_BYTES` or more are hashed on several threads."""
     _check_offset(byte_offset)
     if isinstance(buf, torch.Tensor) and buf.device.type == "cuda":
         return cuda_sum(buf, byte_offset)
@@ -176,12 +215,17 @@ def partial_sum(buf: Buffer, byte_offset: int = 0) -> int:
     if lib is None:
         return reference_sum(buf, byte_offset)
     addr, n, _keep = _ptr_len(buf)
-    return int(lib.sum(addr, n, byte_offset // WORD, _TABLE_PTR)) if n else 0
+    if not n:
+        return 0
+    w0 = byte_offset // WORD
+    return _split_call(n, lambda a, b: int(lib.sum(addr + a, b - a, w0 + a // WORD, _TABLE_PTR)))
 
 
 def copy_sum(dst: Buffer, src: Buffer, byte_offset: int = 0) -> int:
-    """Copy ``src`` into ``dst`` (same size, CPU, contiguous) and return the term sum of
-    the bytes, each word hashed as it is copied (one loop): one pass over memory."""
+    """Copy ``src`` into ``dst`` (same size, CPU, contiguous, not overlapping) and return
+    the term sum of the bytes, each word hashed as it is copied (one loop): one pass over
+    memory. From :data:`PARALLEL_BYTES` the copy is split across torch's threads, from
+    :data:`STREAM_BYTES` its stores bypass the cache; the result is the same."""
     _check_offset(byte_offset)
     lib = c_library()
     d_addr, d_n, _kd = _ptr_len(dst, writable=True)
@@ -193,7 +237,16 @@ def copy_sum(dst: Buffer, src: Buffer, byte_offset: int = 0) -> int:
         return reference_sum(src, byte_offset)
     if not s_n:
         return 0
-    return int(lib.copy(d_addr, s_addr, s_n, byte_offset // WORD, _TABLE_PTR))
+    w0 = byte_offset // WORD
+    if s_n < PARALLEL_BYTES and s_n < STREAM_BYTES:
+        return int(lib.copy(d_addr, s_addr, s_n, w0, _TABLE_PTR))
+    nt = int(s_n >= STREAM_BYTES)
+    fn = lib.copy_nt
+
+    def piece(a: int, b: int) -> int:
+        return int(fn(d_addr + a, s_addr + a, b - a, w0 + a // WORD, _TABLE_PTR, nt))
+
+    return _split_call(s_n, piece)
 
 
 def nbytes_of(buf: Buffer) -> int:

@@ -26,6 +26,7 @@ Callers fall back to numpy/torch (same results, slower) when :func:`library` is 
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import hashlib
 import logging
@@ -367,6 +368,15 @@ static inline void cpuv_fence(int64_t nt) {
     if (nt) _mm_sfence();
 #endif
 }
+/* kvsum_copy for large buffers: with nt, stores that bypass the cache where dst is
+   64-byte aligned and word0 % 8 == 0 (else plain stores), fenced before returning.
+   Callers split big copies into pieces on 4 KiB boundaries, one call per thread. */
+uint64_t kvsum_copy_nt(uint8_t* dst, const uint8_t* src, uint64_t nbytes, uint64_t word0,
+                       const uint64_t* table, int64_t nt) {
+    const uint64_t acc = cpuv_move(dst, src, (int64_t)nbytes, (int64_t)word0, table, nt);
+    cpuv_fence(nt);
+    return acc;
+}
 /* CPU_VLLM's V: N tokens x H rows of `row` bytes, contiguous on the chunk side at c
    (chunk word word0 on), on the page side row (n, h) at p + n*sn + h*sh. scatter == 0:
    pages -> chunk, 1: chunk -> pages; each word hashed in the loop that moves it, the
@@ -620,8 +630,11 @@ class NativeLib:
         lib.kvsum_sum.argtypes = (ptr, u64, u64, ptr)
         lib.kvsum_copy.restype = u64
         lib.kvsum_copy.argtypes = (ptr, ptr, u64, u64, ptr)
+        lib.kvsum_copy_nt.restype = u64
+        lib.kvsum_copy_nt.argtypes = (ptr, ptr, u64, u64, ptr, i64)
         self.sum = lib.kvsum_sum
         self.copy = lib.kvsum_copy
+        self.copy_nt = lib.kvsum_copy_nt
         self.cpuv_gather: dict[int, Any] = {}
         self.cpuv_scatter: dict[int, Any] = {}
         for w in ELEMENT_WIDTHS:
@@ -718,6 +731,32 @@ def library() -> NativeLib | None:
                     _ERROR,
                 )
     return _LIB
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_WORKERS = 0
+_POOL_LOCK = threading.Lock()
+
+
+def pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The helper threads that run one piece each of a split native call (the CPU_VLLM
+    and run gathers/scatters of ``torch_path``, big ``checksum.copy_sum`` copies; the
+    calls release the GIL): grown to ``workers``, never shrunk."""
+    global _POOL, _POOL_WORKERS
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_WORKERS < workers:
+            _POOL = concurrent.futures.ThreadPoolExecutor(workers, "lmcache-pd-cpuv")
+            _POOL_WORKERS = workers
+        return _POOL
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new one on first use."""
+    global _POOL, _POOL_WORKERS, _POOL_LOCK
+    _POOL, _POOL_WORKERS, _POOL_LOCK = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def unavailable_reason() -> str | None:

@@ -26,11 +26,8 @@ FLASH_ATTN, FLASHINFER and MLA caches whose tokens are contiguous runs
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import itertools
-import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -366,7 +363,7 @@ def _native_blocks(
         total = run(0, nblk)
     else:
         edges = [nblk * i // parts for i in range(parts + 1)]
-        pool = _pool(parts - 1)
+        pool = native.pool(parts - 1)
         futures = [pool.submit(run, a, b) for a, b in itertools.pairwise(edges[1:])]
         total = run(edges[0], edges[1]) + sum(f.result() for f in futures)
     if acc is not None:
@@ -418,34 +415,10 @@ def _native_runs(
     # split at block boundaries where the chunk holds whole blocks (runs stay whole)
     cuts = [min(tokens, (tokens * i // parts + n // 2) // n * n) for i in range(1, parts)]
     edges = [0, *cuts, tokens]
-    pool = _pool(parts - 1)
+    pool = native.pool(parts - 1)
     futures = [pool.submit(run, a, b) for a, b in itertools.pairwise(edges[1:])]
     total = run(edges[0], edges[1]) + sum(f.result() for f in futures)
     return total & checksum.MASK
-
-
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_WORKERS = 0
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """The helper threads of :func:`_native_blocks` (grown to ``workers``, never shrunk)."""
-    global _POOL, _POOL_WORKERS
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_WORKERS < workers:
-            _POOL = concurrent.futures.ThreadPoolExecutor(workers, "lmcache-pd-cpuv")
-            _POOL_WORKERS = workers
-        return _POOL
-
-
-def _forget_pool() -> None:
-    """In a forked child the pool's threads do not exist: start a new one on first use."""
-    global _POOL, _POOL_WORKERS, _POOL_LOCK
-    _POOL, _POOL_WORKERS, _POOL_LOCK = None, 0, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _k_transposed_torch(

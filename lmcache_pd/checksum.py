@@ -4,10 +4,11 @@ checks a chunk inside the copy it makes anyway.
 Owns the core-side API over :mod:`lmcache_pd.kernels.checksum` (the ``kvsum64``
 definition, identical on CPU and GPU): :data:`ALGORITHM`, :func:`chunk_digest` for a
 chunk already in a send slot (DRAM: native C; VRAM: torch ops on the device),
-:func:`copy_verified` for the receiver's copy into a tier (copy and hash in one pass)
-and :func:`scatter_verified` / :func:`gather_digest` for the engine's paged KV (the hash
-rides in the gather/scatter pass; CUDA kernels fold it into their launch). Digests are
-never 0, so ``protocol.NO_CHECKSUM`` (0) keeps meaning "not hashed".
+:func:`chunk_copy_digest` / :func:`copy_verified` for the receiver's copy into a tier (copy
+and hash in one pass: the CPU tier's checked put) and :func:`scatter_verified` /
+:func:`gather_digest` for the engine's paged KV (the hash rides in the gather/scatter
+pass; CUDA kernels fold it into their launch). Digests are never 0, so
+``protocol.NO_CHECKSUM`` (0) keeps meaning "not hashed".
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def copy_verified(dst: ChunkBytes, src: ChunkBytes, expected: int) -> bool:
     """Copy ``src`` into ``dst`` (host buffers of equal size) hashing it in the same
     pass; False (and ``dst`` must then be discarded) when the digest differs."""
     return kvsum.copy_digest(dst, src) == expected
+
+
+def chunk_copy_digest(dst: ChunkBytes, src: ChunkBytes) -> int:
+    """Copy the whole chunk ``src`` into ``dst`` (host buffers of equal size) and return
+    its digest, hashed in the same pass (split across threads for big chunks)."""
+    return kvsum.copy_digest(dst, src)
 
 
 def gather_digest(

@@ -644,8 +644,10 @@ class Receiver:
 
     def _store_loop(self) -> None:
         """Copies committed chunks into the tier store, off the loop thread (blocks on
-        its queue: no spinning); a chunk not verified yet is checked on the way and
-        enters the store only when it matches. ``None`` stops it."""
+        its queue: no spinning); a chunk not verified yet is hashed by that copy (the
+        store's checked put: the CPU tier hashes each word as it copies it into its
+        slot) and enters the store only when it matches, else it is settled as failed
+        (dropped from the buffer; nothing of it was stored). ``None`` stops it."""
         assert self.store is not None
         while (item := self._store_queue.get()) is not None:
             key, entry = item
@@ -654,11 +656,13 @@ class Receiver:
                     live, expected = self._ready.get(key) is entry, entry.checksum
                 if live:
                     data = self.buffer.to_host(entry.slot, entry.nbytes)  # VRAM: a copy
-                    ok = checksum.matches(data, expected)
+                    try:
+                        self.store.put(key, data, checksum=expected)
+                        ok = True
+                    except checksum.ChecksumMismatch:
+                        ok = False
                     if expected != NO_CHECKSUM:
                         self.settle(key, expected, ok, "the copy into the tier store")
-                    if ok:
-                        self.store.put(key, data)
             except Exception:  # a failing tier must not stop the receiver
                 log.exception("copying a received chunk into the tier store failed")
             finally:

@@ -2,6 +2,10 @@
 
 A store maps a 16-byte chunk key (see ``lmcache_pd.chunks``) to the bytes of one chunk in
 the chunk format (see ``lmcache_pd.layout``). Stores are thread-safe.
+
+A put may carry the chunk's expected ``kvsum64`` digest (``checksum``; see
+``lmcache_pd.checksum``): the bytes are then stored only if they hash to it, and
+:func:`verify` is the check for a tier that does not hash inside its own copy.
 """
 
 from __future__ import annotations
@@ -11,17 +15,39 @@ import contextlib
 from collections.abc import Container, Iterator, Sequence
 
 from lmcache_pd.chunks import longest_prefix
+from lmcache_pd.protocol import NO_CHECKSUM
 
 Buffer = bytes | bytearray | memoryview
+
+
+def verify(data: Buffer, checksum: int, what: str = "chunk") -> None:
+    """Raise ``lmcache_pd.checksum.ChecksumMismatch`` unless ``data`` hashes to
+    ``checksum`` (``NO_CHECKSUM``: nothing to check). A pass over the bytes of its own:
+    the CPU tier hashes inside its copy instead."""
+    if checksum == NO_CHECKSUM:
+        return
+    from lmcache_pd import checksum as kvsum  # torch: loaded only where a digest is checked
+
+    got = kvsum.chunk_digest(data)
+    if got != checksum:
+        raise kvsum.ChecksumMismatch(checksum, got, what)
 
 
 class Store(abc.ABC):
     """A key -> chunk-bytes store with bounded size."""
 
     @abc.abstractmethod
-    def put(self, key: bytes, data: Buffer) -> bool:
+    def put(self, key: bytes, data: Buffer, *, checksum: int = NO_CHECKSUM) -> bool:
         """Store a copy of ``data`` under ``key``. Returns False if it was not stored
-        (too large, tier disabled, queue full). Never blocks on I/O for long."""
+        (too large, tier disabled, queue full). Never blocks on I/O for long.
+
+        ``checksum``: the chunk's expected digest (``NO_CHECKSUM``: not checked). The
+        bytes are then stored only if they hash to it: a tier that copies them hashes
+        in that copy (the CPU tier), others hash first (:func:`verify`). A mismatch
+        stores nothing in any tier (a slot taken for it is freed, nothing is published
+        or queued) and raises ``lmcache_pd.checksum.ChecksumMismatch``; a return, True
+        or False, means the bytes matched (also when nothing was copied: held already,
+        no room)."""
 
     @abc.abstractmethod
     def get(self, key: bytes) -> bytes | memoryview | None:

@@ -5,8 +5,10 @@ page-locked when CUDA is available, or numpy arrays) cut into fixed-size slots o
 ``slot_bytes`` (a layout's ``bytes_per_chunk``). A put copies the chunk into a free slot
 (evicting the least recently used unpinned chunk when none is free) and records its
 length, so a partial last chunk uses the first bytes of a slot. Nothing is allocated per
-put. The slabs' addresses are exposed by :meth:`CPUStore.slab_regions` so the transport
-can register them once and send chunks straight from a slot.
+put. A put that carries the chunk's digest (the receiver's store copy) hashes the bytes
+in that same copy and publishes the chunk only if they match. The slabs' addresses are
+exposed by :meth:`CPUStore.slab_regions` so the transport can register them once and send
+chunks straight from a slot.
 
 Readers either copy out (:meth:`CPUStore.get`, :meth:`CPUStore.get_into`) or pin the
 chunk and read its slot in place (:meth:`CPUStore.acquire` / :meth:`CPUStore.release`, or
@@ -25,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from lmcache_pd.tiers.base import Buffer, Store
+from lmcache_pd.protocol import NO_CHECKSUM
+from lmcache_pd.tiers.base import Buffer, Store, verify
 from lmcache_pd.tiers.metrics import Count, DropReason, TierCounters, TierMetrics, tier_metrics
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,7 @@ class CPUStore(Store):
                 Count.DROPPED_WRITES,
                 Count.REJECTED_TOO_LARGE,
                 Count.DUPLICATE_PUTS,
+                Count.CHECKSUM_MISMATCHES,
             ),
         )
         log.info(
@@ -244,30 +248,55 @@ class CPUStore(Store):
             if slot is not None:
                 self._free.append(slot)
 
-    def put(self, key: bytes, data: Buffer) -> bool:
+    def put(self, key: bytes, data: Buffer, *, checksum: int = NO_CHECKSUM) -> bool:
+        """Copy ``data`` into a free slot and publish it (see :meth:`Store.put`). With a
+        ``checksum`` the copy hashes each word as it stores it (``copy_digest``: one
+        pass) and the chunk is published only on a match; on a mismatch the slot goes
+        back to the free list unpublished (no reader ever saw it) and
+        ``ChecksumMismatch`` is raised. Where nothing is copied (held already, too
+        large, no free slot) the bytes are hashed on their own, so a return always
+        means they matched."""
         src = as_byte_view(data)
         n = src.nbytes
         if n > self.slot_bytes:
+            verify(src, checksum, "chunk put into the CPU tier")
             self._counts.drop(DropReason.TOO_LARGE)
             log.warning("CPU tier: chunk of %d bytes exceeds the %d-byte slot", n, self.slot_bytes)
             return False
         with self._lock:
             entry = self._index.get(key)
-            if entry is not None or key in self._writing:
+            slot = None
+            held = entry is not None or key in self._writing
+            if held:
                 if entry is not None:
                     self._index.move_to_end(key)
                 self._counts.inc(Count.DUPLICATE_PUTS)
-                return True
-            slot = self._take_slot_locked()
-            if slot is None:
-                self._counts.drop(DropReason.NO_FREE_SLOT)
-                return False
-            self._writing[key] = slot
+            else:
+                slot = self._take_slot_locked()
+                if slot is None:
+                    self._counts.drop(DropReason.NO_FREE_SLOT)
+                else:
+                    self._writing[key] = slot
+        if slot is None:
+            verify(src, checksum, "chunk put into the CPU tier")
+            return held
         try:
-            self._slot_view(slot, n)[:] = src
+            if checksum == NO_CHECKSUM:
+                self._slot_view(slot, n)[:] = src
+                got = NO_CHECKSUM
+            else:
+                from lmcache_pd import checksum as kvsum  # torch: only for a checked put
+
+                got = kvsum.chunk_copy_digest(self._slot_view(slot, n), src)
         except BaseException:
             self.abort(key)
             raise
+        if got != checksum:
+            self.abort(key)
+            self._counts.drop(DropReason.CHECKSUM)
+            from lmcache_pd import checksum as kvsum
+
+            raise kvsum.ChecksumMismatch(checksum, got, "chunk put into the CPU tier")
         with self._lock:
             self._publish_locked(key, slot, n)
         return True

@@ -47,7 +47,8 @@ from pathlib import Path
 
 import xxhash
 
-from lmcache_pd.tiers.base import Buffer, Store
+from lmcache_pd.protocol import NO_CHECKSUM
+from lmcache_pd.tiers.base import Buffer, Store, verify
 from lmcache_pd.tiers.cpu import as_byte_view
 from lmcache_pd.tiers.metrics import Count, DropReason, TierCounters, TierMetrics, tier_metrics
 
@@ -302,11 +303,28 @@ class DiskStore(Store):
 
     # --- write-behind ---
 
-    def put(self, key: bytes, data: Buffer, on_written: Done | None = None) -> bool:
+    def put(
+        self,
+        key: bytes,
+        data: Buffer,
+        on_written: Done | None = None,
+        *,
+        checksum: int = NO_CHECKSUM,
+    ) -> bool:
         """Queue a write of ``data`` under ``key``; False if dropped. Without
         ``on_written`` the bytes are copied. With it, ``data`` is borrowed: it must stay
         valid and unchanged until ``on_written()`` is called (exactly once, also when the
-        write is dropped or fails)."""
+        write is dropped or fails).
+        ``checksum``: the bytes are hashed first (a pass of their own) and nothing is
+        queued unless they match (``ChecksumMismatch``, after ``on_written``; see
+        :meth:`Store.put`)."""
+        if checksum != NO_CHECKSUM:
+            try:
+                verify(data, checksum, "chunk put into the disk tier")
+            except BaseException:
+                if on_written is not None:
+                    on_written()
+                raise
         key = _check_key(key)
         view = as_byte_view(data)
         reason: DropReason | None = None

@@ -29,7 +29,8 @@ import msgspec
 from prometheus_client import CollectorRegistry
 
 from lmcache_pd.chunks import ChunkHasher, chunk_spans
-from lmcache_pd.tiers.base import Buffer, Store
+from lmcache_pd.protocol import NO_CHECKSUM
+from lmcache_pd.tiers.base import Buffer, Store, verify
 from lmcache_pd.tiers.cpu import CPUStore
 from lmcache_pd.tiers.disk import DiskStore
 from lmcache_pd.tiers.metrics import TierMetrics, tier_metrics
@@ -138,14 +139,22 @@ class TieredStore(Store):
 
     # --- writes ---
 
-    def put(self, key: bytes, data: Buffer) -> bool:
+    def put(self, key: bytes, data: Buffer, *, checksum: int = NO_CHECKSUM) -> bool:
         """Copy into the CPU tier and queue write-behinds to disk and remote (both read
         the CPU slot in place, pinned, while pins are available; else they copy). True
         when held by (or queued for) at least one tier. A chunk the CPU tier already held
-        (put before, or promoted from disk or remote) is not sent to the remote again."""
+        (put before, or promoted from disk or remote) is not sent to the remote again.
+
+        ``checksum`` (see :meth:`Store.put`): the CPU tier hashes the bytes in its copy
+        (without a CPU tier they are hashed first); a mismatch raises
+        ``ChecksumMismatch`` before anything reaches disk or remote."""
         cpu, disk, remote = self.cpu, self.disk, self.remote
         known = cpu is not None and key in cpu
-        stored = cpu.put(key, data) if cpu is not None else False
+        if cpu is not None:
+            stored = cpu.put(key, data, checksum=checksum)  # raises on a mismatch
+        else:
+            verify(data, checksum, "chunk put into the tiers")
+            stored = False
         if stored and not known:
             self._advertise(key)
         queued = False

@@ -93,6 +93,7 @@ class Count(str, enum.Enum):
     FOREIGN_FILES = "foreign_files"
     WRITE_ERRORS = "write_errors"
     FILES_LOADED = "files_loaded"
+    CHECKSUM_MISMATCHES = "checksum_mismatches"
 
 
 # Counts with a Prometheus counter of the same name in TierMetrics.
@@ -116,6 +117,7 @@ class DropReason(str, enum.Enum):
     QUEUE_FULL = "queue_full"  # the write-behind queue is full
     NO_FREE_SLOT = "no_free_slot"  # every slot pinned or being written
     DISABLED = "disabled"  # the tier disabled itself
+    CHECKSUM = "checksum"  # the bytes did not hash to the digest the put carried
 
     @property
     def counter(self) -> Count | None:
@@ -126,6 +128,7 @@ class DropReason(str, enum.Enum):
 _REASON_COUNTS = {
     DropReason.TOO_LARGE: Count.REJECTED_TOO_LARGE,
     DropReason.QUEUE_FULL: Count.QUEUE_FULL_DROPS,
+    DropReason.CHECKSUM: Count.CHECKSUM_MISMATCHES,
 }
 
 

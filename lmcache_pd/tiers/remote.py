@@ -56,7 +56,8 @@ import redis.exceptions
 import redis.retry
 import xxhash
 
-from lmcache_pd.tiers.base import Buffer, Store
+from lmcache_pd.protocol import NO_CHECKSUM
+from lmcache_pd.tiers.base import Buffer, Store, verify
 from lmcache_pd.tiers.cpu import as_byte_view
 from lmcache_pd.tiers.disk import (
     FORMAT_VERSION,
@@ -478,11 +479,28 @@ class RemoteStore(Store):
 
     # --- writes ---
 
-    def put(self, key: bytes, data: Buffer, on_written: Callable[[], None] | None = None) -> bool:
+    def put(
+        self,
+        key: bytes,
+        data: Buffer,
+        on_written: Callable[[], None] | None = None,
+        *,
+        checksum: int = NO_CHECKSUM,
+    ) -> bool:
         """Queue ``data`` for the server; False if dropped (tier off, queue full). Never
         waits on the network. Without ``on_written`` the bytes are copied. With it,
         ``data`` is borrowed: it must stay valid and unchanged until ``on_written()`` is
-        called (exactly once, also when the write is dropped or fails)."""
+        called (exactly once, also when the write is dropped or fails).
+        ``checksum``: the bytes are hashed first (a pass of their own) and nothing is
+        queued unless they match (``ChecksumMismatch``, after ``on_written``; see
+        :meth:`Store.put`)."""
+        if checksum != NO_CHECKSUM:
+            try:
+                verify(data, checksum, "chunk put into the remote tier")
+            except BaseException:
+                if on_written is not None:
+                    on_written()
+                raise
         item = _Write(bytes(key), as_byte_view(data), on_written)
         if not self._up():
             self._drop(1, DropReason.DISABLED)

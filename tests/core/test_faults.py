@@ -26,6 +26,7 @@ from lmcache_pd.protocol import (
     encode,
 )
 from lmcache_pd.sender import HandoffError
+from lmcache_pd.tiers import build_tiers
 
 from .helpers import CHUNK, LAYOUT, fill, hasher, make_config, receiver, sender
 
@@ -223,3 +224,47 @@ def test_bytes_damaged_in_the_receive_slot_are_never_returned_as_good() -> None:
         usage = rx.slot_usage()
         assert usage["rejected"] == 0 and usage["ready"] == 1 and usage["leased"] == 0
         assert usage["free"] + usage["ready"] + usage["granted"] == usage["total"]
+
+
+def test_bytes_damaged_before_the_store_copy_never_reach_a_tier(tmp_path: Path) -> None:
+    """The same damage with a CPU+disk tier store: the store thread's copy into the CPU
+    tier hashes the bytes, finds the damage, publishes nothing (slot freed) and settles
+    the chunk as failed: it is readable from no tier and no longer from the buffer. The
+    CPU tier's lock is held while the send commits, so the store thread waits before
+    its copy until the slot is damaged."""
+    slot_bytes = LAYOUT.bytes_per_chunk(CHUNK)
+    cfg = make_config(
+        local_disk=f"file://{tmp_path / 'kv'}",
+        max_local_disk_size=16 * (slot_bytes + 80) / 1e9,
+        max_local_cpu_size=4 * slot_bytes / 1e9,
+    )
+    tiers = build_tiers(cfg, LAYOUT)
+    assert tiers is not None and tiers.cpu is not None and tiers.disk is not None
+    try:
+        with receiver(cfg, store=tiers) as rx, sender(cfg) as tx:
+            keys = hasher().keys(list(range(300, 300 + 2 * CHUNK)))
+            chunks, data = fill(tx, keys, np.random.default_rng(6))
+            with tiers.cpu._lock:  # the store thread's put waits here, before its copy
+                assert tx.send(rx.endpoint, "damaged-store", chunks).sent == 2
+                with rx._lock:
+                    slot = rx._ready[keys[0]].slot
+                rx.buffer.view(slot)[4321] ^= 0x01
+            deadline = time.monotonic() + 10
+            while keys[1] not in tiers.cpu or rx.counters["checksum_failures"] < 1:
+                assert time.monotonic() < deadline, "the store thread never copied"
+                time.sleep(0.01)
+            assert tiers.flush(10)
+            assert rx.counters["checksum_failures"] == 1
+            assert keys[0] not in tiers.cpu and keys[0] not in tiers.disk
+            assert tiers.get(keys[0]) is None and tiers.contains(keys) == 0
+            assert rx.lookup(keys) == 0 and rx.read(keys[0]) is None
+            assert tiers.get(keys[1]) == data[1] and tiers.disk.get(keys[1]) == data[1]
+            assert rx.read(keys[1]) == data[1] and rx.counters["checksum_failures"] == 1
+            cpu = tiers.cpu.stats()
+            assert cpu["checksum_mismatches"] == 1 and cpu["entries"] == 1
+            assert cpu["free_slots"] == cpu["slots"] - 1 and cpu["pinned"] == 0
+            usage = rx.slot_usage()
+            assert usage["rejected"] == 0 and usage["leased"] == 0
+            assert usage["free"] + usage["ready"] + usage["granted"] == usage["total"]
+    finally:
+        tiers.close()

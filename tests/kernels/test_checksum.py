@@ -79,6 +79,63 @@ def test_parts_add_up_in_any_split(impl: str) -> None:
         checksum.partial_sum(data[3:], 3)
 
 
+@pytest.fixture
+def split_small(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """Native sums and copies split (3 threads) from 64 KiB, streamed from 128 KiB:
+    the threaded paths at sizes a test can check against the numpy reference."""
+    if native.library() is None:
+        pytest.skip(f"native helpers unavailable: {native.unavailable_reason()}")
+    monkeypatch.setattr(checksum, "PARALLEL_BYTES", 64 << 10)
+    monkeypatch.setattr(checksum, "STREAM_BYTES", 128 << 10)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        yield 64 << 10
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("delta", [-8, 0, 5, 8, 4096 + 13, (64 << 10) + 3, (200 << 10) + 1])
+@pytest.mark.parametrize("byte_offset", [0, 8, 8 * 517])
+@pytest.mark.parametrize("misalign", [0, 8, 24])
+def test_split_copy_sum_is_the_single_thread_sum(
+    split_small: int, delta: int, byte_offset: int, misalign: int
+) -> None:
+    """copy_sum / partial_sum split across threads (and with stores that bypass the
+    cache) give the single-call native result and the reference, at sizes around the
+    threshold, chunk offsets that are not piece-aligned, and buffers not 64-byte aligned
+    (no streamed stores then); the copy is bit-exact."""
+    n = split_small + delta
+    rng = np.random.default_rng(n + byte_offset + misalign)
+    src_all = rng.integers(0, 256, n + misalign, dtype=np.uint8)
+    dst_all = np.zeros(n + misalign + 64, dtype=np.uint8)
+    src, dst = src_all[misalign:], dst_all[misalign : misalign + n]
+    lib = native.library()
+    assert lib is not None
+    one = int(lib.sum(src.ctypes.data, n, byte_offset // 8, checksum.KEY_TABLE.ctypes.data))
+    want = checksum.reference_sum(src, byte_offset)
+    assert one == want
+    assert checksum.copy_sum(dst, src, byte_offset) == want
+    assert np.array_equal(dst, src)
+    assert not dst_all[:misalign].any() and not dst_all[misalign + n :].any()
+    assert checksum.partial_sum(src, byte_offset) == want
+    assert checksum.copy_digest(dst, src) == checksum.reference_digest(src)
+
+
+def test_copy_sum_at_the_real_thresholds() -> None:
+    """Unpatched: a copy just past PARALLEL_BYTES and one past STREAM_BYTES (odd sizes:
+    a tail word) equal the numpy reference, bit-exact copies."""
+    if native.library() is None:
+        pytest.skip(f"native helpers unavailable: {native.unavailable_reason()}")
+    for n in (checksum.PARALLEL_BYTES + 13, checksum.STREAM_BYTES + 4096 + 5):
+        src = torch.randint(
+            0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n)
+        )
+        dst = torch.empty_like(src)
+        assert checksum.copy_sum(dst, src, 8) == checksum.reference_sum(src, 8)
+        assert torch.equal(dst, src)
+
+
 def _corruptions(data: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
     for pos in (0, 1, 4095, 4096, 30000, data.size - 1):
         for bit in (0, 7):

@@ -1,4 +1,5 @@
-"""CPU tier: bit-exact puts/gets, slab layout, LRU order and bounds, pins, metrics."""
+"""CPU tier: bit-exact puts/gets, checked puts (digest hashed in the copy), slab layout,
+LRU order and bounds, pins, metrics."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from lmcache_pd import checksum
 from lmcache_pd.tiers import CPUStore, tier_metrics
 
 from .tier_helpers import key_of, payload
@@ -232,3 +234,44 @@ def test_pinned_slab_on_cuda_host() -> None:
     gpu = slab[offset : offset + n].to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert gpu.cpu().numpy().tobytes() == payload(1, SLOT)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_checked_put_stores_only_matching_bytes(backend: str) -> None:
+    """A put carrying the chunk's digest: the right one stores bit-exact bytes (hashed in
+    the copy), a wrong one stores nothing, frees its slot, counts the mismatch and
+    raises; where nothing is copied (held already, no free slot, too large) the bytes
+    are still checked, so a return always means they matched."""
+    store = CPUStore(2 * SLOT, SLOT, backend=backend)
+    good, part = payload(1, SLOT), payload(2, 1000)
+    digest = checksum.chunk_digest(good)
+    bad = bytearray(good)
+    bad[1234] ^= 0x10
+    with pytest.raises(checksum.ChecksumMismatch):
+        store.put(key_of(1), bytes(bad), checksum=digest)
+    assert key_of(1) not in store and store.get(key_of(1)) is None
+    s = store.stats()
+    assert s["free_slots"] == 2 and s["entries"] == 0 and s["used_bytes"] == 0
+    assert s["checksum_mismatches"] == 1 and s["dropped_writes"] == 1
+    assert store.reserve(key_of(1), SLOT) is not None  # not left "being written"
+    store.abort(key_of(1))
+
+    assert store.put(key_of(1), good, checksum=digest)
+    assert store.put(key_of(2), memoryview(part), checksum=checksum.chunk_digest(part))
+    assert store.get(key_of(1)) == good and store.get(key_of(2)) == part
+    assert store.stats()["free_slots"] == 0
+
+    # nothing copied: a duplicate, then no free slot (both pinned), then too large
+    with pytest.raises(checksum.ChecksumMismatch):
+        store.put(key_of(1), bytes(bad), checksum=digest)
+    assert store.put(key_of(1), good, checksum=digest) and store.get(key_of(1)) == good
+    with store.pinned(key_of(1)), store.pinned(key_of(2)):
+        with pytest.raises(checksum.ChecksumMismatch):
+            store.put(key_of(3), bytes(bad), checksum=digest)
+        assert not store.put(key_of(3), good, checksum=digest)
+    big = payload(4, SLOT + 8)
+    with pytest.raises(checksum.ChecksumMismatch):
+        store.put(key_of(4), big, checksum=digest)
+    assert not store.put(key_of(4), big, checksum=checksum.chunk_digest(big))
+    assert store.get(key_of(1)) == good and store.get(key_of(2)) == part
+    assert key_of(3) not in store and key_of(4) not in store

@@ -1,5 +1,6 @@
 """TieredStore and build_tiers: promotion, cross-tier lookup, write-behind from CPU
-slots, a disabled disk with CPU still serving, log lines, metrics."""
+slots, checked puts (a mismatch reaches no tier), a disabled disk with CPU still
+serving, log lines, metrics."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from lmcache_pd import checksum
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.config import Config
 from lmcache_pd.layout import preset
@@ -207,3 +209,32 @@ def test_shared_registry_metrics(tmp_path: Path) -> None:
     assert value("promotions_total", "disk") == 1
     a.close()
     b.close()
+
+
+def test_checked_put_reaches_no_tier_on_a_mismatch(tiers: TieredStore, tmp_path: Path) -> None:
+    """A put carrying the digest: bytes that do not match it reach neither the CPU tier
+    (hashed in its copy) nor disk (nothing queued); matching bytes reach both, bit-exact.
+    Without a CPU tier the disk tier hashes before it queues."""
+    good = payload(1, SLOT)
+    digest = checksum.chunk_digest(good)
+    bad = bytearray(good)
+    bad[SLOT - 1] ^= 0x80
+    with pytest.raises(checksum.ChecksumMismatch):
+        tiers.put(key_of(1), bytes(bad), checksum=digest)
+    assert tiers.flush(10)
+    assert key_of(1) not in tiers and tiers.get(key_of(1)) is None
+    assert tiers.disk is not None and key_of(1) not in tiers.disk
+    assert tiers.stats()["cpu.checksum_mismatches"] == 1
+    assert tiers.put(key_of(1), good, checksum=digest)
+    assert tiers.flush(10)
+    assert tiers.disk.get(key_of(1)) == good and tiers.get(key_of(1)) == good
+
+    disk_only = TieredStore(None, DiskStore(tmp_path / "only", 8 * (SLOT + 80), TINY.fingerprint()))
+    try:
+        with pytest.raises(checksum.ChecksumMismatch):
+            disk_only.put(key_of(2), bytes(bad), checksum=digest)
+        assert disk_only.flush(10) and key_of(2) not in disk_only
+        assert disk_only.put(key_of(2), good, checksum=digest)
+        assert disk_only.flush(10) and disk_only.get(key_of(2)) == good
+    finally:
+        disk_only.close()
