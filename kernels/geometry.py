@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, Union
@@ -96,18 +97,26 @@ class KVShape:
 
     @classmethod
     def of(cls, src: KVShapeLike) -> KVShape:
-        """``src`` itself when it is a KVShape, else its shape facts copied."""
+        """``src`` itself when it is a KVShape, else its shape facts copied (the copy
+        is kept per distinct facts: every gather/scatter call asks for it)."""
         if isinstance(src, KVShape):
             return src
-        return cls(
-            num_layers=src.num_layers,
-            num_kv_heads=src.num_kv_heads,
-            head_size=src.head_size,
-            block_size=src.block_size,
-            dtype=src.dtype,
-            is_mla=src.is_mla,
-            model=src.model,
+        facts = (
+            src.num_layers,
+            src.num_kv_heads,
+            src.head_size,
+            src.block_size,
+            src.dtype,
+            src.is_mla,
+            src.model,
         )
+        shape = _SHAPES.get(facts)
+        if shape is None:
+            shape = cls(*facts)  # validates; a layout that fails is never kept
+            if len(_SHAPES) >= _CACHE_ENTRIES:
+                _SHAPES.clear()
+            _SHAPES[facts] = shape
+        return shape
 
     @property
     def attention(self) -> str:
@@ -313,8 +322,53 @@ def as_layers(kv_caches: KVCaches, layout: KVShapeLike) -> list[torch.Tensor]:
     return layers
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A set of layer tensors that passed :func:`validate_caches`."""
+
+    refs: tuple[weakref.ref[torch.Tensor], ...]
+    first: tuple[torch.Size, tuple[int, ...], torch.dtype, torch.device]
+    fmt: PagedFormat
+    geom: Geometry
+
+
+# Results kept per (shape, fmt, layer tensors): a connector passes the same cache tensors
+# for every chunk, and checking them (each layer's shape, strides, dtype, device, then
+# the geometry) cost ~1 us per layer, ~27-40 us a call: more than a small chunk's copy.
+_CHECKED: dict[tuple[KVShape, PagedFormat | None, tuple[int, ...]], _Checked] = {}
+_SHAPES: dict[tuple[object, ...], KVShape] = {}
+_CACHE_ENTRIES = 64
+
+
 def validate_caches(
     layers: list[torch.Tensor], layout: KVShapeLike, fmt: PagedFormat | None
+) -> tuple[PagedFormat, Geometry]:
+    """The format (``fmt``, or detected) and geometry of ``layers``, which must all
+    match layer 0 (shape, strides, dtype, device); ``ValueError`` otherwise.
+
+    A result is kept for the same tensor objects (held weakly, so a freed tensor's
+    reused id never matches) with layer 0's shape, strides, dtype and device unchanged:
+    a repeat call costs a few identity checks. Any other list is checked in full."""
+    shape = KVShape.of(layout)
+    first = layers[0]
+    key = (shape, fmt, tuple(map(id, layers)))
+    meta = (first.shape, first.stride(), first.dtype, first.device)
+    hit = _CHECKED.get(key)
+    if (
+        hit is not None
+        and hit.first == meta
+        and all(ref() is t for ref, t in zip(hit.refs, layers, strict=True))
+    ):
+        return hit.fmt, hit.geom
+    checked_fmt, geom = _validate_caches(layers, shape, fmt)
+    if len(_CHECKED) >= _CACHE_ENTRIES:
+        _CHECKED.clear()
+    _CHECKED[key] = _Checked(tuple(weakref.ref(t) for t in layers), meta, checked_fmt, geom)
+    return checked_fmt, geom
+
+
+def _validate_caches(
+    layers: list[torch.Tensor], layout: KVShape, fmt: PagedFormat | None
 ) -> tuple[PagedFormat, Geometry]:
     if fmt is None:
         fmt = detect_format(layers[0], layout)
@@ -359,7 +413,7 @@ def view_chunk(buf: torch.Tensor, shape_of: KVShapeLike, tokens: int) -> torch.T
                 f"flat chunk buffer starts at byte offset {buf.storage_offset()}, not a "
                 f"multiple of the {layout.dtype} element size {layout.dtype_size}"
             )
-        return buf[:need].view(dtype).view(shape)
+        return (buf if buf.numel() == need else buf[:need]).view(dtype).view(shape)
     if tuple(buf.shape) != shape or buf.dtype not in _accepted_dtypes(layout):
         raise ValueError(
             f"chunk tensor: expected shape {list(shape)} "

@@ -111,3 +111,30 @@ def test_cpu_format_needs_contiguous_pages() -> None:
 def test_expected_layer_shape_strings() -> None:
     assert expected_layer_shape(PagedFormat.CPU_VLLM, LAYOUT, 10) == "[10, 2, 16, 16]"
     assert expected_layer_shape(PagedFormat.MLA, MLA) == "[B, 16, 16] or [B, 1, 16, 16]"
+
+
+def test_checks_hold_after_a_cached_validation() -> None:
+    """The validation kept for a set of cache tensors never vouches for other input: a
+    list with one layer swapped for a bad tensor, the same layer 0 changed in place, or
+    another format or layout is checked in full again (and the good call still works)."""
+    good = caches()
+    out = buf(3)
+    gather(good, SLOTS, out, LAYOUT, PagedFormat.FLASH_ATTN)  # validated, result kept
+    again = torch.empty_like(out)
+    gather(list(good), SLOTS, again, LAYOUT, PagedFormat.FLASH_ATTN)  # a new list: a hit
+    assert torch.equal(again, out)
+    with pytest.raises(ValueError, match=r"kv_caches\[1\] has shape"):
+        gather([good[0], good[1][:, :2]], SLOTS, out, LAYOUT, PagedFormat.FLASH_ATTN)
+    with pytest.raises(ValueError, match=r"kv_caches\[1\] has shape .* dtype torch.float32"):
+        gather([good[0], good[1].float()], SLOTS, out, LAYOUT, PagedFormat.FLASH_ATTN)
+    with pytest.raises(ValueError, match=r"FLASHINFER .*expected shape"):
+        gather(good, SLOTS, out, LAYOUT, PagedFormat.FLASHINFER)
+    with pytest.raises(ValueError, match="expected 3 per-layer KV tensors"):
+        gather(good, SLOTS, out, make_layout(3, 2, 8, "bfloat16", 16, mla=False))
+    wide = make_layout(2, 2, 16, "bfloat16", 16, mla=False)
+    with pytest.raises(ValueError, match=r"expected shape \[2, B, 16, 2, 16\]"):
+        gather(good, SLOTS, buf(3, wide), wide, PagedFormat.FLASH_ATTN)
+    first = good[0]
+    first.set_(first.untyped_storage(), 0, (2, 3, 16, 2, 4), (384, 128, 8, 4, 1))
+    with pytest.raises(ValueError, match=r"expected shape \[2, B, 16, 2, 8\]"):
+        gather(good, SLOTS, out, LAYOUT, PagedFormat.FLASH_ATTN)
