@@ -38,6 +38,7 @@ Chunks up to 2**64 bytes; keys repeat only for words 2**64 / K_SEG-cycles apart.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 from collections.abc import Callable
@@ -200,7 +201,10 @@ def _split_call(n: int, piece: Callable[[int, int], int]) -> int:
         return piece(0, n) & MASK
     pool = native.pool(len(edges) - 2)
     futures = [pool.submit(piece, a, b) for a, b in itertools.pairwise(edges[1:])]
-    total = piece(edges[0], edges[1])
+    try:
+        total = piece(edges[0], edges[1])
+    finally:  # the pieces use the caller's buffers: never leave while one still runs
+        concurrent.futures.wait(futures)
     return (total + sum(f.result() for f in futures)) & MASK
 
 
