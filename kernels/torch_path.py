@@ -30,6 +30,7 @@ import ctypes
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import checksum, native
@@ -299,7 +300,11 @@ def _k_view(t: torch.Tensor, geom: Geometry) -> torch.Tensor:
 def _full_block_prefix(slots: torch.Tensor, n: int) -> int:
     """Length of the longest prefix made of whole blocks (aligned runs of ``n``)."""
     main = (slots.numel() // n) * n
-    if main:
+    if main and slots.device.type == "cpu":  # numpy: a few us less per call than torch ops
+        a = slots[:main].numpy().reshape(-1, n)
+        if (a[:, 0] % n).any() or not (a - a[:, :1] == np.arange(n)).all():
+            return 0
+    elif main:
         s = slots[:main].view(-1, n)
         expected = torch.div(s[:, :1], n, rounding_mode="floor") * n + _arange(n, s.device)
         if not bool((s == expected).all()):
@@ -340,7 +345,7 @@ def _native_blocks(
     calls run with the GIL released) for chunks of :data:`PARALLEL_BYTES` or more; with
     ``acc``, the term sum of the chunk bytes moved is added."""
     es = layers[0].element_size()
-    ptrs = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64)
+    ptrs = (ctypes.c_int64 * len(layers))(*(t.data_ptr() for t in layers))
     fn = lib.cpuv_gather[es] if op == "gather" else lib.cpuv_scatter[es]
     if acc is not None and chunk.data_ptr() != acc.base:
         raise AssertionError("the accumulator must belong to the chunk being copied")
@@ -351,7 +356,7 @@ def _native_blocks(
     def run(b0: int, b1: int) -> int:
         return int(
             fn(
-                chunk.data_ptr(), ptrs.data_ptr(), len(layers), blocks.data_ptr(), b0, b1,
+                chunk.data_ptr(), ptrs, len(layers), blocks.data_ptr(), b0, b1,
                 chunk.shape[2], geom.rows, geom.row, geom.block_size, geom.stride_b * es,
                 geom.stride_h * es, geom.stride_k * es, geom.stride_n * es, table,
                 int(nbytes >= STREAM_BYTES),

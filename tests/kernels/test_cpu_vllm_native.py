@@ -219,3 +219,25 @@ def test_split_path_works_in_a_forked_child(
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_full_block_prefix_finds_only_aligned_whole_blocks() -> None:
+    """The whole-block prefix the native call takes (computed with numpy for CPU slots):
+    aligned runs of ``n`` only; a misaligned start, a gap, a swap or a repeat in the
+    prefix gives 0; a tail shorter than a block is left out; strided slot views too."""
+    n = 4
+    cases = {
+        (8, 9, 10, 11, 0, 1, 2, 3, 20): 8,
+        (8, 9, 10, 11, 0, 1, 2, 3): 8,
+        (0, 1, 2): 0,
+        (1, 2, 3, 4): 0,  # consecutive but not aligned to a block
+        (4, 5, 7, 6): 0,
+        (4, 5, 6, 6): 0,
+        (0, 1, 2, 3, 5, 6, 7, 8): 0,
+    }
+    for slots, want in cases.items():
+        t = torch.tensor(slots, dtype=torch.int64)
+        assert torch_path._full_block_prefix(t, n) == want, slots
+        strided = torch.stack([t, torch.full_like(t, -7)], dim=1)[:, 0]
+        assert not strided.is_contiguous()
+        assert torch_path._full_block_prefix(strided, n) == want, slots
