@@ -234,7 +234,7 @@ class BlockingRouter:
 _PR_SET_TIMERSLACK = 29  # prctl option (linux/prctl.h)
 
 
-def _fine_timer_slack() -> None:
+def fine_timer_slack() -> None:
     """Let this thread's timed sleeps end within 1 us of their deadline (Linux; a no-op
     where prctl is missing)."""
     try:
@@ -323,7 +323,7 @@ class RouterLoop:
 
     def _run(self) -> None:
         if self._fine_timers:
-            _fine_timer_slack()
+            fine_timer_slack()
         poller = zmq.Poller()
         poller.register(self.router.sock, zmq.POLLIN)
         poller.register(self._wake_in, zmq.POLLIN)

@@ -42,6 +42,7 @@ import zmq
 
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.config import Config, load_config
+from lmcache_pd.control import fine_timer_slack
 from lmcache_pd.layout import KVLayout, preset
 from lmcache_pd.receiver import Receiver
 from lmcache_pd.sender import HandoffError, OutChunk, Sender
@@ -214,20 +215,18 @@ def run_raw_target(args: argparse.Namespace) -> int:
         armed.set()
 
     threading.Thread(target=read_stdin, daemon=True).start()
-    delay = 50e-6
+    fine_timer_slack()  # as the receiver's loop thread: a 50 us gap lasts 50 us
     while not stop.is_set():
         if not armed.is_set():
             armed.wait()
-            delay = 50e-6
             continue
         notifs = transport.notifications()
         for _peer, text in notifs:
             print(f"NOTIF {text.decode(errors='replace')}", flush=True)
         if notifs:
             armed.clear()
-        # the receiver's own backoff while a transfer is due (50 us -> 250 us)
-        delay = 50e-6 if notifs else min(delay * 1.5, 250e-6)
-        stop.wait(delay)
+        # the receiver's gap while a transfer is due (after a Push/Done): 50 us
+        stop.wait(50e-6)
     transport.close()
     return 0
 
