@@ -18,10 +18,8 @@ import torch
 from lmcache_pd.kernels import (
     PagedFormat,
     checksum,
-    gather,
     gather_checksum,
     native,
-    scatter,
     scatter_checksum,
     torch_path,
 )
@@ -29,32 +27,14 @@ from lmcache_pd.kernels.geometry import validate_caches
 from lmcache_pd.layout import KVLayout
 
 from .helpers import bits, make_caches, make_layout, ref_gather, ref_scatter
+from .native_checks import check_gather_scatter, native_library
 
 FORMATS = (PagedFormat.FLASH_ATTN, PagedFormat.FLASHINFER, PagedFormat.MLA)
-IMPLS = ("native", "fallback")
 
 
 @pytest.fixture(scope="module")
 def native_lib() -> native.NativeLib:
-    try:
-        native.compiler()
-    except RuntimeError as exc:
-        pytest.skip(f"no C compiler: {exc}")
-    lib = native.library()
-    if lib is None:  # a compiler but no library: a real failure
-        pytest.fail(f"native helpers did not build: {native.unavailable_reason()}")
-    return lib
-
-
-def _run(impl: str, fn):  # type: ignore[no-untyped-def]
-    """``fn()`` on the native helpers or with them switched off."""
-    if impl == "native":
-        return fn()
-    old = native.reset_for_tests(None, "disabled by the test")
-    try:
-        return fn()
-    finally:
-        native.reset_for_tests(*old)
+    return native_library()
 
 
 def _slots(pattern: str, n: int, num_blocks: int, gen: torch.Generator) -> torch.Tensor:
@@ -133,38 +113,7 @@ def _check_case(fmt: PagedFormat, layout: KVLayout, variant: str, pattern: str) 
     geom = validate_caches(caches, layout, fmt)[1]
     assert torch_path.runs_library(geom, caches) is not None
     slots = _slots(pattern, layout.block_size, num_blocks, gen)
-    tokens = slots.numel()
-    nbytes = tokens * layout.bytes_per_token
-    want = bits(ref_gather(fmt, caches, slots.tolist(), layout)).reshape(-1).view(torch.uint8)
-    want_digest = checksum.reference_digest(want.numpy())
-
-    # gather, plain and hashed: the reference bytes (zeros for padding) and their digest
-    for impl in IMPLS:
-        out = torch.full((nbytes,), 0x5A, dtype=torch.uint8)
-        _run(impl, lambda: gather(caches, slots, out, layout, fmt))  # noqa: B023
-        assert torch.equal(out, want), impl
-        out.fill_(0x5A)
-        got = _run(impl, lambda: gather_checksum(caches, slots, out, layout, fmt))  # noqa: B023
-        assert torch.equal(out, want), impl
-        assert got == want_digest == checksum.digest(out), impl
-
-    # scatter, plain and hashed: only the target slots change (padding skipped, every
-    # other slot and block untouched), and the digest covers every chunk byte read
-    chunk = torch.randint(0, 256, (nbytes,), generator=gen).to(torch.uint8)
-    chunk_digest = checksum.reference_digest(chunk.numpy())
-    expected = [c.clone() for c in caches]
-    view = chunk.view(caches[0].dtype).view(layout.chunk_shape(tokens))
-    ref_scatter(fmt, view, expected, slots.tolist(), layout)
-    for impl in IMPLS:
-        for hashed in (False, True):
-            fresh = [c.clone() for c in caches]
-            if hashed:
-                got = _run(impl, lambda: scatter_checksum(chunk, fresh, slots, layout, fmt))  # noqa: B023
-                assert got == chunk_digest, impl
-            else:
-                _run(impl, lambda: scatter(chunk, fresh, slots, layout, fmt))  # noqa: B023
-            for a, b in zip(fresh, expected, strict=True):
-                assert torch.equal(bits(a), bits(b)), (impl, hashed)
+    check_gather_scatter(fmt, layout, caches, slots, gen)
 
 
 @pytest.mark.parametrize("fmt", [PagedFormat.FLASH_ATTN, PagedFormat.MLA])

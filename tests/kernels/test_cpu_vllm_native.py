@@ -20,40 +20,21 @@ from lmcache_pd.kernels import (
     gather,
     gather_checksum,
     native,
-    scatter,
     scatter_checksum,
     torch_path,
 )
 from lmcache_pd.layout import KVLayout
 
-from .helpers import bits, make_caches, make_layout, ref_gather, ref_scatter
+from .helpers import bits, make_caches, make_layout, ref_gather
+from .native_checks import IMPLS, check_gather_scatter, native_library, run_impl
 
 FMT = PagedFormat.CPU_VLLM
 DTYPES = ("float8_e4m3fn", "bfloat16", "float32")  # 1, 2, 4 bytes
-IMPLS = ("native", "fallback")
 
 
 @pytest.fixture(scope="module")
 def native_lib() -> native.NativeLib:
-    try:
-        native.compiler()
-    except RuntimeError as exc:
-        pytest.skip(f"no C compiler: {exc}")
-    lib = native.library()
-    if lib is None:  # a compiler but no library: a real failure
-        pytest.fail(f"native helpers did not build: {native.unavailable_reason()}")
-    return lib
-
-
-def _run(impl: str, fn):  # type: ignore[no-untyped-def]
-    """``fn()`` on the native helpers or with them switched off."""
-    if impl == "native":
-        return fn()
-    old = native.reset_for_tests(None, "disabled by the test")
-    try:
-        return fn()
-    finally:
-        native.reset_for_tests(*old)
+    return native_library()
 
 
 def _slots(layout: KVLayout, num_blocks: int, whole: int, tail: int, pad: bool,
@@ -118,38 +99,7 @@ def _check_case(
     num_blocks = 7
     caches = make_caches(FMT, layout, num_blocks, gen, variant)
     slots = _slots(layout, num_blocks, 5, tail, pad, gen)
-    tokens = slots.numel()
-    nbytes = tokens * layout.bytes_per_token
-    want = bits(ref_gather(FMT, caches, slots.tolist(), layout)).reshape(-1).view(torch.uint8)
-    want_digest = checksum.reference_digest(want.numpy())
-
-    # gather, plain and hashed: the reference bytes and their digest, on both paths
-    for impl in IMPLS:
-        out = torch.full((nbytes,), 0x5A, dtype=torch.uint8)
-        _run(impl, lambda: gather(caches, slots, out, layout, FMT))  # noqa: B023
-        assert torch.equal(out, want), impl
-        out.fill_(0x5A)
-        got = _run(impl, lambda: gather_checksum(caches, slots, out, layout, FMT))  # noqa: B023
-        assert torch.equal(out, want), impl
-        assert got == want_digest == checksum.digest(out), impl
-
-    # scatter, plain and hashed: the reference caches (padding skipped, other slots and
-    # pages untouched), and the digest of every chunk byte read, on both paths
-    chunk = torch.randint(0, 256, (nbytes,), generator=gen).to(torch.uint8)
-    chunk_digest = checksum.reference_digest(chunk.numpy())
-    expected = [c.clone() for c in caches]
-    view = chunk.view(caches[0].dtype).view(layout.chunk_shape(tokens))
-    ref_scatter(FMT, view, expected, slots.tolist(), layout)
-    for impl in IMPLS:
-        for hashed in (False, True):
-            fresh = [c.clone() for c in caches]
-            if hashed:
-                got = _run(impl, lambda: scatter_checksum(chunk, fresh, slots, layout, FMT))  # noqa: B023
-                assert got == chunk_digest, impl
-            else:
-                _run(impl, lambda: scatter(chunk, fresh, slots, layout, FMT))  # noqa: B023
-            for a, b in zip(fresh, expected, strict=True):
-                assert torch.equal(bits(a), bits(b)), (impl, hashed)
+    check_gather_scatter(FMT, layout, caches, slots, gen)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -166,10 +116,10 @@ def test_native_call_matches_fallback_on_many_blocks(
     outs, digests, written = {}, {}, {}
     for impl in IMPLS:
         out = torch.empty(nbytes, dtype=torch.uint8)
-        digests[impl] = _run(impl, lambda: gather_checksum(caches, slots, out, layout, FMT))  # noqa: B023
+        digests[impl] = run_impl(impl, lambda: gather_checksum(caches, slots, out, layout, FMT))  # noqa: B023
         outs[impl] = out
         fresh = [torch.zeros_like(c) for c in caches]
-        back = _run(impl, lambda: scatter_checksum(out, fresh, slots, layout, FMT))  # noqa: B023
+        back = run_impl(impl, lambda: scatter_checksum(out, fresh, slots, layout, FMT))  # noqa: B023
         assert back == digests[impl]
         written[impl] = fresh
     assert torch.equal(outs["native"], outs["fallback"])
