@@ -691,9 +691,10 @@ class Receiver:
             self._delay = _POLL_MIN_S
             return
         replies, landed = self._take_notifications()
+        for identity, reply in replies:  # Committed first: a sender waits on it
+            self._send(identity, reply)
         self._expire_grants()
-        replies += self._expire_leases()
-        for identity, reply in replies:
+        for identity, reply in self._expire_leases():
             self._send(identity, reply)
         self._store_committed()
         self._delay = self._next_gap(landed)
