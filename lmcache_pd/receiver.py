@@ -105,7 +105,6 @@ class _Lease:
     granted_at: float
     deadline: float
     landed: set[int] = field(default_factory=set)  # positions in ``want``
-    bad: list[int] = field(default_factory=list)  # offer indices that failed the checksum
     done: Done | None = None  # set when the sender's WRITEs are posted (Push) or done (Done)
     done_at: float = 0.0  # when ``done`` was set (monotonic)
     early: list[tuple[int, int]] = field(default_factory=list)  # grant: notifs before Push
@@ -585,17 +584,17 @@ class Receiver:
         lease.landed.update(range(first, min(first + count, len(lease.want))))
 
     def _commit(self, lease: _Lease) -> Committed:
-        """Publish a fully landed lease's good chunks. Called with the lock held."""
+        """Publish a fully landed lease's chunks, each with the digest its first read
+        checks (so ``Committed.bad`` is empty: a chunk that fails is dropped then, see
+        :meth:`settle`). Called with the lock held."""
         stored = list(lease.have)
-        bad = set(lease.bad)
         moved = 0
         verify = self.cfg.pd_verify_checksums
         for i, slot in zip(lease.want, lease.slots, strict=True):
             key, nbytes = lease.keys[i], lease.nbytes[i]
-            if i in bad or key in self._ready:  # rejected, or a concurrent lease won
+            stored.append(i)
+            if key in self._ready:  # a concurrent lease won: ours is a duplicate
                 self.buffer.free([slot])
-                if i not in bad:
-                    stored.append(i)
                 continue
             expected = lease.checksums[i] if verify else NO_CHECKSUM
             self._ready[key] = _Ready(slot=slot, nbytes=nbytes, checksum=expected)
@@ -603,9 +602,8 @@ class Receiver:
             self._recent.append((self._recent_seq, key))
             if self.store is not None:
                 self._to_store.append(key)  # after the reply: off the sender's wait
-            stored.append(i)
             moved += nbytes
-        self.counters.inc("chunks", len(lease.want) - len(bad))
+        self.counters.inc("chunks", len(lease.want))
         self.counters.inc("bytes", moved)
         self._forget_lease(lease)
         self._lock.notify_all()
@@ -617,7 +615,7 @@ class Receiver:
         return Committed(
             req_id=lease.req_id,
             stored=sorted(stored),
-            bad=sorted(bad),
+            bad=[],
             missing=lease.missing,
             grant=grant,
             recent=recent,
