@@ -38,8 +38,6 @@ Chunks up to 2**64 bytes; keys repeat only for words 2**64 / K_SEG-cycles apart.
 
 from __future__ import annotations
 
-import concurrent.futures
-import itertools
 import logging
 from collections.abc import Callable
 from typing import Union
@@ -194,18 +192,9 @@ def _pieces(n: int) -> list[int]:
 
 
 def _split_call(n: int, piece: Callable[[int, int], int]) -> int:
-    """``piece(a, b)`` over the byte ranges of :func:`_pieces`: the first on this thread,
-    the others on the helper threads; the sum of their results mod 2**64."""
-    edges = _pieces(n)
-    if len(edges) == 2:
-        return piece(0, n) & MASK
-    pool = native.pool(len(edges) - 2)
-    futures = [pool.submit(piece, a, b) for a, b in itertools.pairwise(edges[1:])]
-    try:
-        total = piece(edges[0], edges[1])
-    finally:  # the pieces use the caller's buffers: never leave while one still runs
-        concurrent.futures.wait(futures)
-    return (total + sum(f.result() for f in futures)) & MASK
+    """``piece(a, b)`` over the byte ranges of :func:`_pieces` (see
+    :func:`native.run_pieces`); the sum of their results mod 2**64."""
+    return native.run_pieces(_pieces(n), piece) & MASK
 
 
 def partial_sum(buf: Buffer, byte_offset: int = 0) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -36,6 +37,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -748,6 +750,22 @@ def pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
             _POOL = concurrent.futures.ThreadPoolExecutor(workers, "lmcache-pd-cpuv")
             _POOL_WORKERS = workers
         return _POOL
+
+
+def run_pieces(edges: Sequence[int], piece: Callable[[int, int], int]) -> int:
+    """``piece(a, b)`` over each range between consecutive ``edges`` (at least two): the
+    first on this thread, the others on the :func:`pool` threads; the sum of their
+    results (not reduced). It never returns or raises while a piece still runs: the
+    pieces write into the caller's buffers."""
+    if len(edges) == 2:
+        return piece(edges[0], edges[1])
+    helpers = pool(len(edges) - 2)
+    futures = [helpers.submit(piece, a, b) for a, b in itertools.pairwise(edges[1:])]
+    try:
+        total = piece(edges[0], edges[1])
+    finally:
+        concurrent.futures.wait(futures)
+    return total + sum(f.result() for f in futures)
 
 
 def _forget_pool() -> None:

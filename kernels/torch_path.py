@@ -27,7 +27,6 @@ FLASH_ATTN, FLASHINFER and MLA caches whose tokens are contiguous runs
 from __future__ import annotations
 
 import ctypes
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -367,10 +366,7 @@ def _native_blocks(
     if parts <= 1:
         total = run(0, nblk)
     else:
-        edges = [nblk * i // parts for i in range(parts + 1)]
-        pool = native.pool(parts - 1)
-        futures = [pool.submit(run, a, b) for a, b in itertools.pairwise(edges[1:])]
-        total = run(edges[0], edges[1]) + sum(f.result() for f in futures)
+        total = native.run_pieces([nblk * i // parts for i in range(parts + 1)], run)
     if acc is not None:
         acc.total = (acc.total + total) & checksum.MASK
 
@@ -419,11 +415,7 @@ def _native_runs(
         return run(0, tokens) & checksum.MASK
     # split at block boundaries where the chunk holds whole blocks (runs stay whole)
     cuts = [min(tokens, (tokens * i // parts + n // 2) // n * n) for i in range(1, parts)]
-    edges = [0, *cuts, tokens]
-    pool = native.pool(parts - 1)
-    futures = [pool.submit(run, a, b) for a, b in itertools.pairwise(edges[1:])]
-    total = run(edges[0], edges[1]) + sum(f.result() for f in futures)
-    return total & checksum.MASK
+    return native.run_pieces([0, *cuts, tokens], run) & checksum.MASK
 
 
 def _k_transposed_torch(
