@@ -11,10 +11,10 @@ opaque bytes (NIXL metadata) sent zero-copy, and ``mac`` is HMAC-SHA256 over eve
 then decode strictly (malformed -> ``Error`` reply). Nothing is ever unpickled.
 
 Sockets:
-- :class:`RouterServer` (asyncio ROUTER, the receiver; replies by peer identity),
-- :class:`BlockingRouter` (ROUTER for a server thread polling several sockets) and
-  :class:`RouterLoop` (that thread: messages in, replies from worker threads out, timers;
-  the prefiller's pull endpoint and the p2p endpoint),
+- :class:`BlockingRouter` (ROUTER for a server thread polling several sockets; replies
+  by peer identity) and :class:`RouterLoop` (that thread: messages in, replies from
+  worker threads out, timers, sub-ms poll gaps; the receiver, the prefiller's pull
+  endpoint and the p2p endpoint),
 - :class:`DealerClient` (blocking DEALER with deadlines, the sender),
 - :class:`PushClient` / :class:`PullServer` (prefiller -> proxy notifications).
 Every wait is bounded: ``zmq.Poller`` / ``asyncio`` timeouts, never a spin.
@@ -153,43 +153,6 @@ class _Inbound:
             self.counters.inc(name)
             self._bad_log.warning("rejected a control message: %s", exc)
             return Error(code=exc.code, message=exc.message)
-
-
-class RouterServer:
-    """asyncio ROUTER socket: receives signed messages, replies by identity."""
-
-    def __init__(
-        self,
-        ctx: zmq.asyncio.Context,
-        codec: Codec,
-        host: str,
-        port: int,
-        counters: Counters,
-    ) -> None:
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.port, self.endpoint = _bind(self.sock, codec, host, port)
-        self.codec = codec
-        self._inbound = _Inbound(codec, counters)
-
-    async def recv(self) -> tuple[bytes, Message, list[bytes]]:
-        """Next valid message as ``(identity, message, payload)``; bad frames are
-        answered with ``Error`` or dropped, never raised."""
-        while True:
-            identity, *frames = await self.sock.recv_multipart(copy=True)
-            result = self._inbound.classify(frames)
-            if result is None:
-                continue
-            if isinstance(result, Error):
-                await self.send(identity, result)
-                continue
-            return identity, result[0], result[1]
-
-    async def send(self, identity: bytes, msg: Msg, payload: Sequence[bytes] = ()) -> None:
-        await self.sock.send_multipart([identity, *self.codec.pack(msg, payload)], copy=False)
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
 
 
 class BlockingRouter:
