@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
+from types import ModuleType
 
 from lmcache_pd.chunks import longest_prefix
 from lmcache_pd.protocol import NO_CHECKSUM
@@ -20,17 +21,44 @@ from lmcache_pd.protocol import NO_CHECKSUM
 Buffer = bytes | bytearray | memoryview
 
 
-def verify(data: Buffer, checksum: int, what: str = "chunk") -> None:
+def _kvsum() -> ModuleType:
+    """:mod:`lmcache_pd.checksum` (it loads torch: only where a digest is checked)."""
+    from lmcache_pd import checksum
+
+    return checksum
+
+
+def mismatch(expected: int, got: int, what: str) -> Exception:
+    """The ``lmcache_pd.checksum.ChecksumMismatch`` a checked put raises."""
+    return _kvsum().ChecksumMismatch(expected, got, what)
+
+
+def verify(
+    data: Buffer, checksum: int, what: str = "chunk", on_fail: Callable[[], None] | None = None
+) -> None:
     """Raise ``lmcache_pd.checksum.ChecksumMismatch`` unless ``data`` hashes to
     ``checksum`` (``NO_CHECKSUM``: nothing to check). A pass over the bytes of its own:
-    the CPU tier hashes inside its copy instead."""
+    the CPU tier hashes inside its copy instead (:func:`copy_hashed`). ``on_fail`` is
+    called before anything is raised (a put that borrows ``data`` hands it back)."""
     if checksum == NO_CHECKSUM:
         return
-    from lmcache_pd import checksum as kvsum  # torch: loaded only where a digest is checked
+    try:
+        got = _kvsum().chunk_digest(data)
+        if got != checksum:
+            raise mismatch(checksum, got, what)
+    except BaseException:
+        if on_fail is not None:
+            on_fail()
+        raise
 
-    got = kvsum.chunk_digest(data)
-    if got != checksum:
-        raise kvsum.ChecksumMismatch(checksum, got, what)
+
+def copy_hashed(dst: memoryview, src: memoryview, checksum: int) -> int:
+    """Copy ``src`` into ``dst`` (equal sizes); with a ``checksum`` to check, hash the
+    bytes in that same copy and return their digest (else ``NO_CHECKSUM``)."""
+    if checksum == NO_CHECKSUM:
+        dst[:] = src
+        return NO_CHECKSUM
+    return _kvsum().chunk_copy_digest(dst, src)
 
 
 class Store(abc.ABC):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from lmcache_pd.protocol import NO_CHECKSUM
-from lmcache_pd.tiers.base import Buffer, Store, verify
+from lmcache_pd.tiers.base import Buffer, Store, copy_hashed, mismatch, verify
 from lmcache_pd.tiers.metrics import Count, DropReason, TierCounters, TierMetrics, tier_metrics
 
 log = logging.getLogger(__name__)
@@ -281,22 +281,14 @@ class CPUStore(Store):
             verify(src, checksum, "chunk put into the CPU tier")
             return held
         try:
-            if checksum == NO_CHECKSUM:
-                self._slot_view(slot, n)[:] = src
-                got = NO_CHECKSUM
-            else:
-                from lmcache_pd import checksum as kvsum  # torch: only for a checked put
-
-                got = kvsum.chunk_copy_digest(self._slot_view(slot, n), src)
+            got = copy_hashed(self._slot_view(slot, n), src, checksum)
         except BaseException:
             self.abort(key)
             raise
         if got != checksum:
             self.abort(key)
             self._counts.drop(DropReason.CHECKSUM)
-            from lmcache_pd import checksum as kvsum
-
-            raise kvsum.ChecksumMismatch(checksum, got, "chunk put into the CPU tier")
+            raise mismatch(checksum, got, "chunk put into the CPU tier")
         with self._lock:
             self._publish_locked(key, slot, n)
         return True

@@ -318,13 +318,7 @@ class DiskStore(Store):
         ``checksum``: the bytes are hashed first (a pass of their own) and nothing is
         queued unless they match (``ChecksumMismatch``, after ``on_written``; see
         :meth:`Store.put`)."""
-        if checksum != NO_CHECKSUM:
-            try:
-                verify(data, checksum, "chunk put into the disk tier")
-            except BaseException:
-                if on_written is not None:
-                    on_written()
-                raise
+        verify(data, checksum, "chunk put into the disk tier", on_written)
         key = _check_key(key)
         view = as_byte_view(data)
         reason: DropReason | None = None

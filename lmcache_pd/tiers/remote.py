@@ -494,13 +494,7 @@ class RemoteStore(Store):
         ``checksum``: the bytes are hashed first (a pass of their own) and nothing is
         queued unless they match (``ChecksumMismatch``, after ``on_written``; see
         :meth:`Store.put`)."""
-        if checksum != NO_CHECKSUM:
-            try:
-                verify(data, checksum, "chunk put into the remote tier")
-            except BaseException:
-                if on_written is not None:
-                    on_written()
-                raise
+        verify(data, checksum, "chunk put into the remote tier", on_written)
         item = _Write(bytes(key), as_byte_view(data), on_written)
         if not self._up():
             self._drop(1, DropReason.DISABLED)
