@@ -4,6 +4,10 @@ Wire form of one message (a ZMQ multipart message)::
 
     [header, payload_0, ..., payload_n, mac]
 
+or, for the few messages that ride a NIXL notification (``protocol.LeaseReply``), one
+byte string ``SIGNED_NOTIF_PREFIX + header + mac`` with the same MAC over ``[header]``
+(:meth:`Codec.pack_notif` / :meth:`Codec.unpack_notif`).
+
 ``header`` is the msgpack-encoded :mod:`lmcache_pd.protocol` message, payload frames are
 opaque bytes (NIXL metadata) sent zero-copy, and ``mac`` is HMAC-SHA256 over every frame
 (length-prefixed) with the shared secret. Receivers check the frame count and sizes first
@@ -15,7 +19,8 @@ Sockets:
   by peer identity) and :class:`RouterLoop` (that thread: messages in, replies from
   worker threads out, timers, sub-ms poll gaps; the receiver, the prefiller's pull
   endpoint and the p2p endpoint),
-- :class:`DealerClient` (blocking DEALER with deadlines, the sender),
+- :class:`DealerClient` (blocking DEALER with deadlines, the sender) and
+  :class:`NotifInbox` (the sender's answers that come as signed NIXL notifications),
 - :class:`PushClient` / :class:`PullServer` (prefiller -> proxy notifications).
 Every wait is bounded: ``zmq.Poller`` / ``asyncio`` timeouts, never a spin.
 """
@@ -38,7 +43,17 @@ import zmq
 import zmq.asyncio
 
 from lmcache_pd.metrics import Counters, RateLimitedLog
-from lmcache_pd.protocol import Error, ErrorCode, Message, Msg, ProtocolError, decode, encode
+from lmcache_pd.protocol import (
+    SIGNED_NOTIF_PREFIX,
+    Error,
+    ErrorCode,
+    LeaseReply,
+    Message,
+    Msg,
+    ProtocolError,
+    decode,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +119,26 @@ class Codec:
         frames = [encode(msg), *payload]
         return [*frames, self._mac(frames)]
 
+    def pack_notif(self, msg: Msg) -> bytes:
+        """``msg`` signed as one byte string for a transport notification:
+        ``SIGNED_NOTIF_PREFIX + header + mac`` (the MAC as over ZMQ frames)."""
+        header = encode(msg)
+        return SIGNED_NOTIF_PREFIX + header + self._mac([header])
+
+    def unpack_notif(self, data: bytes) -> Message | None:
+        """The message in a notification from :meth:`pack_notif`; None for one that is
+        not ours (no prefix: other users of the agent). Raises AuthError for a wrong or
+        missing signature, ProtocolError for a malformed or oversize one."""
+        if not data.startswith(SIGNED_NOTIF_PREFIX):
+            return None
+        body = memoryview(data)[len(SIGNED_NOTIF_PREFIX) :]
+        if len(body) > self.max_bytes:
+            raise ProtocolError(ErrorCode.OVERSIZE, f"notification of {len(body)} bytes")
+        header, mac = body[:-MAC_BYTES], body[-MAC_BYTES:]
+        if len(body) <= MAC_BYTES or not hmac.compare_digest(self._mac([header]), bytes(mac)):
+            raise AuthError("missing or wrong HMAC signature")
+        return decode(header)
+
     def check_size(self, frames: Sequence[bytes | memoryview]) -> None:
         """Raise ``ProtocolError(OVERSIZE)`` for too many or too large frames."""
         if not 2 <= len(frames) <= MAX_PAYLOAD_FRAMES + 2:
@@ -154,6 +189,23 @@ class _Inbound:
             self._bad_log.warning("rejected a control message: %s", exc)
             return Error(code=exc.code, message=exc.message)
 
+    def classify_notif(self, data: bytes) -> Message | None:
+        """The signed message in a transport notification, or None (not one of ours,
+        or failing its checks: counted and logged as frames are)."""
+        try:
+            return self.codec.unpack_notif(data)
+        except AuthError:
+            self.counters.inc("auth_failures")
+            self._auth_log.warning(
+                "dropped a notification with a missing or wrong signature: check that "
+                "both sides use the same pd_auth_secret / pd_auth_secret_file"
+            )
+        except ProtocolError as exc:
+            name = "oversize_frames" if exc.code is ErrorCode.OVERSIZE else "malformed_frames"
+            self.counters.inc(name)
+            self._bad_log.warning("rejected a signed notification: %s", exc)
+        return None
+
 
 class BlockingRouter:
     """ROUTER socket served by a thread that polls it with other sockets (``sock`` goes
@@ -197,9 +249,15 @@ class BlockingRouter:
 _PR_SET_TIMERSLACK = 29  # prctl option (linux/prctl.h)
 
 
+_slack = threading.local()
+
+
 def fine_timer_slack() -> None:
     """Let this thread's timed sleeps end within 1 us of their deadline (Linux; a no-op
-    where prctl is missing)."""
+    where prctl is missing). Cheap to call again: set once per thread."""
+    if getattr(_slack, "fine", False):
+        return
+    _slack.fine = True
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
     except (OSError, AttributeError):
@@ -376,6 +434,23 @@ class DealerClient:
                 continue
             return msg, payload
 
+    def recv_ready(self, req_id: str) -> Message | None:
+        """The reply to ``req_id`` if one is queued now (never blocks); replies to
+        other requests are discarded as in :meth:`recv`."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            result = self._inbound.classify(frames)
+            if result is None:
+                continue
+            if isinstance(result, Error):
+                return result
+            msg = result[0]
+            if getattr(msg, "req_id", req_id) == req_id:
+                return msg
+
     def request(
         self, msg: Msg, payload: Sequence[bytes] = (), timeout_s: float = 10.0
     ) -> tuple[Message, list[bytes]]:
@@ -389,6 +464,44 @@ class DealerClient:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+class NotifInbox:
+    """Signed answers that arrive as transport notifications (``LeaseReply``, see
+    :meth:`Codec.pack_notif`), for the threads of one sender: each registers the
+    ``(agent, lease)`` it waits on with :meth:`expect` before asking; whichever thread
+    polls (:meth:`take`) files what came for the others. Answers nobody waits for (late
+    ones after a timeout) are dropped, as are unsigned ones (counted ``auth_failures``).
+    ``poll`` returns ``(agent, message)`` pairs: the transport's ``notifications``."""
+
+    def __init__(
+        self, poll: Callable[[], list[tuple[str, bytes]]], codec: Codec, counters: Counters
+    ) -> None:
+        self._poll = poll
+        self._inbound = _Inbound(codec, counters)
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[str, int], Message | None] = {}
+
+    def expect(self, agent: str, lease: int) -> None:
+        with self._lock:
+            self._waiting[(agent, lease)] = None
+
+    def forget(self, agent: str, lease: int) -> None:
+        with self._lock:
+            self._waiting.pop((agent, lease), None)
+
+    def take(self, agent: str, lease: int) -> Message | None:
+        """The answer for ``lease`` from ``agent`` if it came (then no longer
+        expected); polls the transport once."""
+        with self._lock:
+            for peer, text in self._poll():
+                msg = self._inbound.classify_notif(text)
+                if isinstance(msg, LeaseReply) and (peer, msg.lease) in self._waiting:
+                    self._waiting[(peer, msg.lease)] = msg.reply
+            answer = self._waiting.get((agent, lease))
+            if answer is not None:
+                del self._waiting[(agent, lease)]
+            return answer
 
 
 class PushClient:

@@ -15,16 +15,24 @@ The handoff (docs/architecture.md has the whole picture):
     ... NIXL WRITEs of the missing chunks into the granted slots, in groups; each
         group's notification ``lmcpd:<lease>:<first>:<count>`` tells the receiver
         those chunks landed (their checksums are checked at first read) ...
-    Done{req_id, lease}                  ->
+    Done{req_id, lease, reply_by_notif}  ->
                                           <- Committed{stored, bad, grant}  (or Error)
     Cancel{req_id, lease, reason}        ->  (slots freed at once)
+
+A Push/Done with ``reply_by_notif`` (the default, ``pd_reply_by_notif``) gets its lease's
+final answer (``Committed``, or the ``Error`` of an expired lease) as a NIXL notification
+to the sender's agent instead of a ZMQ reply: ``lmcpd-msg:`` + a :class:`LeaseReply`
+signed like a ZMQ message (control.Codec.pack_notif). The sender polls its transport for
+it while it progresses its WRITEs anyway, so the answer costs no ZMQ hop (each wakes an
+I/O thread on both sides). Answers about the message itself (a bad Push, an unknown
+lease) still come over ZMQ, where the sender looks too.
 
 Credit path (one round trip): a ``Grant`` in ``HelloAck`` or ``Committed`` lends slots
 ahead of time; the sender WRITEs into them at once and then sends everything in one
 message:
 
     ... NIXL WRITEs into grant.slots, groups notified ``lmcpd:<grant.lease>:...`` ...
-    Push{req_id, lease, keys, nbytes, checksums, skipped} ->
+    Push{req_id, lease, keys, nbytes, checksums, skipped, reply_by_notif} ->
                                           <- Committed{stored, bad, missing, grant, recent}
 
 and, prefiller -> proxy over a PUSH socket: ``HandoffDone``.
@@ -52,6 +60,9 @@ from lmcache_pd.layout import KVLayout
 
 PROTOCOL_VERSION = 1
 NO_CHECKSUM = 0  # "not hashed" (pd_verify_checksums: false); real digests map 0 -> 1
+# a signed control message carried by a NIXL notification (LeaseReply): this prefix, the
+# msgpack header, the 32-byte HMAC (control.Codec.pack_notif / unpack_notif)
+SIGNED_NOTIF_PREFIX = b"lmcpd-msg:"
 # the chunk checksum every digest in Offer/Push is taken with (lmcache_pd.checksum)
 CHECKSUM_ALGORITHM = "kvsum64"
 
@@ -203,10 +214,12 @@ class Busy(Msg, tag="busy"):
 
 class Done(Msg, tag="done"):
     """Every WRITE of the lease was posted and completed at the sender; the receiver
-    commits once all their notifications arrived."""
+    commits once all their notifications arrived. ``reply_by_notif``: as in
+    :class:`Push`."""
 
     req_id: str
     lease: int
+    reply_by_notif: bool = False
 
 
 class Push(Msg, tag="push"):
@@ -216,7 +229,8 @@ class Push(Msg, tag="push"):
     ``skipped``: keys of the request the sender believes the receiver holds (not sent);
     any it does not hold come back in ``Committed.missing``. ``want_grant``: slots the
     sender would like lent for its next request. Answered with ``Committed`` once every
-    group's notification landed (or ``Error``)."""
+    group's notification landed (or ``Error``); with ``reply_by_notif`` that answer is a
+    :class:`LeaseReply` in a NIXL notification to the sender's agent, not a ZMQ reply."""
 
     req_id: str
     lease: int
@@ -225,6 +239,7 @@ class Push(Msg, tag="push"):
     checksums: list[int]
     skipped: list[bytes] = msgspec.field(default_factory=list)
     want_grant: int = 0
+    reply_by_notif: bool = False
 
 
 class Committed(Msg, tag="committed"):
@@ -242,6 +257,14 @@ class Committed(Msg, tag="committed"):
     missing: list[bytes] = msgspec.field(default_factory=list)
     grant: Grant | None = None
     recent: list[bytes] = msgspec.field(default_factory=list)
+
+
+class LeaseReply(Msg, tag="lease_reply"):
+    """Receiver -> sender in a NIXL notification (``SIGNED_NOTIF_PREFIX``), for a Push
+    or Done that asked ``reply_by_notif``: the final answer for ``lease``."""
+
+    lease: int
+    reply: Committed | Error
 
 
 class Cancel(Msg, tag="cancel"):
@@ -491,6 +514,7 @@ Message = (
     | Done
     | Push
     | Committed
+    | LeaseReply
     | Cancel
     | Fetch
     | FetchKeys

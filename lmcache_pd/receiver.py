@@ -56,7 +56,7 @@ from lmcache_pd.buffer import SlotBuffer, slots_for
 from lmcache_pd.config import Config
 from lmcache_pd.control import BlockingRouter, Codec, RouterLoop
 from lmcache_pd.layout import KVLayout
-from lmcache_pd.metrics import Counters
+from lmcache_pd.metrics import Counters, RateLimitedLog
 from lmcache_pd.protocol import (
     NO_CHECKSUM,
     Accept,
@@ -71,13 +71,14 @@ from lmcache_pd.protocol import (
     Hello,
     HelloAck,
     LeaseNotif,
+    LeaseReply,
     Message,
     Offer,
     Push,
 )
 from lmcache_pd.tiers.base import Store
 from lmcache_pd.tp import TPMappingError, check_tp
-from lmcache_pd.transports.base import MemKind, Transport
+from lmcache_pd.transports.base import MemKind, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class _Lease:
     done_at: float = 0.0  # when ``done`` was set (monotonic)
     early: list[tuple[int, int]] = field(default_factory=list)  # grant: notifs before Push
     missing: list[bytes] = field(default_factory=list)  # Push: skipped keys not held here
+    reply_by_notif: bool = False  # the final answer goes by NIXL notification (Push/Done)
 
 
 @dataclass
@@ -177,6 +179,7 @@ class Receiver:
         self._doomed: dict[bytes, list[_Ready]] = {}
         self._failures_unlogged = 0
         self._failure_logged_at = -_FAILURE_LOG_EVERY_S
+        self._notif_log = RateLimitedLog(log)
         self._peers: dict[bytes, _PeerInfo] = {}
         self._next_lease = 1
         self._ctx: zmq.Context | None = None
@@ -253,6 +256,29 @@ class Receiver:
     def _send(self, identity: bytes, msg: Message, payload: Sequence[bytes] = ()) -> None:
         assert self._loop is not None
         self._loop.send(identity, msg, payload)
+
+    def _answer(self, lease: _Lease, answer: Committed | Error) -> None:
+        """A lease's final answer (loop thread): a signed NIXL notification to the
+        sender's agent when its Push/Done asked (``reply_by_notif``), else a ZMQ reply.
+        A notification that cannot be sent goes over ZMQ (the sender looks there too),
+        with a warning."""
+        peer = self._peers.get(lease.identity)
+        if lease.reply_by_notif and peer is not None:
+            notif = self.codec.pack_notif(LeaseReply(lease=lease.lease, reply=answer))
+            try:
+                self.transport.notify(peer.agent, notif)
+                self.counters.inc("notif_replies")
+                return
+            except TransportError as exc:
+                self.counters.inc("notif_reply_failures")
+                self._notif_log.warning(
+                    "answering %s by NIXL notification failed (%s): sent over ZMQ instead; "
+                    "set pd_reply_by_notif: false on senders this receiver cannot reach "
+                    "over NIXL",
+                    peer.agent,
+                    exc,
+                )
+        self._send(lease.identity, answer)
 
     def _handle(
         self, identity: bytes, msg: Message, payload: list[bytes]
@@ -449,6 +475,7 @@ class Receiver:
             lease.checksums = list(msg.checksums)
             lease.want, lease.slots = list(range(k)), lease.slots[:k]
             lease.done, lease.done_at = Done(req_id=msg.req_id, lease=lease.lease), now
+            lease.reply_by_notif = msg.reply_by_notif
             lease.granted_at, lease.deadline = now, now + self.cfg.pd_lease_ttl_s
             lease.missing = [key for key in msg.skipped if not self._held(key)]
             self._issue_grant(identity, peer, msg.want_grant, leftover)  # told in Committed
@@ -462,8 +489,9 @@ class Receiver:
             self._land(lease, first, count)
         if len(lease.landed) == len(lease.want):
             with self._lock:
-                return self._commit(lease)
-        return None  # committed when the last data notification arrives
+                committed = self._commit(lease)
+            self._answer(lease, committed)
+        return None  # else committed when the last data notification arrives
 
     def _held(self, key: bytes) -> bool:
         return key in self._ready or (self.store is not None and key in self.store)
@@ -573,9 +601,12 @@ class Receiver:
                     f"(TTL {self.cfg.pd_lease_ttl_s}s)",
                 )
             lease.done, lease.done_at = msg, time.monotonic()
-            if len(lease.landed) == len(lease.want):
-                return self._commit(lease)
-        return None  # committed when the last data notification arrives
+            lease.reply_by_notif = msg.reply_by_notif
+            if len(lease.landed) != len(lease.want):
+                return None  # committed when the last data notification arrives
+            committed = self._commit(lease)
+        self._answer(lease, committed)
+        return None
 
     @staticmethod
     def _land(lease: _Lease, first: int, count: int) -> None:
@@ -688,12 +719,12 @@ class Receiver:
             self._expire_grants()
             self._delay = _POLL_MIN_S
             return
-        replies, landed = self._take_notifications()
-        for identity, reply in replies:  # Committed first: a sender waits on it
-            self._send(identity, reply)
+        answers, landed = self._take_notifications()
+        for lease, answer in answers:  # Committed first: a sender waits on it
+            self._answer(lease, answer)
         self._expire_grants()
-        for identity, reply in self._expire_leases():
-            self._send(identity, reply)
+        for lease, error in self._expire_leases():
+            self._answer(lease, error)
         self._store_committed()
         self._delay = self._next_gap(landed)
 
@@ -706,10 +737,10 @@ class Receiver:
             deadlines = [g.deadline for g in self._grants.values()]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
-    def _take_notifications(self) -> tuple[list[tuple[bytes, Message]], bool]:
-        """Verify the chunks named by new notifications; commit leases that are done
-        and fully landed. Returns the replies to send and whether anything arrived."""
-        replies: list[tuple[bytes, Message]] = []
+    def _take_notifications(self) -> tuple[list[tuple[_Lease, Committed]], bool]:
+        """Mark the chunks named by new notifications landed; commit leases that are
+        done and fully landed. Returns their answers and whether anything arrived."""
+        replies: list[tuple[_Lease, Committed]] = []
         notifs = self.transport.notifications()
         for _peer, text in notifs:
             notif = LeaseNotif.decode(text)
@@ -724,13 +755,13 @@ class Receiver:
             self._land(lease, notif.first, notif.count)
             if lease.done is not None and len(lease.landed) == len(lease.want):
                 with self._lock:
-                    replies.append((lease.identity, self._commit(lease)))
+                    replies.append((lease, self._commit(lease)))
         return replies, bool(notifs)
 
-    def _expire_leases(self) -> list[tuple[bytes, Message]]:
+    def _expire_leases(self) -> list[tuple[_Lease, Error]]:
         """Drop leases past their TTL; a sender that already said Done gets an Error."""
         now = time.monotonic()
-        replies: list[tuple[bytes, Message]] = []
+        replies: list[tuple[_Lease, Error]] = []
         with self._lock:
             for lease in [ls for ls in self._leases.values() if ls.deadline <= now]:
                 self.counters.inc("lease_expiries")
@@ -741,7 +772,7 @@ class Receiver:
                         code=ErrorCode.TIMEOUT,
                         message="data never arrived before the lease expired",
                     )
-                    replies.append((lease.identity, error))
+                    replies.append((lease, error))
         return replies
 
     def _next_gap(self, landed: bool) -> float:

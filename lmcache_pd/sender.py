@@ -46,7 +46,7 @@ import zmq
 from lmcache_pd import checksum
 from lmcache_pd.buffer import SlotBuffer, slots_for
 from lmcache_pd.config import Config
-from lmcache_pd.control import Codec, ControlTimeout, DealerClient
+from lmcache_pd.control import Codec, ControlTimeout, DealerClient, NotifInbox, fine_timer_slack
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import (
@@ -63,16 +63,30 @@ from lmcache_pd.protocol import (
     Hello,
     HelloAck,
     LeaseNotif,
+    Message,
     Offer,
     Push,
 )
-from lmcache_pd.transports.base import MemKind, Transport, TransportError
+from lmcache_pd.transports.base import (
+    MemKind,
+    TransferTimeout,
+    Transport,
+    TransportError,
+    XferState,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_KNOWN_KEYS = 65536  # per receiver: keys this sender believes it holds (skipped)
 MAX_GRANT_WANT = 64  # slots asked to be lent ahead, at most
 MAX_PEERS = 64  # receiver connections kept per sender (least recently used closed)
+# polling for a handoff's answer (_await_answer): the first gap, the longest while WRITEs
+# fly, and how long after they completed the answer counts as due (gaps stay short)
+_GAP_MIN_S = 50e-6
+_FIRST_MS = 1e-3  # WRITEs of a small request complete within it: gaps stay shortest
+_GAP_WRITING_MAX_S = 250e-6
+_GAP_IDLE_MAX_S = 10e-3
+_DUE_WINDOW_S = 0.5
 
 
 class HandoffError(RuntimeError):
@@ -84,6 +98,13 @@ class HandoffError(RuntimeError):
         super().__init__(message)
         self.code = code
         self.reconnect = reconnect  # a fresh Hello may succeed (receiver restarted)
+
+
+def _no_error(reply: Message) -> Message:
+    """``reply``, unless it is the receiver's ``Error``: that is raised."""
+    if isinstance(reply, Error):
+        raise HandoffError(f"receiver error ({reply.code.value}): {reply.message}", reply.code)
+    return reply
 
 
 @dataclass(frozen=True)
@@ -190,6 +211,8 @@ class Sender:
         # receiver lends at most half its buffer, shared by its connected senders)
         self._want_grant = min(self.buffer.num_slots, MAX_GRANT_WANT)
         self._ctx = zmq.Context()
+        # answers by NIXL notification (pd_reply_by_notif), for every thread of ours
+        self._inbox = NotifInbox(transport.notifications, self.codec, self.counters)
         self._peers: OrderedDict[str, _Peer] = OrderedDict()  # least recently used first
         self._connecting: dict[str, threading.Lock] = {}
         self._peers_lock = threading.Lock()
@@ -426,6 +449,7 @@ class Sender:
             checksums=[c.checksum or NO_CHECKSUM for c in fresh],
             skipped=[c.key for c in skipped],
             want_grant=self._want_grant,
+            reply_by_notif=self.cfg.pd_reply_by_notif,
         )
         self.counters.inc("pushes")
         reply = self._write_and_commit(peer, req_id, grant.lease, fresh, grant.slots, push)
@@ -441,38 +465,76 @@ class Sender:
         rest = [c for c in skipped if c.key in missing]
         return rest, (sent, dedup, moved, len(reply.bad))
 
-    def _reply(self, peer: _Peer, req_id: str, timeout_s: float | None = None) -> Any:
-        """The receiver's answer to a message already sent, within ``timeout_s``
-        (default ``pd_connect_timeout_s``)."""
-        if timeout_s is None:
-            timeout_s = self.cfg.pd_connect_timeout_s
+    def _reply(self, peer: _Peer, req_id: str) -> Any:
+        """The receiver's answer to a message already sent, within
+        ``pd_connect_timeout_s``."""
         try:
-            reply, _ = peer.client.recv(timeout_s, req_id)
+            reply, _ = peer.client.recv(self.cfg.pd_connect_timeout_s, req_id)
         except ControlTimeout as exc:
             self._forget(peer)
             raise HandoffError(f"receiver stopped answering: {exc}", ErrorCode.TIMEOUT) from None
-        if isinstance(reply, Error):
-            raise HandoffError(f"receiver error ({reply.code.value}): {reply.message}", reply.code)
-        return reply
+        return _no_error(reply)
 
-    def _reply_progressing(self, peer: _Peer, req_id: str, handles: list[Any]) -> Any:
-        """The receiver's answer to a Push/Done, progressing our side of the transfer
-        while it is due: a finished WRITE's notification can still sit in the
-        transport's queue until the initiator is progressed again (UCX), and the
-        receiver commits only once it arrives. Without this, such a handoff waited
-        for whatever next used the transport (~1 s between requests), or its lease
-        expired. Polls back off from 1 ms to 50 ms; the whole wait is bounded by
-        ``pd_connect_timeout_s``, like :meth:`_reply`."""
-        deadline = time.monotonic() + self.cfg.pd_connect_timeout_s
-        wait_ms = 1
+    def _await_answer(self, peer: _Peer, req_id: str, lease: int, handles: list[Any]) -> Message:
+        """Progress our WRITEs of ``lease`` until they complete (within
+        ``pd_transfer_timeout_s``: else :class:`TransferTimeout`), then wait for the
+        receiver's answer (within ``pd_connect_timeout_s``). The answer comes as a NIXL
+        notification (``pd_reply_by_notif``, registered with the inbox) or over ZMQ
+        (errors about the message itself; everything without ``pd_reply_by_notif``):
+        both are polled. Polling also progresses the transport, which some paths need
+        before a finished WRITE's notification leaves (UCX).
+
+        Gaps between polls (this thread's timer slack set to 1 us): from 50 us, growing
+        to 250 us while WRITEs fly; 50 us once they completed, for 0.5 s (the answer is
+        due), then growing to 10 ms. Gaps of 1 ms and more block on the ZMQ socket."""
+        fine_timer_slack()
+        started = time.monotonic()
+        write_deadline = started + self.cfg.pd_transfer_timeout_s
+        written_at: float | None = None
+        gap = _GAP_MIN_S
         while True:
-            for handle in handles:
-                self.transport.poll(handle)  # progresses the initiator
-            left_s = deadline - time.monotonic()
-            left_ms = int(left_s * 1000)
-            if left_ms <= 0 or peer.client.poller.poll(min(wait_ms, left_ms)):
-                return self._reply(peer, req_id, max(left_s, 1e-3))
-            wait_ms = min(wait_ms * 2, 50)
+            states = [self.transport.poll(handle) for handle in handles]
+            if XferState.ERR in states:
+                raise TransportError("a WRITE failed (receiver died or connection lost)")
+            now = time.monotonic()
+            if written_at is None and all(st is XferState.DONE for st in states):
+                written_at, gap = now, _GAP_MIN_S
+            answer = None
+            if self.cfg.pd_reply_by_notif:
+                answer = self._inbox.take(peer.agent, lease)
+            if answer is None:
+                answer = peer.client.recv_ready(req_id)
+            if answer is not None:
+                return _no_error(answer)
+            if written_at is None:
+                if now >= write_deadline:
+                    raise TransferTimeout(
+                        f"WRITEs not complete after {self.cfg.pd_transfer_timeout_s:.1f}s"
+                    )
+                if now - started >= _FIRST_MS:
+                    gap = min(gap * 1.5, _GAP_WRITING_MAX_S)
+            else:
+                if now - written_at >= self.cfg.pd_connect_timeout_s:
+                    self._forget(peer)
+                    raise HandoffError(
+                        f"receiver {peer.endpoint} stopped answering: no answer to "
+                        f"{req_id} within {self.cfg.pd_connect_timeout_s:.1f}s of its WRITEs"
+                        + (
+                            " (answers come by NIXL notification: if the receiver cannot "
+                            "reach this sender's NIXL agent, set pd_reply_by_notif: false)"
+                            if self.cfg.pd_reply_by_notif
+                            else ""
+                        ),
+                        ErrorCode.TIMEOUT,
+                    )
+                if not self.cfg.pd_reply_by_notif:  # only ZMQ answers: block on it
+                    gap = min(max(gap * 2, 1e-3), _GAP_IDLE_MAX_S)
+                elif now - written_at >= _DUE_WINDOW_S:
+                    gap = min(gap * 1.5, _GAP_IDLE_MAX_S)
+            if gap >= 1e-3:
+                peer.client.poller.poll(int(gap * 1000))
+            else:
+                time.sleep(gap)
 
     def _request(self, peer: _Peer, msg: Offer) -> Any:
         peer.client.send(msg)
@@ -541,15 +603,17 @@ class Sender:
         a ``Done`` once they completed. A failure cancels the lease (its slots are freed
         at once) and raises :class:`HandoffError`."""
         handles: list[Any] = []
+        if self.cfg.pd_reply_by_notif:
+            self._inbox.expect(peer.agent, lease)
         try:
-            if push is not None:
+            if push is not None:  # first: it wakes the receiver, whose progress we need
                 peer.client.send(push)
             handles = self._post_writes(peer, lease, chunks, slots)
             if push is None:
-                peer.client.send(Done(req_id=req_id, lease=lease))
-            for handle in handles:
-                self.transport.wait(handle, self.cfg.pd_transfer_timeout_s)
-            reply = self._reply_progressing(peer, req_id, handles)
+                peer.client.send(
+                    Done(req_id=req_id, lease=lease, reply_by_notif=self.cfg.pd_reply_by_notif)
+                )
+            reply = self._await_answer(peer, req_id, lease, handles)
         except TransportError as exc:
             self.counters.inc("transfer_errors")
             self._cancel(peer, req_id, lease, str(exc))
@@ -563,6 +627,7 @@ class Sender:
                 self._cancel(peer, req_id, lease, str(exc))
             raise
         finally:
+            self._inbox.forget(peer.agent, lease)
             for handle in handles:
                 self.transport.release(handle)
         if not isinstance(reply, Committed):

@@ -8,7 +8,9 @@ A transport knows bytes and addresses, not tokens. Its life cycle:
 4. per transfer ``write(...)`` by descriptor indices with a notification message, then
    ``wait(handle, deadline)`` (bounded, backing off; never spins);
 5. the target learns of arrivals with ``notifications()`` (it must call this while a
-   transfer is expected: without a progress thread, some paths only move when polled).
+   transfer is expected: without a progress thread, some paths only move when polled);
+6. either side may ``notify(peer, message)`` a peer it added: a message not bound to a
+   transfer, read by the peer's ``notifications()`` (the receiver's commit reply).
 """
 
 from __future__ import annotations
@@ -112,6 +114,12 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def release(self, handle: TransferHandle) -> None:
         """Release a transfer handle (safe to call on an unfinished one: it is aborted)."""
+
+    @abc.abstractmethod
+    def notify(self, peer: str, message: bytes) -> None:
+        """Send ``message`` to ``peer`` (added with :meth:`add_peer`) on its own, not
+        bound to a transfer; it reads it with :meth:`notifications`. Returns once it is
+        queued; raises :class:`TransportError` for an unknown or unreachable peer."""
 
     @abc.abstractmethod
     def notifications(self) -> list[tuple[str, bytes]]:

@@ -226,6 +226,12 @@ class MemoryTransport(Transport):
         with self._lock:
             self._xfers.pop(handle, None)
 
+    def notify(self, peer: str, message: bytes) -> None:
+        target = self.fabric.get(peer) if peer in self._peers else None
+        if target is None or target._closed:
+            raise TransportError(f"peer {peer!r} is unknown or gone")
+        target._deliver(self.name, message)
+
     def notifications(self) -> list[tuple[str, bytes]]:
         with self._lock:
             out = list(self._inbox)

@@ -292,6 +292,12 @@ class NixlTransport(Transport):
         except Exception as exc:  # e.g. still in flight towards a dead peer
             log.debug("release_xfer_handle: %s", exc)
 
+    def notify(self, peer: str, message: bytes) -> None:
+        try:
+            self.agent.send_notif(peer, message)
+        except Exception as exc:
+            raise TransportError(f"NIXL notification to {peer} failed: {exc}{self._hint}") from exc
+
     def notifications(self) -> list[tuple[str, bytes]]:
         notifs = self.agent.get_new_notifs()
         out: list[tuple[str, bytes]] = []

@@ -207,3 +207,23 @@ def test_negative_write_group_size_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="pd_write_group_bytes"):
         make_config(pd_write_group_bytes=-1)
+
+
+@pytest.mark.parametrize("by_notif", [True, False])
+def test_answers_come_by_nixl_notification_unless_turned_off(by_notif: bool) -> None:
+    """pd_reply_by_notif (default): the receiver answers each Push/Done with a signed
+    NIXL notification to the sender's agent, not a ZMQ reply; off, every answer is a
+    ZMQ reply. Both paths, credit and offer, land the same bytes."""
+    cfg = make_config(pd_buffer_size=8 * 16 * 1024, pd_reply_by_notif=by_notif)
+    rng = np.random.default_rng(11)
+    with receiver(cfg) as rx, sender(cfg) as tx:
+        for i, n in enumerate((1, 2, 5)):  # 5 > the grant of 4: the offer path (Done)
+            chunks, data = fill(tx, keys_of(rng, n), rng)
+            assert tx.send(rx.endpoint, f"n{i}", chunks).sent == n
+            tx.free([c.slot for c in chunks])
+            assert [rx.read(c.key) for c in chunks] == data
+        assert tx.counters["pushes"] == 2
+        # counted right after the notification left: the sender may be faster
+        assert wait_until(lambda: rx.counters["notif_replies"] == (3 if by_notif else 0), 2.0)
+        assert rx.counters["notif_reply_failures"] == 0
+        assert rx.slot_usage()["leased"] == 0

@@ -16,19 +16,21 @@ import zmq
 
 from lmcache_pd import checksum
 from lmcache_pd.config import Config
-from lmcache_pd.control import Codec, DealerClient
+from lmcache_pd.control import Codec, DealerClient, NotifInbox
 from lmcache_pd.kernels import PagedFormat, scatter_checksum
 from lmcache_pd.kernels import gather as paged_gather
 from lmcache_pd.metrics import Counters
 from lmcache_pd.protocol import (
     NO_CHECKSUM,
     Accept,
+    Committed,
     Compat,
     Done,
     Error,
     ErrorCode,
     Hello,
     HelloAck,
+    LeaseReply,
     Offer,
 )
 from lmcache_pd.receiver import Receiver
@@ -428,3 +430,62 @@ def test_unused_grant_is_freed_after_the_lease_ttl(fabric: MemoryFabric) -> None
         assert rx.counters["grant_expiries"] >= 1
         usage = rx.slot_usage()
         assert usage["free"] == usage["total"] - usage["ready"]
+
+
+class NoNotifyTransport(MemoryTransport):
+    """A receiver transport that cannot reach the sender's agent (one-way network)."""
+
+    def notify(self, peer: str, message: bytes) -> None:
+        raise TransportError(f"peer {peer!r} unreachable")
+
+
+def test_an_answer_that_cannot_go_by_notification_goes_over_zmq(
+    fabric: MemoryFabric, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = make_config()
+    rx = Receiver(cfg, LAYOUT, NoNotifyTransport(fabric=fabric), port=0).start()
+    tx = Sender(cfg, LAYOUT, MemoryTransport(fabric=fabric))
+    try:
+        chunks, data = fill(tx, keys(2), seed=21)
+        with caplog.at_level("WARNING"):
+            assert tx.send(rx.endpoint, "oneway", chunks).sent == 2
+        assert [rx.read(c.key) for c in chunks] == data
+        assert rx.counters["notif_reply_failures"] == 1 and rx.counters["notif_replies"] == 0
+        assert "sent over ZMQ instead" in caplog.text and "pd_reply_by_notif" in caplog.text
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_notification_inbox_takes_only_signed_expected_answers(fabric: MemoryFabric) -> None:
+    """The sender's inbox files signed LeaseReply notifications by (agent, lease): a
+    forged one (wrong key) is dropped and counted, one nobody waits for is dropped,
+    other users' notifications are ignored, and an answer is taken once."""
+    cfg = make_config()
+    codec = Codec(cfg.auth_secret(), cfg.pd_max_frame_bytes)
+    forger = Codec(b"not-the-shared-secret-at-all", cfg.pd_max_frame_bytes)
+    rx_side, tx_side = MemoryTransport(fabric=fabric), MemoryTransport(fabric=fabric)
+    peer = rx_side.add_peer(tx_side.metadata())
+    agent = tx_side.add_peer(rx_side.metadata())
+    counters = Counters("inbox")
+    inbox = NotifInbox(tx_side.notifications, codec, counters)
+    answer = Committed(req_id="r", stored=[0], bad=[])
+    try:
+        inbox.expect(agent, 7)
+        rx_side.notify(peer, forger.pack_notif(LeaseReply(lease=7, reply=answer)))
+        rx_side.notify(peer, codec.pack_notif(LeaseReply(lease=8, reply=answer)))  # unexpected
+        rx_side.notify(peer, b"lmcpd:7:0:1")  # a data notification: not ours to take
+        assert inbox.take(agent, 7) is None
+        assert counters["auth_failures"] == 1
+        rx_side.notify(peer, codec.pack_notif(LeaseReply(lease=7, reply=answer)))
+        assert inbox.take(agent, 7) == answer
+        assert inbox.take(agent, 7) is None  # taken once
+        inbox.expect(agent, 9)
+        inbox.forget(agent, 9)  # gave up (timeout): a late answer is dropped
+        rx_side.notify(peer, codec.pack_notif(LeaseReply(lease=9, reply=answer)))
+        assert inbox.take(agent, 9) is None
+        with pytest.raises(TransportError):
+            rx_side.notify("nobody", b"x")
+    finally:
+        rx_side.close()
+        tx_side.close()
