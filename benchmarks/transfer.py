@@ -178,7 +178,14 @@ RX_BUFFER_MAX = 4 << 30
 class Handoff:
     """A full handoff of ``n`` fresh chunks (no dedupe) to a receiver process."""
 
-    def __init__(self, n: int, verify: bool, reps: int = 8, layout: str = LAYOUT_NAME) -> None:
+    def __init__(
+        self,
+        n: int,
+        verify: bool,
+        reps: int = 8,
+        layout: str = LAYOUT_NAME,
+        reply_by_notif: bool = True,
+    ) -> None:
         slot = self.slot = slot_bytes(layout)
         env = {**PEERS.env, "LMCACHE_PD_VERIFY_CHECKSUMS": "true" if verify else "false"}
         if DEVICE == "cuda":
@@ -196,6 +203,7 @@ class Handoff:
                 "chunk_size": CHUNK,
                 "pd_buffer_size": n * slot,
                 "pd_transfer_timeout_s": 60.0,
+                "pd_reply_by_notif": reply_by_notif,
                 **({"pd_buffer_device": "cuda"} if DEVICE == "cuda" else {}),
             }
         )
@@ -318,30 +326,32 @@ def measure(n: int, reps: int) -> dict[str, float]:
 
 
 def measure_latency(reps: int, budget_s: float, layout: str = LAYOUT_NAME) -> dict[str, float]:
-    """Per-request latency at 1 chunk of ``layout``: Offer -> Committed of a verified
-    handoff (the whole ``Sender.send``) and the raw NIXL WRITE -> notification,
-    interleaved; at most ``reps`` of each and ``budget_s`` seconds (after one warm-up
-    each)."""
+    """Per-request latency at 1 chunk of ``layout``: Push -> Committed of a verified
+    handoff (the whole ``Sender.send``), the same with the answer over ZMQ instead of a
+    NIXL notification (``pd_reply_by_notif: false``), the raw NIXL WRITE ->
+    notification and one ZMQ round trip, interleaved; at most ``reps`` of each and
+    ``budget_s`` seconds (after one warm-up each)."""
     raw, hand = RawNixl(1, reps, layout), Handoff(1, verify=True, reps=reps, layout=layout)
+    hand_zmq = Handoff(1, verify=True, reps=reps, layout=layout, reply_by_notif=False)
     echo = ZmqEcho()
     t_raw: list[float] = []
     t_hand: list[float] = []
+    t_zmq: list[float] = []
     t_rtt: list[float] = []
     try:
-        raw.once()
-        hand.once()
-        echo.once()
+        for bench in (raw, hand, hand_zmq, echo):
+            bench.once()
         deadline = time.monotonic() + budget_s
         for _ in range(reps):
             t_raw.append(raw.once())
             t_rtt.append(echo.once())
             t_hand.append(hand.once())
+            t_zmq.append(hand_zmq.once())
             if time.monotonic() > deadline:
                 break
     finally:
-        raw.close()
-        hand.close()
-        echo.close()
+        for bench in (raw, hand, hand_zmq, echo):
+            bench.close()
 
     def pct(v: list[float], q: float) -> float:
         return round(float(np.percentile(np.array(v) * 1e6, q)), 1)
@@ -353,6 +363,9 @@ def measure_latency(reps: int, budget_s: float, layout: str = LAYOUT_NAME) -> di
         "reps": len(t_hand),
         "handoff_p50_us": pct(t_hand, 50),
         "handoff_p99_us": pct(t_hand, 99),
+        # the same handoff answered over ZMQ (pd_reply_by_notif: false)
+        "handoff_zmq_answer_p50_us": pct(t_zmq, 50),
+        "handoff_zmq_answer_p99_us": pct(t_zmq, 99),
         "raw_nixl_p50_us": pct(t_raw, 50),
         "raw_nixl_p99_us": pct(t_raw, 99),
         "handoff_over_raw_p50": round(pct(t_hand, 50) / max(pct(t_raw, 50), 1e-9), 3),
@@ -395,7 +408,11 @@ def plot(
         names, p50, p99 = [], [], []
         for lat in latencies:
             size = f"{lat['bytes'] / 2**20:g} MiB"
-            for who, key in (("raw", "raw_nixl"), ("handoff", "handoff")):
+            for who, key in (
+                ("raw", "raw_nixl"),
+                ("handoff", "handoff"),
+                ("ZMQ\nanswer", "handoff_zmq_answer"),
+            ):
                 names.append(f"{who}\n{size}")
                 p50.append(lat[f"{key}_p50_us"])
                 p99.append(lat[f"{key}_p99_us"])
@@ -535,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         lt.add_row(size, "handoff Push -> Committed", f"{lat['handoff_p50_us']:.0f}",
                    f"{lat['handoff_p99_us']:.0f}", f"{lat['overhead_p50_us']:.0f}",
                    f"{lat['overhead_beyond_rtt_p50_us']:.0f}")  # fmt: skip
+        zmq_added = lat["handoff_zmq_answer_p50_us"] - lat["raw_nixl_p50_us"]
+        lt.add_row(size, "  answer over ZMQ instead", f"{lat['handoff_zmq_answer_p50_us']:.0f}",
+                   f"{lat['handoff_zmq_answer_p99_us']:.0f}", f"{zmq_added:.0f}",
+                   f"{zmq_added - lat['zmq_rtt_p50_us']:.0f}")  # fmt: skip
     console.print(lt)
     console.print(
         "added = handoff - raw WRITE; beyond 1 RTT = added - one ZMQ round trip (target <= 100 µs)"

@@ -28,11 +28,11 @@ I/O thread on both sides). Answers about the message itself (a bad Push, an unkn
 lease) still come over ZMQ, where the sender looks too.
 
 Credit path (one round trip): a ``Grant`` in ``HelloAck`` or ``Committed`` lends slots
-ahead of time; the sender WRITEs into them at once and then sends everything in one
-message:
+ahead of time; the sender describes the whole request in one message and WRITEs into
+them at once:
 
-    ... NIXL WRITEs into grant.slots, groups notified ``lmcpd:<grant.lease>:...`` ...
     Push{req_id, lease, keys, nbytes, checksums, skipped, reply_by_notif} ->
+    ... NIXL WRITEs into grant.slots, groups notified ``lmcpd:<grant.lease>:...`` ...
                                           <- Committed{stored, bad, missing, grant, recent}
 
 and, prefiller -> proxy over a PUSH socket: ``HandoffDone``.
@@ -223,8 +223,9 @@ class Done(Msg, tag="done"):
 
 
 class Push(Msg, tag="push"):
-    """Sender -> receiver, the whole request on the credit path, sent right after the
-    WRITEs into a :class:`Grant` were posted: chunk ``keys[i]`` (``nbytes[i]`` used
+    """Sender -> receiver, the whole request on the credit path, sent right before the
+    WRITEs into a :class:`Grant` are posted (it wakes the receiver, whose progress
+    those WRITEs may need): chunk ``keys[i]`` (``nbytes[i]`` used
     bytes, checksum ``checksums[i]``) went to ``grant.slots[i]`` of ``lease``.
     ``skipped``: keys of the request the sender believes the receiver holds (not sent);
     any it does not hold come back in ``Committed.missing``. ``want_grant``: slots the

@@ -484,9 +484,11 @@ class Sender:
         both are polled. Polling also progresses the transport, which some paths need
         before a finished WRITE's notification leaves (UCX).
 
-        Gaps between polls (this thread's timer slack set to 1 us): from 50 us, growing
-        to 250 us while WRITEs fly; 50 us once they completed, for 0.5 s (the answer is
-        due), then growing to 10 ms. Gaps of 1 ms and more block on the ZMQ socket."""
+        Gaps between polls (this thread's timer slack set to 1 us): 50 us for the first
+        millisecond, then growing to 250 us while WRITEs fly; 50 us once they completed,
+        for 0.5 s (the answer is due), then growing to 10 ms (without
+        ``pd_reply_by_notif``: from 1 ms at once). Gaps of 1 ms and more block on the
+        ZMQ socket."""
         fine_timer_slack()
         started = time.monotonic()
         write_deadline = started + self.cfg.pd_transfer_timeout_s
