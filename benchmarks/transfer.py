@@ -70,6 +70,7 @@ from rich.table import Table
 from lmcache_pd.buffer import host_buffer
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.config import load_config
+from lmcache_pd.control import fine_timer_slack
 from lmcache_pd.layout import preset
 from lmcache_pd.peer import PeerProcess
 from lmcache_pd.sender import OutChunk, Sender
@@ -124,6 +125,7 @@ class RawNixl:
         slot = slot_bytes(layout)
         self.windows = windows(n, reps, slot)
         nbytes = n * slot
+        fine_timer_slack()  # our polls (agent.wait) as short as the sender's, same thread
         self.target = PeerProcess(
             "raw-target", "--buffer-bytes", str(nbytes * self.windows),
             env=PEERS.env, prefix=PEERS.prefix,

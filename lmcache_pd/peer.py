@@ -221,10 +221,10 @@ def run_raw_target(args: argparse.Namespace) -> int:
             armed.wait()
             continue
         notifs = transport.notifications()
+        if notifs:  # before the print: the next ARM may follow it at once
+            armed.clear()
         for _peer, text in notifs:
             print(f"NOTIF {text.decode(errors='replace')}", flush=True)
-        if notifs:
-            armed.clear()
         # the receiver's gap while a transfer is due (after a Push/Done): 50 us
         stop.wait(50e-6)
     transport.close()

@@ -68,6 +68,7 @@ from lmcache_pd.protocol import (
     Push,
 )
 from lmcache_pd.transports.base import (
+    Backoff,
     MemKind,
     TransferTimeout,
     Transport,
@@ -80,13 +81,11 @@ log = logging.getLogger(__name__)
 MAX_KNOWN_KEYS = 65536  # per receiver: keys this sender believes it holds (skipped)
 MAX_GRANT_WANT = 64  # slots asked to be lent ahead, at most
 MAX_PEERS = 64  # receiver connections kept per sender (least recently used closed)
-# polling for a handoff's answer (_await_answer): the first gap, the longest while WRITEs
-# fly, and how long after they completed the answer counts as due (gaps stay short)
-_GAP_MIN_S = 50e-6
-_FIRST_MS = 1e-3  # WRITEs of a small request complete within it: gaps stay shortest
-_GAP_WRITING_MAX_S = 250e-6
-_GAP_IDLE_MAX_S = 10e-3
+# the wait for an answer once our WRITEs completed (_await_answer): 50 us gaps for 0.5 s,
+# then growing to 10 ms
+_GAP_DUE_S = 50e-6
 _DUE_WINDOW_S = 0.5
+_GAP_IDLE_MAX_S = 10e-3
 
 
 class HandoffError(RuntimeError):
@@ -481,26 +480,31 @@ class Sender:
         receiver's answer (within ``pd_connect_timeout_s``). The answer comes as a NIXL
         notification (``pd_reply_by_notif``, registered with the inbox) or over ZMQ
         (errors about the message itself; everything without ``pd_reply_by_notif``):
-        both are polled. Polling also progresses the transport, which some paths need
-        before a finished WRITE's notification leaves (UCX).
+        both are polled. Polling also progresses the transport: NIXL-UCX sends a WRITE's
+        notification from the first progress call after its flush completed, so the
+        receiver's commit waits on these polls.
 
-        Gaps between polls (this thread's timer slack set to 1 us): 50 us for the first
-        millisecond, then growing to 250 us while WRITEs fly; 50 us once they completed,
-        for 0.5 s (the answer is due), then growing to 10 ms (without
+        Gaps between polls (this thread's timer slack set to 1 us): the WRITE schedule
+        of :class:`~lmcache_pd.transports.base.Backoff` while WRITEs fly; once they
+        completed, 50 us for 0.5 s (the answer is due), then growing to 10 ms (without
         ``pd_reply_by_notif``: from 1 ms at once). Gaps of 1 ms and more block on the
         ZMQ socket."""
         fine_timer_slack()
-        started = time.monotonic()
-        write_deadline = started + self.cfg.pd_transfer_timeout_s
+        write_deadline = time.monotonic() + self.cfg.pd_transfer_timeout_s
         written_at: float | None = None
-        gap = _GAP_MIN_S
+        gaps = Backoff()
         while True:
             states = [self.transport.poll(handle) for handle in handles]
             if XferState.ERR in states:
                 raise TransportError("a WRITE failed (receiver died or connection lost)")
             now = time.monotonic()
             if written_at is None and all(st is XferState.DONE for st in states):
-                written_at, gap = now, _GAP_MIN_S
+                written_at = now  # the answer is due: by notification, polled soon
+                gaps = (
+                    Backoff(_GAP_DUE_S, _DUE_WINDOW_S, _GAP_IDLE_MAX_S)
+                    if self.cfg.pd_reply_by_notif
+                    else Backoff(1e-3, 0.0, _GAP_IDLE_MAX_S)
+                )
             answer = None
             if self.cfg.pd_reply_by_notif:
                 answer = self._inbox.take(peer.agent, lease)
@@ -508,31 +512,24 @@ class Sender:
                 answer = peer.client.recv_ready(req_id)
             if answer is not None:
                 return _no_error(answer)
-            if written_at is None:
-                if now >= write_deadline:
-                    raise TransferTimeout(
-                        f"WRITEs not complete after {self.cfg.pd_transfer_timeout_s:.1f}s"
-                    )
-                if now - started >= _FIRST_MS:
-                    gap = min(gap * 1.5, _GAP_WRITING_MAX_S)
-            else:
-                if now - written_at >= self.cfg.pd_connect_timeout_s:
-                    self._forget(peer)
-                    raise HandoffError(
-                        f"receiver {peer.endpoint} stopped answering: no answer to "
-                        f"{req_id} within {self.cfg.pd_connect_timeout_s:.1f}s of its WRITEs"
-                        + (
-                            " (answers come by NIXL notification: if the receiver cannot "
-                            "reach this sender's NIXL agent, set pd_reply_by_notif: false)"
-                            if self.cfg.pd_reply_by_notif
-                            else ""
-                        ),
-                        ErrorCode.TIMEOUT,
-                    )
-                if not self.cfg.pd_reply_by_notif:  # only ZMQ answers: block on it
-                    gap = min(max(gap * 2, 1e-3), _GAP_IDLE_MAX_S)
-                elif now - written_at >= _DUE_WINDOW_S:
-                    gap = min(gap * 1.5, _GAP_IDLE_MAX_S)
+            if written_at is None and now >= write_deadline:
+                raise TransferTimeout(
+                    f"WRITEs not complete after {self.cfg.pd_transfer_timeout_s:.1f}s"
+                )
+            if written_at is not None and now - written_at >= self.cfg.pd_connect_timeout_s:
+                self._forget(peer)
+                raise HandoffError(
+                    f"receiver {peer.endpoint} stopped answering: no answer to {req_id} "
+                    f"within {self.cfg.pd_connect_timeout_s:.1f}s of its WRITEs"
+                    + (
+                        " (answers come by NIXL notification: if the receiver cannot reach "
+                        "this sender's NIXL agent, set pd_reply_by_notif: false)"
+                        if self.cfg.pd_reply_by_notif
+                        else ""
+                    ),
+                    ErrorCode.TIMEOUT,
+                )
+            gap = gaps.next()
             if gap >= 1e-3:
                 peer.client.poller.poll(int(gap * 1000))
             else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import time
 from collections.abc import Sequence
 from typing import NewType
 
@@ -40,6 +41,32 @@ class XferState(str, enum.Enum):
     DONE = "DONE"
     PROC = "PROC"
     ERR = "ERR"
+
+
+class Backoff:
+    """The gaps between polls of something due soon (a WRITE's completion, an answer):
+    ``first_s`` for the first ``hold_s`` seconds, then growing 1.5x per poll up to
+    ``max_s``. The defaults are the WRITE schedule: a small WRITE completes within the
+    first millisecond; a large one is progressed at least every 250 us (over TCP the
+    initiator's progress calls are what refill the socket). Gaps this short need the
+    thread's timer slack lowered (``control.fine_timer_slack``), or each lasts 50 us
+    more."""
+
+    def __init__(self, first_s: float = 50e-6, hold_s: float = 1e-3, max_s: float = 250e-6) -> None:
+        self.first_s, self.hold_s, self.max_s = first_s, hold_s, max_s
+        self.reset()
+
+    def reset(self) -> None:
+        """Start over: the next gap is ``first_s`` again."""
+        self._gap = self.first_s
+        self._until = time.monotonic() + self.hold_s
+
+    def next(self) -> float:
+        """The next gap, in seconds."""
+        gap = self._gap
+        if time.monotonic() >= self._until:
+            self._gap = min(self._gap * 1.5, self.max_s)
+        return gap
 
 
 class TransportError(RuntimeError):

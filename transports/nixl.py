@@ -35,6 +35,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from lmcache_pd.transports.base import (
+    Backoff,
     Desc,
     DescListHandle,
     MemKind,
@@ -57,8 +58,6 @@ except ImportError:  # pragma: no cover - depends on what is installed
 # the user asks (LMCACHE_PD_NIXL_LOG=info).
 logging.getLogger("nixl").setLevel(os.environ.get("LMCACHE_PD_NIXL_LOG", "WARNING").upper())
 
-_BACKOFF_START_S = 20e-6
-_BACKOFF_MAX_S = 500e-6
 _WILDCARDS = ("", "0.0.0.0", "::", "*")
 _ENV_LOCK = threading.Lock()  # UCX reads UCX_NET_DEVICES while the agent is created
 _FAST_TLS = ("sm", "shm", "cma", "posix", "sysv", "xpmem", "knem", "rc", "dc", "ud", "ib", "cuda")
@@ -271,8 +270,9 @@ class NixlTransport(Transport):
         return XferState(self.agent.check_xfer_state(handle))
 
     def wait(self, handle: TransferHandle, timeout_s: float) -> None:
+        """Polls (progresses) on :class:`Backoff`'s WRITE schedule until done."""
         deadline = time.monotonic() + timeout_s
-        delay = _BACKOFF_START_S
+        gaps = Backoff()
         while True:
             state = self.poll(handle)
             if state is XferState.DONE:
@@ -283,8 +283,7 @@ class NixlTransport(Transport):
                 )
             if time.monotonic() >= deadline:
                 raise TransferTimeout(f"NIXL WRITE not complete after {timeout_s:.1f}s")
-            time.sleep(delay)
-            delay = min(delay * 1.5, _BACKOFF_MAX_S)
+            time.sleep(gaps.next())
 
     def release(self, handle: TransferHandle) -> None:
         try:

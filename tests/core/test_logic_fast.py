@@ -36,7 +36,7 @@ from lmcache_pd.protocol import (
 from lmcache_pd.receiver import Receiver
 from lmcache_pd.sender import HandoffError, OutChunk, Sender
 from lmcache_pd.tiers import build_tiers
-from lmcache_pd.transports.base import TransportError
+from lmcache_pd.transports.base import Backoff, TransportError
 from lmcache_pd.transports.memory import MemoryFabric, MemoryTransport
 
 from .helpers import CHUNK, LAYOUT, hasher, make_config
@@ -489,3 +489,14 @@ def test_notification_inbox_takes_only_signed_expected_answers(fabric: MemoryFab
     finally:
         rx_side.close()
         tx_side.close()
+
+
+def test_backoff_holds_the_first_gap_then_grows_to_its_cap() -> None:
+    gaps = Backoff(first_s=50e-6, hold_s=60.0, max_s=250e-6)
+    assert [gaps.next() for _ in range(5)] == [50e-6] * 5  # within the hold
+    gaps = Backoff(first_s=50e-6, hold_s=0.0, max_s=250e-6)
+    seq = [gaps.next() for _ in range(8)]
+    assert seq[0] == 50e-6 and seq[1] == pytest.approx(75e-6)
+    assert seq == sorted(seq) and seq[-1] == 250e-6
+    gaps.reset()
+    assert gaps.next() == 50e-6
