@@ -506,7 +506,10 @@ class Sender:
                     else Backoff(1e-3, 0.0, _GAP_IDLE_MAX_S)
                 )
             answer = None
-            if self.cfg.pd_reply_by_notif:
+            if self.cfg.pd_reply_by_notif and written_at is not None:
+                # not before: NIXL sends our data notifications only once the WRITEs
+                # completed, so no answer can come earlier, and its notification poll
+                # progresses until idle (over TCP: pushing the WRITE without a break)
                 answer = self._inbox.take(peer.agent, lease)
             if answer is None:
                 answer = peer.client.recv_ready(req_id)
