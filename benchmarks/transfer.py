@@ -397,7 +397,7 @@ def plot(
     import matplotlib.pyplot as plt
 
     x = [r["bytes"] / 2**20 for r in rows]
-    fig, (ax, lax) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax, lax) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1.3]})
     for key, label in (
         ("raw_nixl_gbps", "raw NIXL WRITE"),
         ("handoff_gbps", "lmcache-pd handoff (verified)"),
@@ -418,7 +418,7 @@ def plot(
             for who, key in (
                 ("raw", "raw_nixl"),
                 ("handoff", "handoff"),
-                ("ZMQ\nanswer", "handoff_zmq_answer"),
+                ("ZMQ\nanswer", "handoff_zmq_answer"),  # pd_reply_by_notif: false
             ):
                 names.append(f"{who}\n{size}")
                 p50.append(lat[f"{key}_p50_us"])
@@ -429,7 +429,7 @@ def plot(
         pos = np.arange(len(names))
         lax.bar(pos - 0.2, p50, 0.4, label="p50")
         lax.bar(pos + 0.2, p99, 0.4, label="p99")
-        lax.set_xticks(pos, names)
+        lax.set_xticks(pos, names, fontsize=7)
         lax.set_yscale("log")
         lax.set_ylabel("µs per request (log)")
         lax.set_title(f"1-chunk latency ({latencies[0]['reps']:.0f} requests)")
