@@ -37,6 +37,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import zmq
 import zmq.asyncio
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 MAC_BYTES = 32
 _FRAME_LEN = struct.Struct("<Q")
+_T = TypeVar("_T")
 MAX_PAYLOAD_FRAMES = 4
 
 
@@ -173,37 +175,32 @@ class _Inbound:
 
     def classify(self, frames: list[bytes]) -> tuple[Message, list[bytes]] | Error | None:
         """A decoded message, an Error to reply with, or None to drop silently."""
+        return self._checked(lambda: self.codec.unpack(frames), "control message")
+
+    def classify_notif(self, data: bytes) -> Message | None:
+        """The signed message in a transport notification; None for one that is not
+        ours or is unsigned; a malformed one as the Error it would be answered with
+        (an inbox takes only the messages it expects)."""
+        return self._checked(lambda: self.codec.unpack_notif(data), "signed notification")
+
+    def _checked(self, unpack: Callable[[], _T], what: str) -> _T | Error | None:
+        """``unpack()``, or what a failed check turns into: None (bad signature) or an
+        Error (malformed, oversize); each counted and logged (rate-limited)."""
         try:
-            return self.codec.unpack(frames)
+            return unpack()
         except AuthError:
             self.counters.inc("auth_failures")
             self._auth_log.warning(
-                "dropped a control frame with a missing or wrong signature: check that "
-                "both sides use the same pd_auth_secret / pd_auth_secret_file"
+                "dropped a %s with a missing or wrong signature: check that both sides use "
+                "the same pd_auth_secret / pd_auth_secret_file",
+                what,
             )
             return None
         except ProtocolError as exc:
             name = "oversize_frames" if exc.code is ErrorCode.OVERSIZE else "malformed_frames"
             self.counters.inc(name)
-            self._bad_log.warning("rejected a control message: %s", exc)
+            self._bad_log.warning("rejected a %s: %s", what, exc)
             return Error(code=exc.code, message=exc.message)
-
-    def classify_notif(self, data: bytes) -> Message | None:
-        """The signed message in a transport notification, or None (not one of ours,
-        or failing its checks: counted and logged as frames are)."""
-        try:
-            return self.codec.unpack_notif(data)
-        except AuthError:
-            self.counters.inc("auth_failures")
-            self._auth_log.warning(
-                "dropped a notification with a missing or wrong signature: check that "
-                "both sides use the same pd_auth_secret / pd_auth_secret_file"
-            )
-        except ProtocolError as exc:
-            name = "oversize_frames" if exc.code is ErrorCode.OVERSIZE else "malformed_frames"
-            self.counters.inc(name)
-            self._bad_log.warning("rejected a signed notification: %s", exc)
-        return None
 
 
 class BlockingRouter:
@@ -416,26 +413,24 @@ class DealerClient:
         other requests (late answers after a timeout) are discarded."""
         deadline = time.monotonic() + timeout_s
         while True:
+            found = self._queued(req_id)
+            if found is not None:
+                return found
             left = deadline - time.monotonic()
             if left <= 0 or not self.poller.poll(max(1, int(left * 1000))):
                 raise ControlTimeout(
                     f"no reply from {self.endpoint} within {timeout_s:.1f}s "
                     f"(receiver down, unreachable or overloaded?)"
                 )
-            frames = self.sock.recv_multipart(copy=True)
-            result = self._inbound.classify(frames)
-            if result is None:
-                continue
-            if isinstance(result, Error):
-                return result, []
-            msg, payload = result
-            if req_id is not None and getattr(msg, "req_id", req_id) != req_id:
-                continue
-            return msg, payload
 
     def recv_ready(self, req_id: str) -> Message | None:
-        """The reply to ``req_id`` if one is queued now (never blocks); replies to
-        other requests are discarded as in :meth:`recv`."""
+        """The reply to ``req_id`` if one is queued now (never blocks)."""
+        found = self._queued(req_id)
+        return None if found is None else found[0]
+
+    def _queued(self, req_id: str | None) -> tuple[Message, list[bytes]] | None:
+        """The first queued reply for ``req_id`` (any, if None), or an ``Error``; the
+        frames before it (other requests' replies, bad frames) are dropped."""
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -445,10 +440,9 @@ class DealerClient:
             if result is None:
                 continue
             if isinstance(result, Error):
+                return result, []
+            if req_id is None or getattr(result[0], "req_id", req_id) == req_id:
                 return result
-            msg = result[0]
-            if getattr(msg, "req_id", req_id) == req_id:
-                return msg
 
     def request(
         self, msg: Msg, payload: Sequence[bytes] = (), timeout_s: float = 10.0
