@@ -235,6 +235,7 @@ class Handoff:
     def close(self) -> None:
         self.tx.free(self.slots)
         self.tx.close()
+        self.tx.transport.close()
         self.rx.close_stdin()
         try:
             self.rx_stats = json.loads(self.rx.read_tagged("STATS"))

@@ -169,6 +169,7 @@ def run_receiver(args: argparse.Namespace) -> int:
         "digests_checked": checked,
     }
     rx.close()
+    transport.close()  # before exit: an agent left to interpreter teardown may abort
     if store is not None:
         store.close()
     print("STATS " + json.dumps(stats), flush=True)
@@ -321,7 +322,8 @@ def send_requests(
 
 def run_sender(args: argparse.Namespace) -> int:
     cfg, layout = _config(args)
-    tx = Sender(cfg, layout, NixlTransport())
+    transport = NixlTransport()
+    tx = Sender(cfg, layout, transport)
     hasher = ChunkHasher(layout.fingerprint(), cfg.chunk_size, cfg.hash_algorithm)
     prompts = make_requests(args.requests, args.tokens, args.seed)
     rows = send_requests(
@@ -329,6 +331,7 @@ def run_sender(args: argparse.Namespace) -> int:
     )
     print("STATS " + json.dumps(tx.counters.snapshot()), flush=True)
     tx.close()
+    transport.close()
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -138,6 +138,7 @@ def measure_remote(target: RemoteTarget, nbytes: int, reps: int) -> tuple[float,
         return best, intact
     finally:
         tx.close()
+        tx.transport.close()
 
 
 def measure_memcpy(nbytes: int, reps: int) -> float:
@@ -217,6 +218,8 @@ def measure_idle_cpu(seconds: float) -> float:
     finally:
         tx.close()
         rx.close()
+        tx.transport.close()
+        rx.transport.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,20 +38,24 @@ def hasher(layout: KVLayout = LAYOUT) -> ChunkHasher:
 
 @contextmanager
 def receiver(cfg: Config, layout: KVLayout = LAYOUT, **kw: object) -> Iterator[Receiver]:
-    rx = Receiver(cfg, layout, NixlTransport(), port=0, **kw).start()  # type: ignore[arg-type]
+    transport = NixlTransport()
+    rx = Receiver(cfg, layout, transport, port=0, **kw).start()  # type: ignore[arg-type]
     try:
         yield rx
     finally:
         rx.close()
+        transport.close()  # now, not whenever the GC gets to the agent
 
 
 @contextmanager
 def sender(cfg: Config, layout: KVLayout = LAYOUT) -> Iterator[Sender]:
-    tx = Sender(cfg, layout, NixlTransport())
+    transport = NixlTransport()
+    tx = Sender(cfg, layout, transport)
     try:
         yield tx
     finally:
         tx.close()
+        transport.close()
 
 
 def fill(

@@ -303,3 +303,4 @@ def test_hello_ack_states_the_receiver_tp_shape_and_rank_ports() -> None:
             assert tx.receiver_tp(rx.endpoint) == (1, 2, ports)
     finally:
         rx.close()
+        rx.transport.close()
