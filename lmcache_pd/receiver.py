@@ -110,7 +110,6 @@ class _Lease:
     done_at: float = 0.0  # when ``done`` was set (monotonic)
     early: list[tuple[int, int]] = field(default_factory=list)  # grant: notifs before Push
     missing: list[bytes] = field(default_factory=list)  # Push: skipped keys not held here
-    reply_by_notif: bool = False  # the final answer goes by NIXL notification (Push/Done)
 
 
 @dataclass
@@ -259,11 +258,12 @@ class Receiver:
 
     def _answer(self, lease: _Lease, answer: Committed | Error) -> None:
         """A lease's final answer (loop thread): a signed NIXL notification to the
-        sender's agent when its Push/Done asked (``reply_by_notif``), else a ZMQ reply.
+        sender's agent when its Push/Done asked (``lease.done.reply_by_notif``), else a
+        ZMQ reply.
         A notification that cannot be sent goes over ZMQ (the sender looks there too),
         with a warning."""
         peer = self._peers.get(lease.identity)
-        if lease.reply_by_notif and peer is not None:
+        if lease.done is not None and lease.done.reply_by_notif and peer is not None:
             notif = self.codec.pack_notif(LeaseReply(lease=lease.lease, reply=answer))
             try:
                 self.transport.notify(peer.agent, notif)
@@ -474,8 +474,10 @@ class Receiver:
             lease.keys, lease.nbytes = list(msg.keys), list(msg.nbytes)
             lease.checksums = list(msg.checksums)
             lease.want, lease.slots = list(range(k)), lease.slots[:k]
-            lease.done, lease.done_at = Done(req_id=msg.req_id, lease=lease.lease), now
-            lease.reply_by_notif = msg.reply_by_notif
+            lease.done = Done(
+                req_id=msg.req_id, lease=lease.lease, reply_by_notif=msg.reply_by_notif
+            )
+            lease.done_at = now
             lease.granted_at, lease.deadline = now, now + self.cfg.pd_lease_ttl_s
             lease.missing = [key for key in msg.skipped if not self._held(key)]
             self._issue_grant(identity, peer, msg.want_grant, leftover)  # told in Committed
@@ -601,7 +603,6 @@ class Receiver:
                     f"(TTL {self.cfg.pd_lease_ttl_s}s)",
                 )
             lease.done, lease.done_at = msg, time.monotonic()
-            lease.reply_by_notif = msg.reply_by_notif
             if len(lease.landed) != len(lease.want):
                 return None  # committed when the last data notification arrives
             committed = self._commit(lease)
