@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,11 @@ except ImportError:  # pragma: no cover - depends on what is installed
 logging.getLogger("nixl").setLevel(os.environ.get("LMCACHE_PD_NIXL_LOG", "WARNING").upper())
 
 _WILDCARDS = ("", "0.0.0.0", "::", "*")
+# UCX finishes tearing down an endpoint (the close remove_remote_agent starts, the purge
+# of what was queued towards a peer that died) only while its worker progresses; a worker
+# destroyed with such an endpoint still pending trips a UCX assertion ("arbiter group not
+# empty") that aborts the process. close() progresses this long first if it ever had peers.
+CLOSE_PROGRESS_S = 0.02
 _ENV_LOCK = threading.Lock()  # UCX reads UCX_NET_DEVICES while the agent is created
 _FAST_TLS = ("sm", "shm", "cma", "posix", "sysv", "xpmem", "knem", "rc", "dc", "ud", "ib", "cuda")
 
@@ -142,6 +148,13 @@ def _ucx_env(net_devices: str | None) -> Iterator[str | None]:
             os.environ.pop("UCX_NET_DEVICES", None)
 
 
+class _ClosedAgent:
+    """What a closed :class:`NixlTransport` holds instead of its agent: any use raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise TransportError(f"NIXL transport closed (agent.{name} after close())")
+
+
 class NixlTransport(Transport):
     """One NIXL agent with the configured backends (UCX by default). ``bind_host``
     (``pd_bind_host``): UCX's network transports use only the interface carrying it."""
@@ -158,7 +171,7 @@ class NixlTransport(Transport):
         self.name = name or f"lmcache-pd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         conf = nixl_agent_config(enable_prog_thread=False, backends=list(backends))
         with _ucx_env(ucx_net_devices(bind_host)) as devices:
-            self.agent = nixl_agent(self.name, conf)
+            self.agent: Any = nixl_agent(self.name, conf)
         self.net_devices = devices  # what UCX was told (None: every interface)
         self._hint = ""
         if devices is not None and bind_host is not None:
@@ -176,6 +189,9 @@ class NixlTransport(Transport):
         self._regs: list[RegistrationHandle] = []
         self._prepped: list[DescListHandle] = []
         self._peers: set[str] = set()
+        self._unreleased: list[TransferHandle] = []  # release failed (in flight): retried
+        self._closed = False
+        self._had_peers = False  # close() progresses the worker first (CLOSE_PROGRESS_S)
 
     # --- memory -----------------------------------------------------------------
     def register(
@@ -199,6 +215,7 @@ class NixlTransport(Transport):
         peer = self.agent.add_remote_agent(metadata)
         peer = peer.decode() if isinstance(peer, bytes) else peer
         self._peers.add(peer)
+        self._had_peers = True
         return peer
 
     def remove_peer(self, peer: str) -> None:
@@ -256,9 +273,15 @@ class NixlTransport(Transport):
                     notif,
                 )
             )
-            state = self.agent.transfer(handle)
         except Exception as exc:
-            raise TransportError(f"NIXL WRITE could not be posted: {exc}{self._hint}") from exc
+            raise TransportError(f"NIXL WRITE could not be prepared: {exc}{self._hint}") from exc
+        try:
+            state = self.agent.transfer(handle)
+        except Exception as exc:  # e.g. the peer disconnected since the handle was made
+            # released here, not left to the traceback's frames: a handle finalized later
+            # by the cyclic GC, on whatever thread, after close() aborted the process
+            self.release(handle)
+            raise TransportError(f"NIXL WRITE could not be posted: {exc}{self._hint}") from None
         if state == "ERR":
             self.release(handle)
             raise TransportError(
@@ -288,8 +311,9 @@ class NixlTransport(Transport):
     def release(self, handle: TransferHandle) -> None:
         try:
             self.agent.release_xfer_handle(handle)
-        except Exception as exc:  # e.g. still in flight towards a dead peer
-            log.debug("release_xfer_handle: %s", exc)
+        except Exception as exc:  # e.g. still in flight towards a dead peer: NIXL aborts it
+            log.debug("release_xfer_handle: %s (retried at close)", exc)
+            self._unreleased.append(handle)
 
     def notify(self, peer: str, message: bytes) -> None:
         try:
@@ -306,9 +330,34 @@ class NixlTransport(Transport):
         return out
 
     def close(self) -> None:
+        """Releases everything the agent holds, then drops the agent itself, here and
+        now, rather than leaving it to the cyclic GC: NIXL finalizing an agent or a
+        transfer handle whose peer died, on whatever thread the GC happens to run, has
+        aborted the process. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        unreleased, self._unreleased = self._unreleased, []
+        for handle in unreleased:  # aborted by the first try; releasable by now
+            try:
+                self.agent.release_xfer_handle(handle)
+            except Exception as exc:
+                log.warning("NIXL transfer handle not releasable at close: %s", exc)
         for h in list(self._prepped):
             self.release_prepped(h)
         for peer in list(self._peers):
             self.remove_peer(peer)
         for reg in list(self._regs):
             self.deregister(reg)
+        if self._had_peers:
+            self._progress_for(CLOSE_PROGRESS_S)
+        self.agent = _ClosedAgent()  # drops the last reference: NIXL destroys it here
+
+    def _progress_for(self, seconds: float) -> None:
+        """Progresses the UCX worker (through NIXL's notification poll) for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        calls = 0
+        while calls < 3 or time.monotonic() < deadline:  # at least 3, however busy the host
+            self.agent.get_new_notifs()
+            calls += 1
+            time.sleep(0.001)

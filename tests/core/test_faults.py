@@ -27,6 +27,8 @@ from lmcache_pd.protocol import (
 )
 from lmcache_pd.sender import HandoffError
 from lmcache_pd.tiers import build_tiers
+from lmcache_pd.transports.base import TransportError
+from lmcache_pd.transports.nixl import NixlTransport
 
 from .helpers import CHUNK, LAYOUT, fill, hasher, make_config, receiver, sender
 
@@ -78,6 +80,23 @@ def test_receiver_killed_sender_fails_within_deadline(spawn_receiver) -> None:
         assert info.value.code is ErrorCode.TIMEOUT
         tx.free([c.slot for c in chunks + more])
         assert tx.buffer.free_count == tx.buffer.num_slots
+
+
+def test_closing_after_a_receiver_died_never_aborts() -> None:
+    """UCX aborted the sender's process (SIGABRT, "arbiter group not empty") when its NIXL
+    agent was destroyed before the worker progressed the endpoint towards a killed
+    receiver: about one round in 30 here, hence rounds in a process of their own."""
+    rounds = 4
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.core.dead_peer_close", str(rounds)],
+        cwd=HERE.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=os.environ.copy(),
+    )
+    assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stderr[-3000:]}"
+    assert proc.stdout.split("\n")[:rounds] == [f"CLOSED {i}" for i in range(rounds)]
 
 
 def _raw_dealer(endpoint: str) -> zmq.Socket:
@@ -268,3 +287,11 @@ def test_bytes_damaged_before_the_store_copy_never_reach_a_tier(tmp_path: Path) 
             assert usage["free"] + usage["ready"] + usage["granted"] == usage["total"]
     finally:
         tiers.close()
+
+
+def test_a_closed_transport_says_so_and_closes_once() -> None:
+    transport = NixlTransport()
+    transport.close()
+    transport.close()  # idempotent
+    with pytest.raises(TransportError, match="closed"):
+        transport.metadata()
