@@ -6,6 +6,10 @@ spins a full core per agent even when idle (measured: 198 % CPU for two idle age
 with exponential backoff, and the target progresses in :meth:`notifications`, which the
 receiver calls only while a lease is outstanding. Idle, nothing runs.
 
+Threads: agents are created with ``NIXL_THREAD_SYNC_STRICT`` (NIXL serializes every
+call), so one transport may be used from several threads at once, as a prefiller's push
+and fetch threads do with their shared sender.
+
 Descriptor lists are prepared once (``prep_xfer_dlist``) and reused for every transfer
 (``make_prepped_xfer``): no per-chunk allocation on the hot path beyond the index arrays.
 
@@ -51,9 +55,9 @@ from lmcache_pd.transports.base import (
 log = logging.getLogger(__name__)
 
 try:  # the meta package `nixl` and the CUDA-12 build `nixl-cu12` ship the same API
-    from nixl._api import nixl_agent, nixl_agent_config
+    from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 except ImportError:  # pragma: no cover - depends on what is installed
-    from nixl_cu12._api import nixl_agent, nixl_agent_config
+    from nixl_cu12._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
 # NIXL logs every agent creation at INFO on its own handler; keep it to warnings unless
 # the user asks (LMCACHE_PD_NIXL_LOG=info).
@@ -169,7 +173,13 @@ class NixlTransport(Transport):
         if warning:
             log.warning("NIXL/UCX: %s", warning)
         self.name = name or f"lmcache-pd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        conf = nixl_agent_config(enable_prog_thread=False, backends=list(backends))
+        conf = nixl_agent_config(
+            enable_prog_thread=False,
+            backends=list(backends),
+            # NIXL serializes its calls: our push/fetch threads share one agent, and two
+            # threads progressing an unsynchronized UCX worker lost WRITE completions
+            sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
+        )
         with _ucx_env(ucx_net_devices(bind_host)) as devices:
             self.agent: Any = nixl_agent(self.name, conf)
         self.net_devices = devices  # what UCX was told (None: every interface)
