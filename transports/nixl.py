@@ -6,9 +6,9 @@ spins a full core per agent even when idle (measured: 198 % CPU for two idle age
 with exponential backoff, and the target progresses in :meth:`notifications`, which the
 receiver calls only while a lease is outstanding. Idle, nothing runs.
 
-Threads: agents are created with ``NIXL_THREAD_SYNC_STRICT`` (NIXL serializes every
-call), so one transport may be used from several threads at once, as a prefiller's push
-and fetch threads do with their shared sender.
+Threads: every call into the agent holds the transport's lock (:class:`_LockedAgent`),
+so one transport may be used from several threads at once, as a prefiller's push and
+fetch threads do with their shared sender.
 
 Descriptor lists are prepared once (``prep_xfer_dlist``) and reused for every transfer
 (``make_prepped_xfer``): no per-chunk allocation on the hot path beyond the index arrays.
@@ -55,9 +55,9 @@ from lmcache_pd.transports.base import (
 log = logging.getLogger(__name__)
 
 try:  # the meta package `nixl` and the CUDA-12 build `nixl-cu12` ship the same API
-    from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+    from nixl._api import nixl_agent, nixl_agent_config
 except ImportError:  # pragma: no cover - depends on what is installed
-    from nixl_cu12._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+    from nixl_cu12._api import nixl_agent, nixl_agent_config
 
 # NIXL logs every agent creation at INFO on its own handler; keep it to warnings unless
 # the user asks (LMCACHE_PD_NIXL_LOG=info).
@@ -152,6 +152,32 @@ def _ucx_env(net_devices: str | None) -> Iterator[str | None]:
             os.environ.pop("UCX_NET_DEVICES", None)
 
 
+class _LockedAgent:
+    """A NIXL agent entered by one thread at a time. Our agents are unsynchronized
+    (``NIXL_THREAD_SYNC_NONE``, UCX's worker in single-thread mode) yet shared by
+    threads: a prefiller's push and fetch threads use one sender. Two threads progressing
+    the worker at once lost WRITE completions after a few dozen concurrent handoffs
+    (every later WRITE hung until its deadline). NIXL's own ``NIXL_THREAD_SYNC_STRICT``
+    fixes that too but puts UCX in multi-thread mode, and with it one engine of a CI run
+    hung while creating its agent; this lock leaves UCX as it was."""
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._agent, name)
+        if not callable(attr):
+            return attr
+        lock = self._lock
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
 class _ClosedAgent:
     """What a closed :class:`NixlTransport` holds instead of its agent: any use raises."""
 
@@ -173,15 +199,9 @@ class NixlTransport(Transport):
         if warning:
             log.warning("NIXL/UCX: %s", warning)
         self.name = name or f"lmcache-pd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        conf = nixl_agent_config(
-            enable_prog_thread=False,
-            backends=list(backends),
-            # NIXL serializes its calls: our push/fetch threads share one agent, and two
-            # threads progressing an unsynchronized UCX worker lost WRITE completions
-            sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
-        )
+        conf = nixl_agent_config(enable_prog_thread=False, backends=list(backends))
         with _ucx_env(ucx_net_devices(bind_host)) as devices:
-            self.agent: Any = nixl_agent(self.name, conf)
+            self.agent: Any = _LockedAgent(nixl_agent(self.name, conf))
         self.net_devices = devices  # what UCX was told (None: every interface)
         self._hint = ""
         if devices is not None and bind_host is not None:

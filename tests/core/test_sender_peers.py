@@ -60,7 +60,7 @@ def test_connections_are_bounded_and_reconnect(monkeypatch: pytest.MonkeyPatch) 
 
 def test_one_sender_pushing_from_two_threads_to_two_decoders_loses_nothing() -> None:
     """A prefiller's push thread and fetch threads share one sender and one NIXL agent.
-    Before the agent serialized its calls (NIXL_THREAD_SYNC_STRICT), two threads
+    Before the transport serialized its agent calls (one lock), two threads
     progressing the same UCX worker lost WRITE completions after a few dozen handoffs:
     every later WRITE stayed "in progress" until its deadline."""
     cfg = make_config(pd_buffer_size=64 * LAYOUT.bytes_per_chunk(CHUNK))
