@@ -109,6 +109,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # receiver to reach the sender's NIXL agent too (as any NIXL deployment does);
     # false: every answer over the ZMQ control connection
     pd_reply_by_notif: bool = True
+    # how long a TP>1 vLLM worker busy-polls its step queue after each step before it
+    # blocks (vLLM's own value: 1 s). That poll starves the handoff threads beside it
+    # (pushes and receives stalled ~1 s, some to the lease expiry), so engines with our
+    # connector set it to this (lmcache_pd.integration.vllm.worker_spin); -1 leaves
+    # vLLM's value
+    pd_worker_spin_s: float = 0.01
     pd_auth_secret: str | None = None
     pd_auth_secret_file: str = DEFAULT_SECRET_FILE
     hash_algorithm: HashAlgorithm = HashAlgorithm.XXH3_128
@@ -264,6 +270,10 @@ def _check_ranges(cfg: Config) -> list[str]:
             errors.append(f"{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.pd_busy_max_retries < 0:
         errors.append(f"pd_busy_max_retries: must be >= 0, got {cfg.pd_busy_max_retries}")
+    if cfg.pd_worker_spin_s < 0 and cfg.pd_worker_spin_s != -1:
+        errors.append(
+            f"pd_worker_spin_s: must be >= 0 (or -1: vLLM's own), got {cfg.pd_worker_spin_s}"
+        )
     if cfg.chunk_size > 1 << 20:
         errors.append(f"chunk_size: must be <= 1048576, got {cfg.chunk_size}")
     for name in (

@@ -85,6 +85,7 @@ def test_wrong_type_names_key_and_expected_type() -> None:
         ({"enable_pd": True}, "pd_role: required"),
         ({"transfer_channel": "mooncake"}, "only 'nixl'"),
         ({"local_disk": "file:///tmp/x"}, "max_local_disk_size: must be > 0"),
+        ({"pd_worker_spin_s": -0.5}, "pd_worker_spin_s: must be >= 0"),
     ],
 )
 def test_range_checks(data: dict[str, object], needle: str) -> None:

@@ -48,6 +48,7 @@ from lmcache_pd.integration.vllm.common import (
     slot_mapping,
 )
 from lmcache_pd.integration.vllm.lookup import LookupServer
+from lmcache_pd.integration.vllm.worker_spin import limit_worker_spin
 from lmcache_pd.kernels import paged_kv
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.pieces import assemble
@@ -251,6 +252,7 @@ class WorkerSide:
     def _start_role(self, layout: KVLayout) -> None:
         """The tiers (all but kv_producer), and the receiver + fetcher (kv_consumer) or
         the producer (kv_producer)."""
+        limit_worker_spin(self.cfg.pd_worker_spin_s)  # else our threads stall after steps
         if self.cfg.enable_p2p and self.role is not KVRole.BOTH:
             log.warning("enable_p2p applies to kv_both engines only; ignored (%s)", self.role.value)
         if self.role is not KVRole.PRODUCER:
