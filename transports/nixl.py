@@ -163,7 +163,7 @@ class _LockedAgent:
 
     def __init__(self, agent: Any) -> None:
         self._agent = agent
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # NIXL's methods never call back into ours
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._agent, name)
@@ -175,6 +175,7 @@ class _LockedAgent:
             with lock:
                 return attr(*args, **kwargs)
 
+        setattr(self, name, locked)  # made once: later calls skip __getattr__
         return locked
 
 
