@@ -38,6 +38,7 @@ Chunks up to 2**64 bytes; keys repeat only for words 2**64 / K_SEG-cycles apart.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable
 from typing import Union
@@ -220,24 +221,38 @@ def copy_sum(dst: Buffer, src: Buffer, byte_offset: int = 0) -> int:
     memory. From :data:`PARALLEL_BYTES` the copy is split across torch's threads, from
     :data:`STREAM_BYTES` its stores bypass the cache; the result is the same."""
     _check_offset(byte_offset)
+    return _copy(dst, src, byte_offset, hashed=True)
+
+
+def copy_plain(dst: Buffer, src: Buffer) -> None:
+    """The same copy as :func:`copy_sum` (split, stores that bypass the cache) without the
+    hash: the best plain copy this host does, which ``bench kernels`` compares against."""
+    _copy(dst, src, 0, hashed=False)
+
+
+def _copy(dst: Buffer, src: Buffer, byte_offset: int, hashed: bool) -> int:
     lib = c_library()
     d_addr, d_n, _kd = _ptr_len(dst, writable=True)
     s_addr, s_n, _ks = _ptr_len(src)
     if d_n != s_n:
-        raise ValueError(f"copy_sum: destination holds {d_n} bytes, source {s_n}")
+        raise ValueError(f"copy: destination holds {d_n} bytes, source {s_n}")
     if lib is None:
         _as_u8(dst)[:] = _as_u8(src) if not isinstance(src, torch.Tensor) else src.numpy()
-        return reference_sum(src, byte_offset)
+        return reference_sum(src, byte_offset) if hashed else 0
     if not s_n:
         return 0
     w0 = byte_offset // WORD
+    table = _TABLE_PTR if hashed else None  # NULL: the native loop only moves the bytes
     if s_n < PARALLEL_BYTES and s_n < STREAM_BYTES:
-        return int(lib.copy(d_addr, s_addr, s_n, w0, _TABLE_PTR))
+        if not hashed:
+            ctypes.memmove(d_addr, s_addr, s_n)
+            return 0
+        return int(lib.copy(d_addr, s_addr, s_n, w0, table))
     nt = int(s_n >= STREAM_BYTES)
     fn = lib.copy_nt
 
     def piece(a: int, b: int) -> int:
-        return int(fn(d_addr + a, s_addr + a, b - a, w0 + a // WORD, _TABLE_PTR, nt))
+        return int(fn(d_addr + a, s_addr + a, b - a, w0 + a // WORD, table, nt))
 
     return _split_call(s_n, piece)
 

@@ -348,6 +348,12 @@ static inline uint64_t cpuv_move(uint8_t* dst, const uint8_t* src, int64_t nbyte
 #if defined(__AVX512F__)
     if (nt) {
         int64_t i = 0;
+        for (; i + 128 <= nbytes; i += 128) { /* as kvsum_impl's copy, without the hash */
+            _mm_prefetch((const char*)(src + i + KVSUM_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char*)(src + i + KVSUM_PREFETCH + 64), _MM_HINT_T0);
+            _mm512_stream_si512((void*)(dst + i), _mm512_loadu_si512(src + i));
+            _mm512_stream_si512((void*)(dst + i + 64), _mm512_loadu_si512(src + i + 64));
+        }
         for (; i + 64 <= nbytes; i += 64)
             _mm512_stream_si512((void*)(dst + i), _mm512_loadu_si512(src + i));
         memcpy(dst + i, src + i, (size_t)(nbytes - i));
@@ -356,6 +362,13 @@ static inline uint64_t cpuv_move(uint8_t* dst, const uint8_t* src, int64_t nbyte
 #elif defined(__AVX2__)
     if (nt) {
         int64_t i = 0;
+        for (; i + 128 <= nbytes; i += 128) { /* as kvsum_impl's copy, without the hash */
+            _mm_prefetch((const char*)(src + i + KVSUM_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char*)(src + i + KVSUM_PREFETCH + 64), _MM_HINT_T0);
+            for (int64_t k = 0; k < 128; k += 32)
+                _mm256_stream_si256((__m256i*)(dst + i + k),
+                                    _mm256_loadu_si256((const __m256i*)(src + i + k)));
+        }
         for (; i + 32 <= nbytes; i += 32)
             _mm256_stream_si256((__m256i*)(dst + i), _mm256_loadu_si256((const __m256i*)(src + i)));
         memcpy(dst + i, src + i, (size_t)(nbytes - i));

@@ -120,11 +120,16 @@ def test_split_copy_sum_is_the_single_thread_sum(
     assert not dst_all[:misalign].any() and not dst_all[misalign + n :].any()
     assert checksum.partial_sum(src, byte_offset) == want
     assert checksum.copy_digest(dst, src) == checksum.reference_digest(src)
+    dst_all[:] = 0
+    checksum.copy_plain(dst, src)  # the same copy without the hash (bench baseline)
+    assert np.array_equal(dst, src)
+    assert not dst_all[:misalign].any() and not dst_all[misalign + n :].any()
 
 
 def test_copy_sum_at_the_real_thresholds() -> None:
     """Unpatched: a copy just past PARALLEL_BYTES and one past STREAM_BYTES (odd sizes:
-    a tail word) equal the numpy reference, bit-exact copies."""
+    a tail word) equal the numpy reference, bit-exact copies, with the hash and without
+    (``copy_plain``)."""
     if native.library() is None:
         pytest.skip(f"native helpers unavailable: {native.unavailable_reason()}")
     for n in (checksum.PARALLEL_BYTES + 13, checksum.STREAM_BYTES + 4096 + 5):
@@ -133,6 +138,9 @@ def test_copy_sum_at_the_real_thresholds() -> None:
         )
         dst = torch.empty_like(src)
         assert checksum.copy_sum(dst, src, 8) == checksum.reference_sum(src, 8)
+        assert torch.equal(dst, src)
+        dst.zero_()
+        checksum.copy_plain(dst, src)
         assert torch.equal(dst, src)
 
 
