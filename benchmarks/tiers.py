@@ -5,7 +5,8 @@ In one run, on the same bytes (``llama-8b`` chunks of ``chunk_size`` tokens, 32 
 * CPU put / get (``get_into`` a preallocated buffer) vs ``memcpy`` (libc memcpy between
   preallocated, prefaulted buffers) -> ``cpu_put_over_memcpy``, ``cpu_get_over_memcpy``;
 * disk write (write-behind, timed until flushed) / read (checksum verified) vs a plain
-  sequential write / read of the same bytes into one file -> ``disk_write_over_file``,
+  sequential write / read of the same bytes into one file (read in the tier's
+  ``BLOCK``-sized pieces, the faster way here) -> ``disk_write_over_file``,
   ``disk_read_over_file``. Both sides go through the page cache, no fsync;
 * hit-path lookup cost in µs per chunk with 100k chunks held (index only: 64-byte
   payloads in the CPU tier; disk index entries without files), plus hashing a prompt.
@@ -32,7 +33,7 @@ import numpy as np
 from lmcache_pd.chunks import ChunkHasher
 from lmcache_pd.layout import preset
 from lmcache_pd.tiers import CPUStore, DiskStore, TieredStore
-from lmcache_pd.tiers.disk import HEADER_SIZE
+from lmcache_pd.tiers.disk import BLOCK, HEADER_SIZE
 
 sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/_common.py
 import _common as shared
@@ -120,10 +121,17 @@ def bench_disk(src: list[np.ndarray], slot: int, reps: int, root: Path) -> dict[
                 while view.nbytes:
                     view = view[f.write(view) :]
 
-    def file_read() -> None:
-        with open(plain, "rb", buffering=0) as f:
+    blocks = [memoryview(out)[i : i + BLOCK] for i in range(0, slot, BLOCK)]
+
+    def file_read() -> None:  # block by block: faster here than one 32 MiB read (measured)
+        fd = os.open(plain, os.O_RDONLY)
+        try:
+            pos = 0
             for _ in range(n):
-                f.readinto(out)
+                for block in blocks:
+                    pos += os.preadv(fd, [block], pos)
+        finally:
+            os.close(fd)
 
     keys: list[bytes] = []
 
