@@ -221,19 +221,16 @@ def _measure(
 
 def _cpu_copies(src: torch.Tensor) -> dict[str, Callable[[], object]]:
     """The plain copies besides torch's that may be the fastest on this CPU: glibc
-    ``memcpy`` and the streamed native copy, each split across torch's threads, each
-    into a destination of its own."""
+    ``memcpy`` and the streamed native copy, each split across torch's threads like the
+    fused copy (``checksum.split_edges``), each into a destination of its own."""
     dst, dst_stream = torch.empty_like(src), torch.empty_like(src)
-    n = src.numel()
-    parts = max(1, torch.get_num_threads())
-    edges = sorted({0, n, *(n * i // parts // 4096 * 4096 for i in range(1, parts))})
 
     def piece(a: int, b: int) -> int:  # a foreign call: releases the GIL
         ctypes.memmove(dst.data_ptr() + a, src.data_ptr() + a, b - a)
         return 0
 
-    def memcpy() -> None:
-        native.run_pieces(edges, piece)
+    def memcpy() -> None:  # split as copy_plain splits
+        native.run_pieces(checksum.split_edges(src.numel()), piece)
 
     return {"copy_memcpy": memcpy, "copy_stream": lambda: checksum.copy_plain(dst_stream, src)}
 

@@ -183,9 +183,10 @@ STREAM_BYTES = 8 << 20
 SPLIT_ALIGN = 4096
 
 
-def _pieces(n: int) -> list[int]:
-    """Piece edges of an ``n``-byte native call: ``[0, n]``, or one piece per torch
-    thread from :data:`PARALLEL_BYTES` (edges on :data:`SPLIT_ALIGN` boundaries)."""
+def split_edges(n: int) -> list[int]:
+    """Piece edges of an ``n``-byte native copy or hash (also ``bench kernels``' split
+    memcpy baseline): ``[0, n]``, or one piece per torch thread from
+    :data:`PARALLEL_BYTES` (edges on :data:`SPLIT_ALIGN` boundaries)."""
     parts = min(torch.get_num_threads(), n // SPLIT_ALIGN) if n >= PARALLEL_BYTES else 1
     if parts <= 1:
         return [0, n]
@@ -193,9 +194,9 @@ def _pieces(n: int) -> list[int]:
 
 
 def _split_call(n: int, piece: Callable[[int, int], int]) -> int:
-    """``piece(a, b)`` over the byte ranges of :func:`_pieces` (see
+    """``piece(a, b)`` over the byte ranges of :func:`split_edges` (see
     :func:`native.run_pieces`); the sum of their results mod 2**64."""
-    return native.run_pieces(_pieces(n), piece) & MASK
+    return native.run_pieces(split_edges(n), piece) & MASK
 
 
 def partial_sum(buf: Buffer, byte_offset: int = 0) -> int:
