@@ -29,5 +29,11 @@ def test_readers_made_before_and_after_spin_at_most_the_limit(tmp_path) -> None:
         assert writer.busy_loop_s == 0  # writers never spin
         assert limit_worker_spin(-1) == 0  # -1: left as they are
         assert before.busy_loop_s == 0.01
+        from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+        patched = SpinCondition.__init__
+        assert limit_worker_spin(0.02) >= 2  # a second call applies too (readers so far)
+        assert SpinCondition.__init__.__wrapped__ is patched.__wrapped__  # replaced, not wrapped
+        assert before.busy_loop_s == _spin_condition(ctx, True, address).busy_loop_s == 0.02
     finally:
         ctx.destroy(linger=0)

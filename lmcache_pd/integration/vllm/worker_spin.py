@@ -24,6 +24,7 @@ later. If vLLM changes that class, it logs a warning and changes nothing.
 
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 import logging
@@ -49,9 +50,12 @@ def limit_worker_spin(seconds: float) -> int:
             seconds,
         )
         return 0
-    init = cls.__init__
-    if not getattr(init, "_lmcache_pd_spin", None) == seconds:
+    if getattr(cls.__init__, "_lmcache_pd_spin", None) != seconds:
+        # wraps vLLM's own __init__, not an earlier wrapper of ours (one layer, the latest
+        # value); functools.wraps keeps its signature visible to the check above
+        init = getattr(cls.__init__, "__wrapped__", cls.__init__)
 
+        @functools.wraps(init)
         def patched(self: object, *args: object, **kwargs: object) -> None:
             init(self, *args, **kwargs)
             if getattr(self, "is_reader", False):
@@ -61,7 +65,8 @@ def limit_worker_spin(seconds: float) -> int:
         cls.__init__ = patched
     changed = 0
     for obj in gc.get_objects():
-        if isinstance(obj, cls) and getattr(obj, "is_reader", False):
+        # type(), not isinstance(): that reads __class__, which warns on some of torch's objects
+        if issubclass(type(obj), cls) and getattr(obj, "is_reader", False):
             obj.busy_loop_s = seconds
             changed += 1
     if changed:
